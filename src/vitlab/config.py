@@ -1,0 +1,271 @@
+"""Architecture configuration: a frozen dataclass, a table of named presets and a paper-style parser.
+
+Sizes follow the ViT paper (Dosovitskiy et al., arXiv 2010.11929, Table 1) and DeiT (arXiv
+2012.12877) for Ti/S; preset names follow timm's (`vit_base_patch16_224`) so that a timm user finds
+the model they expect. Small-image presets (28-px greyscale, 32-px RGB) use 4- or 2-px patches,
+global average pooling and fixed 2-D sin-cos positions, which train faster from scratch
+("Better plain ViT baselines", arXiv 2205.01580).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError, UnknownModelError
+
+POOLS = ("token", "avg")
+POS_EMBEDS = ("learn", "sincos")
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Everything needed to rebuild a VisionTransformer, plus how its inputs must be prepared."""
+
+    img_size: int = 224
+    """Side of the square input image, in pixels."""
+    patch_size: int = 16
+    """Side of a square patch; must divide img_size."""
+    in_chans: int = 3
+    """Input channels (1 for greyscale, 3 for RGB)."""
+    num_classes: int = 1000
+    """Classifier outputs; 0 means no head (the model returns pooled features)."""
+    embed_dim: int = 768
+    """Token width D."""
+    depth: int = 12
+    """Number of transformer blocks."""
+    num_heads: int = 12
+    """Attention heads; must divide embed_dim."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width = mlp_ratio * embed_dim."""
+    qkv_bias: bool = True
+    """Bias on the fused query/key/value projection."""
+    class_token: bool = True
+    """Prepend a learnable class token."""
+    pool: str = "token"
+    """How the head reads the sequence: 'token' (class token) or 'avg' (mean of patch tokens)."""
+    fc_norm: bool | None = None
+    """LayerNorm after pooling instead of before it; None means timm's default (True iff pool='avg')."""
+    pos_embed: str = "learn"
+    """Position embedding: 'learn' (a parameter) or 'sincos' (fixed 2-D sin-cos, not saved)."""
+    drop_rate: float = 0.0
+    """Dropout after the position embedding, in the MLP and after the attention projection."""
+    attn_drop_rate: float = 0.0
+    """Dropout on the attention probabilities."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth rate, rising linearly from 0 at the first block to this at the last."""
+    init_values: float | None = None
+    """LayerScale initial value (CaiT, arXiv 2103.17239); None disables LayerScale."""
+    norm_eps: float = 1e-6
+    """LayerNorm epsilon (timm and torchvision use 1e-6, Hugging Face 1e-12, nn.LayerNorm 1e-5)."""
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    """Per-channel mean subtracted from [0, 1] pixels before the model sees them."""
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    """Per-channel std that [0, 1] pixels are divided by."""
+    class_names: tuple[str, ...] | None = None
+    """Label of each output, if known."""
+    name: str | None = None
+    """The preset or variant this config came from, for display only."""
+
+    def __post_init__(self) -> None:
+        # JSON and YAML give lists; keep the dataclass hashable and comparable.
+        for key in ("mean", "std", "class_names"):
+            value = getattr(self, key)
+            if isinstance(value, list):
+                object.__setattr__(self, key, tuple(value))
+        self.validate()
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def grid_size(self) -> int:
+        """Patches per side."""
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 if self.class_token else 0
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens seen by the attention layers."""
+        return self.num_patches + self.num_prefix_tokens
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def use_fc_norm(self) -> bool:
+        return self.pool == "avg" if self.fc_norm is None else self.fc_norm
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """(C, H, W) the model expects."""
+        return (self.in_chans, self.img_size, self.img_size)
+
+    # ---- validation -----------------------------------------------------------------------
+    def validate(self) -> None:
+        problems = []
+        for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{key}={value!r} must be a positive integer")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            problems.append(f"num_classes={self.num_classes!r} must be an integer >= 0")
+        if problems:  # the checks below need sane integers
+            raise ConfigError("invalid ViTConfig: " + "; ".join(problems))
+        if self.img_size % self.patch_size:
+            problems.append(f"img_size={self.img_size} is not divisible by patch_size={self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            problems.append(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        if self.pool not in POOLS:
+            problems.append(f"pool={self.pool!r} must be one of {POOLS}")
+        if self.pool == "token" and not self.class_token:
+            problems.append("pool='token' needs class_token=True")
+        if self.pos_embed not in POS_EMBEDS:
+            problems.append(f"pos_embed={self.pos_embed!r} must be one of {POS_EMBEDS}")
+        if self.pos_embed == "sincos" and self.embed_dim % 4:
+            problems.append(f"pos_embed='sincos' needs embed_dim divisible by 4, got embed_dim={self.embed_dim}")
+        if not self.mlp_ratio > 0:
+            problems.append(f"mlp_ratio={self.mlp_ratio!r} must be > 0")
+        for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                problems.append(f"{key}={value!r} must be in [0, 1)")
+        if self.init_values is not None and not self.init_values > 0:
+            problems.append(f"init_values={self.init_values!r} must be > 0 or None")
+        if not self.norm_eps > 0:
+            problems.append(f"norm_eps={self.norm_eps!r} must be > 0")
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) != self.in_chans:
+                problems.append(f"{key} has {len(getattr(self, key))} values but in_chans={self.in_chans}")
+        if any(s <= 0 for s in self.std):
+            problems.append(f"std={self.std} must be > 0")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            problems.append(f"class_names has {len(self.class_names)} names but num_classes={self.num_classes}")
+        if problems:
+            raise ConfigError("invalid ViTConfig: " + "; ".join(problems))
+
+    # ---- (de)serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for key in ("mean", "std", "class_names"):
+            if d[key] is not None:
+                d[key] = list(d[key])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown ViTConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ViTConfig:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> ViTConfig:
+        """A copy with some fields changed (validated; unknown names are an error)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ConfigError(f"unknown ViTConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return dataclasses.replace(self, **changes)
+
+
+# ---- presets ------------------------------------------------------------------------------
+# Paper sizes: (width, depth, heads). Ti and S come from DeiT, M from timm, B/L/H from the ViT paper.
+SIZES: dict[str, tuple[int, int, int]] = {
+    "Ti": (192, 12, 3),
+    "S": (384, 12, 6),
+    "M": (512, 12, 8),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "H": (1280, 32, 16),
+}
+SIZE_WORDS = {"Ti": "tiny", "S": "small", "M": "medium", "B": "base", "L": "large", "H": "huge"}
+
+# Sizes for small images (few-million-parameter models suit 50k-image datasets): (width, depth, heads).
+SMALL_IMAGE_SIZES: dict[str, tuple[int, int, int]] = {
+    "micro": (128, 6, 4),
+    "tiny": (192, 6, 3),
+    "small": (384, 6, 6),
+}
+
+
+def _paper_config(size: str, patch: int, img_size: int = 224, **kw: Any) -> ViTConfig:
+    width, depth, heads = SIZES[size]
+    return ViTConfig(img_size=img_size, patch_size=patch, embed_dim=width, depth=depth, num_heads=heads, **kw)
+
+
+def _build_presets() -> dict[str, ViTConfig]:
+    presets: dict[str, ViTConfig] = {}
+    for size, word in SIZE_WORDS.items():
+        for patch in (8, 14, 16, 32):
+            name = f"vit_{word}_patch{patch}_224"
+            presets[name] = _paper_config(size, patch, name=name)
+    for word, (width, depth, heads) in SMALL_IMAGE_SIZES.items():
+        for patch in (4, 2):
+            for img, chans in ((32, 3), (28, 1)):
+                name = f"vit_{word}_patch{patch}_{img}"
+                presets[name] = ViTConfig(
+                    img_size=img, patch_size=patch, in_chans=chans, num_classes=10,
+                    embed_dim=width, depth=depth, num_heads=heads,
+                    class_token=False, pool="avg", pos_embed="sincos",
+                    mean=(0.5,) * chans, std=(0.5,) * chans, name=name)
+    # The original write-up's model: ViT-B/16 built from nn.MultiheadAttention blocks with
+    # nn.LayerNorm's default eps, dropout 0.1, a class token and learned positions, 10 classes.
+    presets["seed_b16"] = _paper_config("B", 16, num_classes=10, drop_rate=0.1, norm_eps=1e-5,
+                                        name="seed_b16")
+    return presets
+
+
+PRESETS: dict[str, ViTConfig] = _build_presets()
+
+_VARIANT = re.compile(r"^(Ti|S|M|B|L|H)/(\d+)(?:@(\d+))?$")
+
+
+def parse_variant(variant: str, **overrides: Any) -> ViTConfig:
+    """A paper-style variant string, e.g. "S/16" (224 px) or "Ti/4@32" (32-px input), as a config."""
+    m = _VARIANT.match(variant.strip())
+    if not m:
+        raise UnknownModelError(
+            f"cannot parse variant {variant!r}: expected SIZE/PATCH[@IMG] with SIZE in {list(SIZES)}, "
+            f"e.g. 'S/16' or 'Ti/4@32'")
+    size, patch, img = m.group(1), int(m.group(2)), int(m.group(3) or 224)
+    cfg = _paper_config(size, patch, img_size=img, name=variant.strip())
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def get_config(name: str, **overrides: Any) -> ViTConfig:
+    """A preset name (`vit_small_patch16_224`) or a variant string (`S/16`), with field overrides."""
+    if name in PRESETS:
+        cfg = PRESETS[name]
+        return cfg.replace(**overrides) if overrides else cfg
+    if "/" in name:
+        return parse_variant(name, **overrides)
+    close = [p for p in PRESETS if name.lower() in p]
+    hint = f"; did you mean one of {close[:5]}?" if close else "; run `vitlab models` to list them"
+    raise UnknownModelError(f"unknown model {name!r}{hint}")
+
+
+def list_models() -> list[str]:
+    return list(PRESETS)
+
+
+__all__ = ["ViTConfig", "PRESETS", "SIZES", "get_config", "parse_variant", "list_models"]

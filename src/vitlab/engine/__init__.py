@@ -1,0 +1,1 @@
+"""Training engine: runtime (device, precision), and later optimisation and the training loop."""

@@ -1,0 +1,29 @@
+"""Typed exceptions. Library code raises these with the offending values in the message;
+only the CLI turns them into an exit code and a one-line message."""
+
+
+class VitlabError(Exception):
+    """Base class of every error vitlab raises on purpose (a user mistake or bad input)."""
+
+
+class ConfigError(VitlabError, ValueError):
+    """An invalid model or run configuration (names the fields and values involved)."""
+
+
+class UnknownModelError(ConfigError, KeyError):
+    """A preset or variant name that does not exist."""
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0])
+
+
+class InputShapeError(VitlabError, ValueError):
+    """A tensor handed to the model does not have the shape its config expects."""
+
+
+class ModelFileError(VitlabError, OSError):
+    """A model directory or weight file is missing, truncated, or does not match its config."""
+
+
+class ConversionError(VitlabError, ValueError):
+    """A foreign checkpoint cannot be mapped to (or from) vitlab's layout."""

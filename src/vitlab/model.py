@@ -1,0 +1,222 @@
+"""The Vision Transformer (Dosovitskiy et al., "An Image is Worth 16x16 Words", arXiv 2010.11929).
+
+An image is cut into patches, each patch is linearly embedded, a class token and position
+embeddings are added, pre-norm transformer blocks (self-attention + MLP, each residual) mix the
+tokens, and a linear head classifies the class token (or the mean of the patch tokens).
+
+Module and parameter names are timm's (`blocks.3.attn.qkv.weight`), so a timm
+`VisionTransformer` state dict loads with `strict=True` and no mapping. The file holds the
+network only: configs live in config.py, file I/O in weights/.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ViTConfig
+from .errors import ConfigError, InputShapeError
+from .layers import DropPath, LayerScale, init_weights
+from .pos_embed import sincos_2d
+
+ATTN_IMPLS = ("auto", "sdpa", "math")
+
+# Which kernel 'auto' picks, from `python benchmarks/attention.py` (results/attention*.json):
+# - CUDA: fused SDPA (flash / memory-efficient kernels).
+# - CPU, bf16 autocast (AMX / AVX-512-BF16 CPUs): SDPA's bf16 backward dominates a training step
+#   at short sequences, where plain matmul -> softmax -> matmul trains about 2x faster (reported at
+#   65 tokens on an AMX CPU); from a few hundred tokens on, SDPA's memory savings win.
+# - CPU, fp32 (e.g. AVX2-only CPUs): SDPA is as fast or faster at every length we measured.
+CPU_BF16_MATH_MAX_TOKENS = 256
+
+
+def pick_attn_impl(device_type: str, seq_len: int, dtype: torch.dtype) -> str:
+    """The attention kernel that 'auto' resolves to for this device, sequence length and dtype."""
+    if device_type == "cpu" and dtype in (torch.bfloat16, torch.float16) and seq_len <= CPU_BF16_MATH_MAX_TOKENS:
+        return "math"
+    return "sdpa"
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches, each linearly projected: a conv with kernel = stride = patch size."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, C, H, W) -> (B, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
+
+
+class AttentionProbe(nn.Identity):
+    """Pass-through for the attention probabilities (B, heads, N, N).
+
+    A forward hook registered on it (see vitlab.attention) sees every layer's attention map and
+    switches that layer to the explicit kernel, over the same weights. Nothing is kept on `self`.
+    """
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (timm layout: `qkv`, `proj`)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float,
+                 attn_impl: str = "auto"):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.impl = attn_impl
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.probe = AttentionProbe()
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, N, 3, H, hd) -> 3 x (B, H, N, hd)
+        impl = pick_attn_impl(x.device.type, N, q.dtype) if self.impl == "auto" else self.impl
+        if impl == "math" or self.probe._forward_hooks:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+            attn = attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype)  # fp32 softmax under autocast
+            attn = self.attn_drop(self.probe(attn))
+            x = attn @ v  # (B, H, N, N) @ (B, H, N, hd) -> (B, H, N, hd)
+        else:
+            x = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, N, D)  # (B, H, N, hd) -> (B, N, D)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    """Two linear layers with GELU between (timm layout: `fc1`, `fc2`)."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ViTConfig, drop_path: float, attn_impl: str):
+        super().__init__()
+        dim = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias, cfg.attn_drop_rate, cfg.drop_rate, attn_impl)
+        self.ls1 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(dim, cfg.mlp_hidden_dim, cfg.drop_rate)
+        self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier with timm's API: forward_features / forward_head / reset_classifier."""
+
+    def __init__(self, config: ViTConfig | None = None, attn_impl: str = "auto"):
+        super().__init__()
+        cfg = config or ViTConfig()
+        self.config = cfg
+        self.num_classes = cfg.num_classes
+        self.num_features = self.embed_dim = cfg.embed_dim
+        self.num_prefix_tokens = cfg.num_prefix_tokens
+
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.class_token else None
+        if cfg.pos_embed == "learn":
+            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.seq_len, cfg.embed_dim))
+        else:  # fixed: recomputed from the config, so not saved; the class token's row is zero
+            table = torch.cat([torch.zeros(cfg.num_prefix_tokens, cfg.embed_dim),
+                               sincos_2d(cfg.grid_size, cfg.embed_dim)])
+            self.register_buffer("pos_embed", table[None], persistent=False)
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear rule
+        self.blocks = nn.ModuleList(Block(cfg, rate, attn_impl) for rate in rates)
+        self.norm = nn.Identity() if cfg.use_fc_norm else nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.use_fc_norm else nn.Identity()
+        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.set_attn_impl(attn_impl)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        self.apply(init_weights)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        fan_in = self.patch_embed.proj.in_channels * self.patch_embed.proj.kernel_size[0] ** 2
+        nn.init.trunc_normal_(self.patch_embed.proj.weight, std=math.sqrt(1.0 / fan_in))  # LeCun normal
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        if isinstance(self.head, nn.Linear):  # a zero head starts every class at equal probability
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    # ---- timm API ----------------------------------------------------------------------------
+    def set_attn_impl(self, impl: str) -> None:
+        """'auto' (by device and sequence length), 'sdpa' (fused) or 'math' (explicit softmax)."""
+        if impl not in ATTN_IMPLS:
+            raise ConfigError(f"attn_impl={impl!r} must be one of {ATTN_IMPLS}")
+        for block in self.blocks:
+            block.attn.impl = impl
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, class_names: tuple[str, ...] | None = None) -> None:
+        """A new zero-initialised head for `num_classes` outputs (0 removes it); updates the config."""
+        self.config = self.config.replace(num_classes=num_classes, class_names=class_names)
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes else nn.Identity()
+        if num_classes:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        C, H, W = self.config.input_size
+        if x.ndim != 4 or tuple(x.shape[1:]) != (C, H, W):
+            raise InputShapeError(
+                f"input has shape {tuple(x.shape)} but the model expects (batch, {C}, {H}, {W}); "
+                f"resize images to {H}x{W} with {C} channel(s), or load the model with img_size=")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, N, D) normalised tokens."""
+        self._check_input(x)
+        x = self.patch_embed(x)  # (B, C, H, W) -> (B, h*w, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # -> (B, 1+h*w, D)
+        x = self.pos_drop(x + self.pos_embed.to(x.dtype))
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, N, D) tokens -> (B, num_classes) logits, or the (B, D) pooled features."""
+        if self.config.pool == "token":
+            x = x[:, 0]
+        else:
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        x = self.fc_norm(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

@@ -1,0 +1,42 @@
+"""Position embeddings: fixed 2-D sin-cos (MAE, arXiv 2111.06377; "Better plain ViT baselines",
+arXiv 2205.01580) and resampling of learned embeddings to a new patch grid (ViT paper, section 3.2:
+2-D interpolation of the pre-trained position embeddings)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+
+def sincos_2d(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(grid*grid, dim) embedding; a quarter of the channels each for sin(y), cos(y), sin(x), cos(x)."""
+    if dim % 4:
+        raise ConfigError(f"2-D sin-cos position embedding needs dim divisible by 4, got dim={dim}")
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
+                            torch.arange(grid, dtype=torch.float64), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    y = ys.flatten()[:, None] * omega[None, :]  # (grid*grid, dim/4)
+    x = xs.flatten()[:, None] * omega[None, :]
+    return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1).float()
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int) -> torch.Tensor:
+    """Resize a (1, prefix + g*g, D) learned embedding to (1, prefix + new_grid**2, D), bicubic.
+
+    Prefix tokens (the class token's position) are kept as they are; only the square patch grid
+    is interpolated. Works in fp32 whatever the stored dtype, and returns the stored dtype.
+    """
+    _, n, dim = pos_embed.shape
+    n_grid = n - num_prefix_tokens
+    old_grid = int(round(n_grid**0.5))
+    if old_grid * old_grid != n_grid:
+        raise ConfigError(f"position embedding has {n_grid} grid positions, which is not a square grid")
+    if old_grid == new_grid:
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    grid = grid.float().reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2)  # (1,g*g,D) -> (1,D,g,g)
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False,
+                         antialias=new_grid < old_grid)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim)  # (1,D,g',g') -> (1,g'*g',D)
+    return torch.cat([prefix, grid.to(pos_embed.dtype)], dim=1)

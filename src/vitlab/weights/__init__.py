@@ -1,0 +1,2 @@
+"""Weights on disk: vitlab model directories and converters to and from timm, torchvision and
+Hugging Face layouts."""
