@@ -27,3 +27,11 @@ class ModelFileError(VitlabError, OSError):
 
 class ConversionError(VitlabError, ValueError):
     """A foreign checkpoint cannot be mapped to (or from) vitlab's layout."""
+
+
+class DataError(VitlabError, ValueError):
+    """A dataset file is missing, truncated, corrupted or inconsistent (names the file and the fix)."""
+
+
+class DatasetNotFoundError(DataError, FileNotFoundError):
+    """A dataset name that is unknown, or a known dataset that is not on disk."""

@@ -39,12 +39,13 @@ def infer_config(state: dict[str, torch.Tensor], base: ViTConfig | None = None, 
         fields.update(pos_embed="learn", img_size=grid * p)
     else:
         fields["pos_embed"] = "sincos"
-    if "fc_norm.weight" in state:
-        fields.update(pool="avg", fc_norm=True)
+    if "fc_norm.weight" in state:  # timm's global_pool='avg' default
+        pool, fc_norm = "avg", True
     elif "norm.weight" in state:
-        fields.update(pool="token" if class_token else "avg", fc_norm=False)
+        pool, fc_norm = ("token" if class_token else "avg"), False
     else:
         raise ConversionError(f"{source} has neither 'norm.weight' nor 'fc_norm.weight'")
+    fields.update(pool=pool, fc_norm=None if fc_norm == (pool == "avg") else fc_norm)  # None: the default
     fc1 = state.get("blocks.0.mlp.fc1.weight")
     depth = block_count(state)
     if depth == 0 or fc1 is None:

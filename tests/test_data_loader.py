@@ -1,0 +1,142 @@
+import numpy as np
+import pytest
+import torch
+
+from vitlab import ConfigError, ViTConfig
+from vitlab.data import ImageSet
+from vitlab.data.augment import (AugmentConfig, EvalTransform, TrainTransform, mix, pad_crop, rand_augment,
+                                 random_erase)
+from vitlab.data.loader import BatchLoader
+
+
+def fake_set(n=100, c=3, size=8, classes=10):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, c, size, size), generator=g, dtype=torch.uint8)
+    return ImageSet(images, torch.arange(n) % classes, [str(i) for i in range(classes)], "fake", "train",
+                    (0.5,) * c, (0.25,) * c)
+
+
+def plain(x, y, gen):
+    return x, y
+
+
+def test_each_epoch_is_a_permutation_and_reproducible():
+    data = fake_set(100)
+    loader = BatchLoader(data, 10, train=True, transform=plain, seed=3)
+    assert len(loader) == 10
+    first = torch.cat([y for _, y in loader])
+    assert sorted(first.tolist()) == sorted(data.labels.tolist())
+    again = torch.cat([y for _, y in BatchLoader(data, 10, True, plain, seed=3)])
+    assert torch.equal(first, again)
+    loader.set_epoch(1)
+    assert not torch.equal(torch.cat([y for _, y in loader]), first)
+
+
+def test_drop_last_and_eval_keeps_everything():
+    data = fake_set(95)
+    assert len(BatchLoader(data, 10, True, plain)) == 9
+    ev = BatchLoader(data, 10, False, lambda x: x)
+    assert len(ev) == 10 and sum(len(y) for _, y in ev) == 95
+
+
+def test_ranks_get_disjoint_equal_shards():
+    data = fake_set(101)
+    seen = []
+    for rank in range(2):
+        loader = BatchLoader(data, 10, True, lambda x, y, g: (x, torch.arange(len(y))), seed=1, rank=rank, world_size=2)
+        idx = loader._indices()
+        assert len(idx) == 50 and len(loader) == 5
+        seen.append(set(idx.tolist()))
+    assert not seen[0] & seen[1]
+    ev = [set(BatchLoader(data, 10, False, lambda x: x, rank=r, world_size=2)._indices().tolist()) for r in range(2)]
+    assert ev[0] | ev[1] == set(range(101)) and not ev[0] & ev[1]
+
+
+def test_resume_mid_epoch_gives_the_same_batches():
+    data = fake_set(100)
+    tf = TrainTransform(AugmentConfig(randaug_ops=2, erase_prob=0.5), data.mean, data.std, 10)
+    full = list(BatchLoader(data, 10, True, tf, seed=5))
+    resumed = BatchLoader(data, 10, True, tf, seed=5)
+    resumed.set_epoch(0, start_batch=6)
+    rest = list(resumed)
+    assert len(rest) == 4
+    for (xa, ya), (xb, yb) in zip(full[6:], rest):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_loader_argument_checks():
+    with pytest.raises(ConfigError, match="batch_size=200 per rank exceeds the 100"):
+        BatchLoader(fake_set(100), 200, True, plain)
+    with pytest.raises(ConfigError, match="rank=2"):
+        BatchLoader(fake_set(100), 10, True, plain, rank=2, world_size=2)
+
+
+def test_pad_crop_shifts_each_image_within_the_padding():
+    x = torch.zeros(64, 1, 8, 8)
+    x[:, :, 3, 3] = 1.0  # a single bright pixel
+    y = pad_crop(x, 2, torch.Generator().manual_seed(0))
+    pos = y.flatten(1).argmax(1)
+    rows, cols = pos // 8, pos % 8
+    assert rows.min() >= 1 and rows.max() <= 5 and cols.min() >= 1 and cols.max() <= 5
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 10  # shifts differ per image
+    assert torch.allclose(y.sum((1, 2, 3)), torch.ones(64))  # the pixel is never cropped away
+
+
+def test_rand_augment_stays_in_range_and_changes_images():
+    x = torch.rand(64, 3, 16, 16)
+    for trivial in (False, True):
+        y = rand_augment(x.clone(), 2, 9.0, trivial, torch.Generator().manual_seed(1))
+        assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+        changed = (y - x).abs().flatten(1).amax(1) > 1e-4
+        assert 0.5 < changed.float().mean() <= 1.0  # most images change; identity may leave a few
+    grey = rand_augment(torch.rand(8, 1, 16, 16), 2, 9.0, False, torch.Generator().manual_seed(1))
+    assert grey.shape == (8, 1, 16, 16)
+
+
+def test_augmentation_is_seeded():
+    data = fake_set(32)
+    tf = TrainTransform(AugmentConfig(randaug_ops=2, mixup_alpha=0.8, cutmix_alpha=1.0, erase_prob=0.25),
+                        data.mean, data.std, 10)
+    a = tf(data.images, data.labels, torch.Generator().manual_seed(7))
+    b = tf(data.images, data.labels, torch.Generator().manual_seed(7))
+    c = tf(data.images, data.labels, torch.Generator().manual_seed(8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+
+
+def test_mixup_and_cutmix_targets_sum_to_one_and_match_the_mix():
+    x = torch.zeros(4, 1, 10, 10)
+    x[2:] = 1.0  # images 0, 1 black; 2, 3 white; partners are the reversed batch
+    y = torch.tensor([0, 1, 2, 3])
+    for cfg in (AugmentConfig(mixup_alpha=1.0), AugmentConfig(cutmix_alpha=1.0)):
+        mixed, target = mix(x, y, 4, cfg, torch.Generator().manual_seed(3))
+        torch.testing.assert_close(target.sum(1), torch.ones(4))
+        # the white fraction of image 0 is exactly the weight of its white partner (class 3)
+        torch.testing.assert_close(mixed[0].mean(), target[0, 3])
+
+
+def test_random_erasing_fills_rectangles():
+    x = torch.zeros(200, 3, 16, 16)
+    y = random_erase(x, 0.5, torch.Generator().manual_seed(0))
+    erased = (y != 0).flatten(1).any(1)
+    assert 0.35 < erased.float().mean() < 0.65
+    frac = (y != 0)[:, 0].flatten(1).float().mean(1)[erased]
+    assert frac.min() > 0.005 and frac.max() < 0.45
+
+
+def test_eval_transform_follows_the_model_record():
+    cfg = ViTConfig(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=1, num_heads=2,
+                    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    grey = torch.full((2, 1, 8, 8), 255, dtype=torch.uint8)
+    out = EvalTransform(cfg)(grey)
+    assert out.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(out, torch.ones(2, 3, 16, 16))  # (1 - 0.5) / 0.5
+    rgb = torch.zeros((2, 3, 16, 16), dtype=torch.uint8)
+    g1 = cfg.replace(in_chans=1, mean=(0.0,), std=(1.0,))
+    assert EvalTransform(g1)(rgb).shape == (2, 1, 16, 16)
+
+
+def test_augment_config_validation():
+    with pytest.raises(ConfigError, match="erase_prob=1.5"):
+        AugmentConfig(erase_prob=1.5)
+    with pytest.raises(ConfigError, match="randaug_magnitude=11"):
+        AugmentConfig(randaug_magnitude=11)

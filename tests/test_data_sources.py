@@ -1,0 +1,233 @@
+"""Dataset finding, verifying, reading and splitting. Tests marked `shared` read the real MNIST and
+CIFAR-10 copies in ../shared/datasets and are skipped where that folder is absent."""
+import gzip
+import io
+import pickle
+import shutil
+import struct
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from vitlab.data import load_dataset, stratified_split
+from vitlab.data import sources
+from vitlab.errors import DataError, DatasetNotFoundError
+
+from conftest import SHARED
+
+SHARED_DATA = SHARED / "datasets"
+shared = pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason="../shared/datasets not present")
+
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+@shared
+def test_shared_mnist_histogram_and_splits():
+    train = load_dataset("mnist", "train", data_dir=SHARED_DATA)
+    val = load_dataset("mnist", "val", data_dir=SHARED_DATA)
+    test = load_dataset("mnist", "test", data_dir=SHARED_DATA)
+    assert train.images.shape == (55000, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert len(val) == 5000 and len(test) == 10000
+    total = [a + b for a, b in zip(train.label_counts(), val.label_counts())]
+    assert total == MNIST_TRAIN_COUNTS
+    assert train.classes == [str(i) for i in range(10)]
+    # the validation split is stratified: each class within one image of its share
+    for count, v in zip(MNIST_TRAIN_COUNTS, val.label_counts()):
+        assert abs(v - count * 5000 / 60000) <= 1
+
+
+@shared
+def test_shared_cifar10_histogram():
+    train = load_dataset("cifar10", "train", data_dir=SHARED_DATA)
+    val = load_dataset("cifar10", "val", data_dir=SHARED_DATA)
+    test = load_dataset("cifar10", "test", data_dir=SHARED_DATA)
+    assert train.images.shape == (45000, 3, 32, 32)
+    assert [a + b for a, b in zip(train.label_counts(), val.label_counts())] == [5000] * 10
+    assert val.label_counts() == [500] * 10 and test.label_counts() == [1000] * 10
+    assert train.classes[0] == "airplane" and train.classes[9] == "truck"
+    # train and val are disjoint and together the whole training set
+    both = torch.cat([train.images.flatten(1), val.images.flatten(1)])
+    assert len(both) == 50000
+
+
+def test_split_is_deterministic_stratified_and_disjoint():
+    labels = np.repeat(np.arange(7), [10, 20, 30, 40, 50, 60, 70])
+    tr1, va1 = stratified_split(labels, 28)
+    tr2, va2 = stratified_split(labels, 28)
+    assert np.array_equal(va1, va2) and np.array_equal(tr1, tr2)
+    assert len(va1) == 28 and len(np.intersect1d(tr1, va1)) == 0 and len(tr1) + len(va1) == len(labels)
+    assert np.bincount(labels[va1]).tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert not np.array_equal(stratified_split(labels, 28, seed=1)[1], va1)
+    with pytest.raises(DataError, match="validation size 280"):
+        stratified_split(labels, 280)
+
+
+# ---- a fake data root in the official formats --------------------------------------------------
+def _idx(arr: np.ndarray) -> bytes:
+    return bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
+
+
+def write_mnist_like(folder, n_train=60, n_test=20, gz=True, prefix_test="t10k"):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), (prefix_test, n_test)):
+        imgs = rng.integers(0, 256, (n, 28, 28))
+        labs = np.arange(n) % 10
+        for kind, arr in (("images-idx3", imgs), ("labels-idx1", labs)):
+            data = _idx(arr)
+            name = f"{prefix}-{kind}-ubyte" + (".gz" if gz else "")
+            (folder / name).write_bytes(gzip.compress(data) if gz else data)
+
+
+def test_any_idx_folder_by_path(tmp_path):
+    write_mnist_like(tmp_path / "fashion", gz=False)
+    train = load_dataset(tmp_path / "fashion", "train", val_size=10)
+    test = load_dataset(tmp_path / "fashion", "test")
+    assert train.images.shape == (50, 1, 28, 28) and len(test) == 20
+    assert train.classes == [str(i) for i in range(10)]
+    assert len(train.mean) == 1 and 0.3 < train.mean[0] < 0.7  # computed from the data
+
+
+def test_idx_image_label_count_mismatch(tmp_path):
+    write_mnist_like(tmp_path / "d", gz=False)
+    (tmp_path / "d" / "train-labels-idx1-ubyte").write_bytes(_idx(np.zeros(59)))
+    with pytest.raises(DataError, match="holds 60 images but .* holds 59 labels"):
+        load_dataset(tmp_path / "d", "train")
+
+
+def test_truncated_idx(tmp_path):
+    write_mnist_like(tmp_path / "d", gz=False)
+    f = tmp_path / "d" / "train-images-idx3-ubyte"
+    f.write_bytes(f.read_bytes()[:-5])
+    with pytest.raises(DataError, match="truncated"):
+        load_dataset(tmp_path / "d", "train")
+
+
+@pytest.fixture
+def mnist_copy(tmp_path):
+    if not (SHARED_DATA / "mnist").is_dir():
+        pytest.skip("../shared/datasets not present")
+    shutil.copytree(SHARED_DATA / "mnist", tmp_path / "root" / "mnist")
+    return tmp_path / "root"
+
+
+def test_corrupted_file_names_file_checksums_and_fix(mnist_copy):
+    f = mnist_copy / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    data = bytearray(f.read_bytes())
+    data[100] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(DataError) as err:
+        load_dataset("mnist", "test", data_dir=mnist_copy)
+    msg = str(err.value)
+    assert "t10k-labels-idx1-ubyte.gz" in msg and "ec29112dd5afa0611ce80d1b7f02629c" in msg
+    assert sources.md5sum(f) in msg and "vitlab data fetch mnist --force" in msg
+
+
+def test_truncated_file(mnist_copy):
+    f = mnist_copy / "mnist" / "train-labels-idx1-ubyte.gz"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte.gz has md5 \w+, expected d53e105e.*\(1000 bytes\)"):
+        load_dataset("mnist", "train", data_dir=mnist_copy)
+
+
+def test_lookup_order(mnist_copy, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("VITLAB_DATA", raising=False)
+    with pytest.raises(DatasetNotFoundError, match="vitlab data fetch mnist"):
+        load_dataset("mnist", "test")
+    monkeypatch.setenv("VITLAB_DATA", str(mnist_copy))
+    assert len(load_dataset("mnist", "test")) == 10000
+    # an explicit data dir comes first
+    assert sources.data_roots(tmp_path / "x")[:2] == [tmp_path / "x", mnist_copy]
+    # torchvision's layout is found too
+    (tmp_path / "tv" / "MNIST").mkdir(parents=True)
+    shutil.move(str(mnist_copy / "mnist"), str(tmp_path / "tv" / "MNIST" / "raw"))
+    assert len(load_dataset("mnist", "test", data_dir=tmp_path / "tv")) == 10000
+
+
+def test_unknown_dataset_and_split(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="unknown dataset 'imagenet42'"):
+        load_dataset("imagenet42")
+    with pytest.raises(DataError, match="split 'dev'"):
+        load_dataset("mnist", "dev")
+
+
+def _cifar_py_batch(n, label_key="labels", seed=0):
+    rng = np.random.default_rng(seed)
+    return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), label_key: [int(v) for v in np.arange(n) % 10]}
+
+
+def test_cifar_python_layout_reads_safely(tmp_path, monkeypatch):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(pickle.dumps(_cifar_py_batch(40)))
+    images, labels = sources._read_cifar10_py(folder, "train")
+    assert images.shape == (200, 3, 32, 32) and labels.shape == (200,)
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, ("touch pwned",))
+    monkeypatch.chdir(tmp_path)
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": Evil()}))
+    with pytest.raises(DataError, match="refusing to unpickle"):
+        sources._read_cifar10_py(folder, "test")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_cifar100_binary_fine_labels(tmp_path):
+    rec = np.zeros((5, 3074), dtype=np.uint8)
+    rec[:, 0] = 7  # coarse
+    rec[:, 1] = np.arange(5) * 20  # fine
+    (tmp_path / "test.bin").write_bytes(rec.tobytes())
+    images, labels = sources._read_cifar100_bin(tmp_path, "test")
+    assert labels.tolist() == [0, 20, 40, 60, 80] and images.shape == (5, 3, 32, 32)
+    (tmp_path / "test.bin").write_bytes(rec.tobytes()[:-10])
+    with pytest.raises(DataError, match="not a whole number of 3074-byte records"):
+        sources._read_cifar100_bin(tmp_path, "test")
+
+
+def test_fetch_downloads_verifies_and_renames_atomically(tmp_path, monkeypatch):
+    """Downloads served from local files: the md5 is checked, a bad download leaves nothing."""
+    src = tmp_path / "server"
+    write_mnist_like(src, n_train=30, n_test=10)
+    specs = tuple(sources.FileSpec(p.name, sources.md5sum(p)) for p in sorted(src.iterdir()))
+    fake = sources.Source("mnist", "fake", tuple("0123456789"), (0.5,), (0.5,),
+                          layouts=(sources.Layout(("mnist",), specs, sources._read_mnist),),
+                          downloads=tuple(sources.Download((p.as_uri(),), p.name, sources.md5sum(p), False)
+                                          for p in sorted(src.iterdir())))
+    monkeypatch.setitem(sources.SOURCES, "mnist", fake)
+    root = tmp_path / "root"
+    folder = sources.fetch("mnist", data_dir=root, progress=False)
+    assert folder == (root / "mnist").resolve()
+    assert len(load_dataset("mnist", "test", data_dir=root)) == 10
+    # a corrupted server copy: the fetch fails and the good local copy is untouched
+    good = (root / "mnist" / "t10k-images-idx3-ubyte.gz").read_bytes()
+    (src / "t10k-images-idx3-ubyte.gz").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="download failed.*md5"):
+        sources.fetch("mnist", data_dir=root, force=True, progress=False)
+    assert (root / "mnist" / "t10k-images-idx3-ubyte.gz").read_bytes() == good
+    assert not [p for p in (root / "mnist").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_fetch_extracts_archives(tmp_path, monkeypatch):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            data = pickle.dumps(_cifar_py_batch(20))
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(buf.getvalue())
+    real = sources.SOURCES["cifar10"]
+    layout = sources.Layout(real.layouts[1].folders, tuple(sources.FileSpec(f.name) for f in real.layouts[1].files),
+                            real.layouts[1].read)
+    fake = sources.Source("cifar10", "fake", real.classes, real.mean, real.std, layouts=(layout,),
+                          downloads=(sources.Download((archive.as_uri(),), archive.name, sources.md5sum(archive), True),))
+    monkeypatch.setitem(sources.SOURCES, "cifar10", fake)
+    sources.fetch("cifar10", data_dir=tmp_path / "root", progress=False)
+    assert len(load_dataset("cifar10", "test", data_dir=tmp_path / "root")) == 20

@@ -1,0 +1,151 @@
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+
+import vitlab
+from vitlab import ModelFileError
+from vitlab.weights.modeldir import read_state_dict
+
+from conftest import randomize, tiny_config
+
+
+@pytest.mark.parametrize("layout", [{}, dict(class_token=False, pool="avg", pos_embed="sincos", in_chans=1),
+                                    dict(init_values=0.1, class_names=tuple("abcde"))])
+def test_round_trip_rebuilds_the_exact_model(tmp_path, layout, rng_input):
+    model = randomize(vitlab.create_model(tiny_config(drop_path_rate=0.1, **layout))).eval()
+    out = vitlab.save_model(model, tmp_path / "m")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    same = vitlab.load_model(out).eval()
+    assert same.config == model.config
+    x = rng_input(model.config)
+    with torch.no_grad():
+        assert torch.equal(same(x), model(x))
+
+
+def test_readme_example(tmp_path):
+    model = vitlab.create_model("vit_small_patch16_224", num_classes=10)
+    vitlab.save_model(model, tmp_path / "small")
+    same = vitlab.load_model(tmp_path / "small")
+    assert same.config.num_classes == 10 and same.config.embed_dim == 384
+    for (k, a), (_, b) in zip(model.state_dict().items(), same.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_load_at_another_resolution(tmp_path):
+    model = randomize(vitlab.create_model(tiny_config())).eval()
+    vitlab.save_model(model, tmp_path / "m")
+    big = vitlab.load_model(tmp_path / "m", img_size=32).eval()
+    assert big.config.img_size == 32 and big.pos_embed.shape == (1, 1 + 64, 32)
+    assert torch.isfinite(big(torch.randn(2, 3, 32, 32))).all()
+    # at the original size the resampled model is the original
+    same = vitlab.load_model(tmp_path / "m", img_size=16).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(same(x), model(x))
+
+
+def test_save_unwraps_compiled_models(tmp_path):
+    model = vitlab.create_model(tiny_config())
+    vitlab.save_model(torch.compile(model), tmp_path / "m")  # compiled lazily: no compile cost here
+    keys = set(vitlab.load_model(tmp_path / "m").state_dict())
+    assert keys == set(model.state_dict()) and not any("_orig_mod" in k for k in keys)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    return vitlab.save_model(vitlab.create_model(tiny_config()), tmp_path / "m")
+
+
+def test_missing_files(saved):
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(ModelFileError, match="model.safetensors is missing"):
+        vitlab.load_model(saved)
+    (saved / "config.json").unlink()
+    with pytest.raises(ModelFileError, match="config.json is missing"):
+        vitlab.load_model(saved)
+    with pytest.raises(ModelFileError, match="not a model directory"):
+        vitlab.load_model(saved / "nope")
+
+
+def test_truncated_weights(saved):
+    f = saved / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(ModelFileError, match="model.safetensors cannot be read as safetensors.*truncated"):
+        vitlab.load_model(saved)
+    f.write_bytes(b"")
+    with pytest.raises(ModelFileError, match="empty"):
+        vitlab.load_model(saved)
+
+
+def test_truncated_or_foreign_config(saved):
+    f = saved / "config.json"
+    text = f.read_text()
+    f.write_text(text[: len(text) // 2])
+    with pytest.raises(ModelFileError, match="config.json is not valid JSON"):
+        vitlab.load_model(saved)
+    f.write_text(json.dumps({"model_type": "vit"}))
+    with pytest.raises(ModelFileError, match="not a vitlab model config"):
+        vitlab.load_model(saved)
+    doc = json.loads(text)
+    doc["config"]["num_heads"] = 3
+    f.write_text(json.dumps(doc))
+    with pytest.raises(ModelFileError, match="invalid config.*embed_dim=32 is not divisible by num_heads=3"):
+        vitlab.load_model(saved)
+
+
+def test_weights_that_do_not_match_the_config(saved):
+    f = saved / "config.json"
+    doc = json.loads(f.read_text())
+    doc["config"]["depth"] = 3
+    f.write_text(json.dumps(doc))
+    with pytest.raises(ModelFileError, match=r"does not match the config: missing .*blocks\.2\."):
+        vitlab.load_model(saved)
+    doc["config"].update(depth=2, embed_dim=64)
+    f.write_text(json.dumps(doc))
+    with pytest.raises(ModelFileError, match="shape mismatch"):
+        vitlab.load_model(saved)
+
+
+class _Boom:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch pwned_by_pickle",))
+
+
+def test_loading_never_unpickles_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "evil.pth"
+    torch.save({"patch_embed.proj.weight": torch.zeros(1), "x": _Boom()}, evil)
+    with pytest.raises(ModelFileError, match="evil.pth cannot be read as a weights-only"):
+        read_state_dict(evil)
+    assert not (tmp_path / "pwned_by_pickle").exists()
+    raw = tmp_path / "raw.bin"
+    raw.write_bytes(pickle.dumps(_Boom()))
+    with pytest.raises(ModelFileError):
+        read_state_dict(raw)
+    assert not (tmp_path / "pwned_by_pickle").exists()
+
+
+def test_a_failed_save_keeps_the_previous_model(saved, monkeypatch):
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    model = vitlab.create_model(tiny_config(depth=3))
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr("vitlab.weights.modeldir.save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        vitlab.save_model(model, saved)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before  # no temp files left either
+    assert vitlab.load_model(saved).config.depth == 2
+
+
+def test_safetensors_header_is_plain(saved):
+    """The weights file is a standard safetensors file that any reader can open."""
+    raw = (saved / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    assert header["__metadata__"] == {"format": "pt"}
+    assert "blocks.1.attn.qkv.weight" in header
