@@ -15,12 +15,12 @@ def test_help_lists_every_subcommand():
     r = run("--help")
     assert r.returncode == 0
     sub = build_parser()._subparsers._group_actions[0]
-    assert set(sub.choices) >= {"models", "convert"}
+    assert set(sub.choices) >= {"models", "convert", "data"}
     for name in sub.choices:
         assert name in r.stdout
 
 
-@pytest.mark.parametrize("name", ["models", "convert"])
+@pytest.mark.parametrize("name", ["models", "convert", "data"])
 def test_each_subcommand_has_help(name, capsys):
     with pytest.raises(SystemExit) as e:
         main([name, "--help"])
@@ -40,3 +40,26 @@ def test_usage_errors_exit_non_zero():
     assert r.returncode == 2 and "invalid choice: 'onnx'" in r.stderr
     r = run("frobnicate")
     assert r.returncode == 2
+
+
+def test_data_verify_exits_non_zero_on_a_bad_file(tmp_path):
+    import shutil
+    from conftest import SHARED
+    if not (SHARED / "datasets" / "mnist").is_dir():
+        pytest.skip("../shared/datasets not present")
+    shutil.copytree(SHARED / "datasets" / "mnist", tmp_path / "mnist")
+    ok = run("data", "verify", "mnist", "--data-dir", str(tmp_path))
+    assert ok.returncode == 0 and "4 of 4 files verified" in ok.stdout
+    f = tmp_path / "mnist" / "train-labels-idx1-ubyte.gz"
+    f.write_bytes(f.read_bytes()[:-1])
+    bad = run("data", "verify", "mnist", "--data-dir", str(tmp_path))
+    assert bad.returncode == 1
+    assert "BAD train-labels-idx1-ubyte.gz" in bad.stdout and "expected d53e105ee54ea40749a09fcbcd1e9432" in bad.stdout
+    assert "3 of 4 files verified" in bad.stdout
+
+
+def test_data_list_and_unknown_name(tmp_path, monkeypatch):
+    r = run("data", "list", "--data-dir", str(tmp_path))
+    assert r.returncode == 0 and "cifar100" in r.stdout and "searched:" in r.stdout
+    r = run("data", "verify", "imagenet", "--data-dir", str(tmp_path))
+    assert r.returncode == 2 and "unknown dataset 'imagenet'" in r.stderr and "Traceback" not in r.stderr

@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Callable
 
-from .errors import VitlabError
+from .errors import ConfigError, VitlabError
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -55,6 +55,129 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """List, fetch or verify datasets (MNIST, CIFAR-10, CIFAR-100)."""
+    from .data import sources
+    if args.action == "list":
+        for name, source in sources.SOURCES.items():
+            try:
+                where = str(sources.locate(source, args.data_dir)[0])
+            except sources.DatasetNotFoundError:
+                where = f"not found (vitlab data fetch {name})"
+            print(f"{name:10} {source.description}\n{'':10} {where}")
+        print(f"searched: {', '.join(str(r) for r in sources.data_roots(args.data_dir))}")
+        return 0
+    if not args.name:
+        raise sources.DataError(f"`vitlab data {args.action}` needs a dataset name: one of {sorted(sources.SOURCES)}")
+    source = sources.get_source(args.name)
+    if args.action == "fetch":
+        folder = sources.fetch(args.name, args.data_dir, force=args.force, progress=not args.quiet)
+        print(f"{args.name}: verified at {folder}")
+        return 0
+    folder, report = sources.check_files(source, args.data_dir)
+    for path, problem in report:
+        print(f"{'ok ' if problem is None else 'BAD'} {path.name}" + (f": {problem}" if problem else ""))
+    bad = sum(problem is not None for _, problem in report)
+    print(f"{args.name} at {folder}: {len(report) - bad} of {len(report)} files verified")
+    return 1 if bad else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a ViT from a recipe (or resume a run), with --set overrides."""
+    from pathlib import Path
+
+    from .engine.args import describe_settings, load_run_config
+    from .train import default_out, run_config_of, train
+    if args.help_recipe:
+        print(describe_settings())
+        return 0
+    if args.resume:
+        if args.recipe or args.out:
+            raise ConfigError("--resume RUN_DIR continues a run with its saved settings; drop --recipe/--out")
+        run_dir = Path(args.resume)
+        cfg = run_config_of(run_dir)
+        if args.set:  # only how it runs may change, never what it computes
+            bad = [s for s in args.set if not s.startswith(("runtime.progress", "runtime.threads"))]
+            if bad:
+                raise ConfigError(f"a resumed run keeps its settings; cannot --set {bad} (only runtime.progress, "
+                                  f"runtime.threads)")
+            from .engine.args import RunConfig, parse_set
+            d = cfg.to_dict()
+            for section, values in parse_set(args.set).items():
+                d[section].update(values)
+            cfg = RunConfig.from_dict(d, f"{run_dir / 'config.yaml'} + --set")
+        train(cfg, run_dir, resume=True)
+        return 0
+    if not args.recipe:
+        raise ConfigError("give --recipe NAME|FILE (e.g. --recipe mnist) or --resume RUN_DIR")
+    cfg = load_run_config(args.recipe, args.set)
+    train(cfg, Path(args.out) if args.out else default_out(args.recipe))
+    return 0
+
+
+def _resolve_model_dir(path: str):
+    from pathlib import Path
+    p = Path(path)
+    return (p / "model", p) if (p / "model" / "config.json").is_file() else (p, None)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a run or model directory: top-1/top-5, loss, per-class accuracy, confusion, ECE."""
+    from .data import load_dataset
+    from .data.augment import EvalTransform
+    from .data.loader import BatchLoader
+    from .engine.runtime import setup_runtime
+    from .evaluate import evaluate, save_confusion_png
+    from .weights.modeldir import load_model, read_config
+    model_dir, run_dir = _resolve_model_dir(args.path)
+    _, extra = read_config(model_dir)
+    record = extra.get("dataset", {})
+    name = args.data or record.get("name")
+    if not name:
+        raise ConfigError(f"{model_dir} does not record its dataset; give --data NAME_OR_FOLDER")
+    data_dir = args.data_dir or (record.get("data_dir") if not args.data else None)
+    model = load_model(model_dir)
+    data = load_dataset(name, args.split, data_dir=data_dir, val_size=record.get("val_size") if not args.data else None,
+                        image_size=model.config.img_size, channels=model.config.in_chans)
+    if model.config.class_names and list(model.config.class_names) != data.classes:
+        raise ConfigError(f"{name} has classes {data.classes[:5]}... but the model predicts "
+                          f"{list(model.config.class_names)[:5]}...")
+    rt = setup_runtime(args.device)
+    model.to(rt.device)
+    loader = BatchLoader(data, args.batch_size, False, EvalTransform(model.config))
+    metrics = evaluate(model, loader, model.config.num_classes, rt, tta=args.tta)
+    metrics.update(dataset=data.name, split=args.split, model=str(model_dir), tta=args.tta)
+    from pathlib import Path
+    out = Path(args.out) if args.out else (run_dir or model_dir) / f"eval_{data.name}_{args.split}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    save_confusion_png(metrics["confusion"], data.classes, out / "confusion.png")
+    if args.json:
+        print(json.dumps({k: v for k, v in metrics.items()}))
+        return 0
+    k5 = "top5" if "top5" in metrics else next(k for k in metrics if k.startswith("top") and k != "top1")
+    print(f"{data.name} {args.split}: {metrics['n']} images  top-1 {metrics['top1']:.4f}  {k5} {metrics[k5]:.4f}  "
+          f"loss {metrics['loss']:.4f}  ECE {metrics['ece']:.4f}" + ("  (flip TTA)" if args.tta else ""))
+    for cls, acc in zip(data.classes, metrics["per_class"]):
+        print(f"  {cls:>16}  {acc:.4f}")
+    print(f"confusion matrix and metrics in {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Top-k labels for image files or folders, as a table, JSON or CSV."""
+    from .predict import format_rows, predict
+    from .weights.modeldir import load_model
+    model_dir, _ = _resolve_model_dir(args.model)
+    model = load_model(model_dir)
+    rows, failed = predict(model, args.paths, topk=args.topk)
+    for f, problem in failed:
+        print(f"vitlab predict: skipped {f}: {problem}", file=sys.stderr)
+    if rows:
+        print(format_rows(rows, args.format))
+    return 0 if rows else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers: train, fine-tune, "
                                      "evaluate, inspect and export.")
@@ -64,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands: dict[str, tuple[Callable, Callable[[argparse.ArgumentParser], None]]] = {
         "models": (cmd_models, _models_args),
         "convert": (cmd_convert, _convert_args),
+        "data": (cmd_data, _data_args),
+        "train": (cmd_train, _train_args),
+        "eval": (cmd_eval, _eval_args),
+        "predict": (cmd_predict, _predict_args),
     }
     for name, (fn, add_args) in commands.items():
         p = sub.add_parser(name, help=fn.__doc__.strip().splitlines()[0], description=fn.__doc__)
@@ -86,6 +213,43 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="preset whose head count, eps and mean/std apply (e.g. vit_base_patch16_224)")
     p.add_argument("--num-heads", type=int, help="attention heads, if not width/64 and no preset")
     p.add_argument("--img-size", type=int, help="input size, for checkpoints with fixed position embeddings")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["list", "fetch", "verify"])
+    p.add_argument("name", nargs="?", help="dataset name (mnist, cifar10, cifar100)")
+    p.add_argument("--data-dir", help="data root searched first (then $VITLAB_DATA, then ~/.cache/vitlab); "
+                   "fetch writes here")
+    p.add_argument("--force", action="store_true", help="fetch: download again even if a copy exists")
+    p.add_argument("--quiet", action="store_true", help="fetch: no progress bar")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", help="shipped recipe name (mnist, cifar10, ...) or a YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. --set train.epochs=3 --set optim.lr=1e-3 (repeatable)")
+    p.add_argument("--out", help="run directory (default runs/RECIPE-TIMESTAMP)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped")
+    p.add_argument("--help-recipe", action="store_true", help="list every setting with its default and meaning")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="run directory (uses its model/) or model directory")
+    p.add_argument("--data", help="dataset name or folder (default: the one the model was trained on)")
+    p.add_argument("--data-dir", help="data root searched first")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--tta", action="store_true", help="average predictions over the image and its mirror")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="folder for metrics.json and confusion.png")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model directory (or run directory)")
+    p.add_argument("paths", nargs="+", help="image files or folders")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--format", default="table", choices=["table", "json", "csv"])
 
 
 def main(argv: list[str] | None = None) -> int:

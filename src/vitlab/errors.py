@@ -35,3 +35,11 @@ class DataError(VitlabError, ValueError):
 
 class DatasetNotFoundError(DataError, FileNotFoundError):
     """A dataset name that is unknown, or a known dataset that is not on disk."""
+
+
+class TrainingError(VitlabError, RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the last good checkpoint is kept."""
+
+
+class RunDirError(VitlabError, OSError):
+    """A run directory that would be overwritten, or that cannot be resumed."""

@@ -229,14 +229,18 @@ def mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: AugmentConfig,
 
 class TrainTransform:
     """uint8 batch + labels -> normalised float batch + targets (class indices, or soft targets
-    when mixing), all randomness from `gen`."""
+    when mixing), all randomness from `gen`. With `model_config`, images are first brought to the
+    model's channels and size (e.g. 32-px CIFAR for a 224-px model)."""
 
-    def __init__(self, cfg: AugmentConfig, mean, std, num_classes: int):
+    def __init__(self, cfg: AugmentConfig, mean, std, num_classes: int, model_config=None):
         self.cfg, self.mean, self.std, self.num_classes = cfg, tuple(mean), tuple(std), num_classes
+        self.target = (model_config.in_chans, model_config.img_size) if model_config is not None else None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
         cfg = self.cfg
         x = to_float(images)
+        if self.target is not None:
+            x = to_model_input(x, *self.target)
         if cfg.crop_pad:
             x = pad_crop(x, cfg.crop_pad, gen)
         if cfg.flip:
@@ -251,6 +255,22 @@ class TrainTransform:
         return x, labels
 
 
+def to_model_input(x: torch.Tensor, in_chans: int, size: int) -> torch.Tensor:
+    """[0, 1] batch -> the channel count and square size a model expects (grey <-> RGB, bicubic)."""
+    C = x.shape[1]
+    if C != in_chans:
+        if C == 1 and in_chans == 3:
+            x = x.expand(-1, 3, -1, -1)
+        elif C == 3 and in_chans == 1:
+            x = _grey(x)
+        else:
+            raise ConfigError(f"cannot convert {C}-channel images for a {in_chans}-channel model")
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False,
+                          antialias=x.shape[-1] > size).clamp_(0, 1)
+    return x
+
+
 class EvalTransform:
     """uint8 batch -> what a model expects, from its preprocessing record (ViTConfig): channel
     conversion (grey <-> RGB), resize to img_size, normalisation with the model's mean/std."""
@@ -261,16 +281,4 @@ class EvalTransform:
         self.mean, self.std = model_config.mean, model_config.std
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = to_float(images)
-        C = x.shape[1]
-        if C != self.in_chans:
-            if C == 1 and self.in_chans == 3:
-                x = x.expand(-1, 3, -1, -1)
-            elif C == 3 and self.in_chans == 1:
-                x = _grey(x)
-            else:
-                raise ConfigError(f"cannot convert {C}-channel images for a {self.in_chans}-channel model")
-        if x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False,
-                              antialias=x.shape[-1] > self.size).clamp_(0, 1)
-        return normalize(x, self.mean, self.std)
+        return normalize(to_model_input(to_float(images), self.in_chans, self.size), self.mean, self.std)

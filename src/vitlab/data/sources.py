@@ -294,7 +294,21 @@ def locate(source: Source, data_dir: str | os.PathLike | None = None) -> tuple[P
         f"run `vitlab data fetch {source.name}` (or point --data-dir / $VITLAB_DATA at a copy)")
 
 
+def check_files(source: Source, data_dir: str | os.PathLike | None = None) -> tuple[Path, list[tuple[Path, str | None]]]:
+    """(folder, [(file, problem or None)]) for every file of the dataset's layout found on disk."""
+    folder, layout = locate(source, data_dir)
+    report = []
+    for spec in layout.files:
+        try:
+            verify_file(folder / spec.name, spec, source.name)
+            report.append((folder / spec.name, None))
+        except DataError as e:
+            report.append((folder / spec.name, str(e)))
+    return folder, report
+
+
 def verify(source: Source, data_dir: str | os.PathLike | None = None) -> tuple[Path, Layout]:
+    """The dataset's folder and layout, every file checked; DataError on the first bad one."""
     folder, layout = locate(source, data_dir)
     for spec in layout.files:
         verify_file(folder / spec.name, spec, source.name)

@@ -1,11 +1,16 @@
-"""What the hardware can do: device choice, whether bf16 is fast here, and a record of the machine
-for benchmark and run logs."""
+"""What the hardware can do and how this process runs: whether bf16 is fast here, the runtime
+record (device, precision, rank, world size) and a description of the machine for logs."""
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+
+from ..errors import ConfigError
 
 
 def fast_bf16_available(device_type: str) -> bool:
@@ -42,3 +47,81 @@ def describe_machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+# ---- the runtime record ----------------------------------------------------------------------
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Device, precision and process-group facts, built once from the environment (torchrun's
+    RANK / WORLD_SIZE / LOCAL_RANK included) and passed explicitly. Only rank 0 writes files."""
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    if requested not in PRECISIONS:
+        raise ConfigError(f"runtime.precision={requested!r} must be one of {PRECISIONS}")
+    if requested == "fp16" and device.type != "cuda":
+        raise ConfigError(f"runtime.precision='fp16' needs a CUDA device (device is {device})")
+    if requested != "auto":
+        return requested
+    if fast_bf16_available(device.type):
+        return "bf16"
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
+def setup_runtime(device: str = "auto", precision: str = "auto", threads: int | None = None) -> Runtime:
+    """Read torchrun's environment, start the process group (NCCL on GPUs, gloo on CPU) and pick
+    the device and precision."""
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ConfigError(f"runtime.device={device!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"runtime.device={device!r} but CUDA is not available here")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device(f"cuda:{local}")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if threads:
+        torch.set_num_threads(threads)
+    elif world > 1 and dev.type == "cpu":  # ranks on one machine share its cores
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(dev, resolve_precision(precision, dev), rank, world, local)
+
+
+def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    if rt.distributed:
+        import torch.distributed as dist
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

@@ -1,0 +1,275 @@
+"""Run settings as typed dataclass groups: data, model, augment, optim, train, runtime.
+
+A recipe YAML file has one mapping per group; `--set group.key=value` overrides single fields,
+parsed by the field's type. Unknown groups or keys and values of the wrong type are errors that
+name the key. Field docstrings are the documentation of each setting (`vitlab train --help-recipe`).
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..data.augment import AugmentConfig
+from ..errors import ConfigError
+
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@dataclass(frozen=True)
+class DataArgs:
+    name: str = "cifar10"
+    """Dataset name (mnist, cifar10, cifar100) or the path of an image folder / IDX folder."""
+    data_dir: str | None = None
+    """Data root searched first (then $VITLAB_DATA, then ~/.cache/vitlab)."""
+    val_size: float | None = None
+    """Validation images carved from train: a count, or a fraction < 1 (default: 5000, or 10% for folders)."""
+    download: bool = True
+    """Fetch a named dataset that is not on disk (official archives, checksum-verified)."""
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    preset: str = "vit_tiny_patch4_32"
+    """Preset name (`vitlab models`) or variant ("S/16", "Ti/4@32")."""
+    pretrained: str | None = None
+    """vitlab model directory to start from (fine-tuning); its head is replaced when classes differ."""
+    img_size: int | None = None
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    pool: str | None = None
+    pos_embed: str | None = None
+    class_token: bool | None = None
+    drop_rate: float | None = None
+    attn_drop_rate: float | None = None
+    drop_path_rate: float | None = None
+    init_values: float | None = None
+    """Each field left at null keeps the preset's (or pretrained model's) value."""
+
+    def overrides(self) -> dict[str, Any]:
+        skip = {"preset", "pretrained"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in skip and getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class OptimArgs:
+    lr: float = 1e-3
+    """Peak learning rate for a global batch of `train.batch_size` (no automatic scaling)."""
+    weight_decay: float = 0.05
+    """AdamW decoupled weight decay; never applied to norms, biases, position embedding, class token."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_epochs: float = 1.0
+    """Linear warmup from 0 to lr over this many epochs (fractions allowed)."""
+    min_lr: float = 0.0
+    """Cosine decay ends here at the last step."""
+    layer_decay: float | None = None
+    """Layer-wise lr decay for fine-tuning (e.g. 0.75): block i gets lr * decay^(depth - i)."""
+    clip_grad: float | None = 1.0
+    """Clip the global gradient norm to this (null disables)."""
+    label_smoothing: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    epochs: int = 15
+    batch_size: int = 128
+    """Global batch per optimizer step, over all ranks and accumulation steps."""
+    accum_steps: int = 1
+    """Micro-batches per optimizer step (gradient accumulation)."""
+    seed: int = 0
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights (e.g. 0.999); evaluated beside the raw model."""
+    eval_every: int = 1
+    """Evaluate on the validation split every this many epochs (and always after the last)."""
+    log_every: int = 50
+    """Write step metrics every this many optimizer steps."""
+    ckpt_every: int = 200
+    """Also checkpoint every this many optimizer steps mid-epoch (0: only at epoch ends)."""
+    keep_last: int = 2
+    """Checkpoints kept besides the best-on-validation one."""
+    eval_batch_size: int = 500
+
+
+@dataclass(frozen=True)
+class RuntimeArgs:
+    device: str = "auto"
+    """auto (CUDA if available, else CPU), cpu, cuda, cuda:N."""
+    precision: str = "auto"
+    """auto (bf16 where the hardware runs it natively, fp16 on older GPUs, else fp32), fp32, bf16, fp16."""
+    compile: bool = False
+    """torch.compile the model (pays off on long GPU runs; costs a minute of warm-up on CPU)."""
+    threads: int | None = None
+    """CPU threads for torch (default: torch's choice)."""
+    attn_impl: str = "auto"
+    """Attention kernel: auto, sdpa, math."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataArgs = field(default_factory=DataArgs)
+    model: ModelArgs = field(default_factory=ModelArgs)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    runtime: RuntimeArgs = field(default_factory=RuntimeArgs)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> RunConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(d).__name__}")
+        groups = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(groups))
+        if unknown:
+            raise ConfigError(f"{source}: unknown section(s) {unknown}; sections are {sorted(groups)}")
+        built = {}
+        for name, f in groups.items():
+            group_cls = f.default_factory
+            values = d.get(name) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: section {name!r} must be a mapping")
+            known = {g.name: g for g in dataclasses.fields(group_cls)}
+            bad = sorted(set(values) - set(known))
+            if bad:
+                raise ConfigError(f"{source}: unknown key(s) {[f'{name}.{k}' for k in bad]}; "
+                                  f"{name} has {sorted(known)}")
+            hints = typing.get_type_hints(group_cls)
+            kwargs = {k: _coerce(v, hints[k], f"{name}.{k}", source) for k, v in values.items()}
+            built[name] = group_cls(**kwargs)
+        return cls(**built)
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check (and gently convert: int -> float, "1e-3" -> float) a value against a field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{source}: {key} cannot be {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{source}: {key} must be {name}, got {value!r} ({type(value).__name__})")
+
+
+def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
+    """["optim.lr=1e-3", "train.epochs=3"] -> {"optim": {"lr": 0.001}, "train": {"epochs": 3}}.
+    Values are read as YAML scalars (numbers, true/false, null, strings)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. optim.lr=1e-3")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str):
+            try:  # YAML reads 1e-3 as a string; Python's literal parser reads it as a float
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                pass
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def recipe_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    shipped = RECIPE_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+    raise ConfigError(f"unknown recipe {name_or_path!r}: not a .yaml file and not one of {names}")
+
+
+def load_run_config(recipe: str | None, sets: list[str] | None = None) -> RunConfig:
+    """A recipe (name or path; None for the defaults) with `--set` overrides applied."""
+    d: dict[str, dict[str, Any]] = {}
+    source = "defaults"
+    if recipe:
+        path = recipe_path(recipe)
+        source = str(path)
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections")
+    for section, values in parse_set(sets or []).items():
+        if not isinstance(d.get(section, {}), dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        d.setdefault(section, {}).update(values)
+    return RunConfig.from_dict(d, source if not sets else f"{source} + --set")
+
+
+def describe_settings() -> str:
+    """Every setting with its type, default and docstring (for `vitlab train --help-recipe`)."""
+    lines = []
+    for group in dataclasses.fields(RunConfig):
+        cls = group.default_factory
+        lines.append(f"{group.name}:")
+        docs = _field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else "(required)"
+            lines.append(f"  {f.name}: {default!r}" + (f"  # {docs[f.name]}" if f.name in docs else ""))
+    return "\n".join(lines)
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Field docstrings: the string literal right after each annotated assignment."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs

@@ -1,0 +1,98 @@
+"""Evaluation metrics: loss, top-1 / top-5, per-class accuracy, confusion matrix, expected
+calibration error (Guo et al., arXiv 1706.04599, 15 equal-width bins), optional flip test-time
+augmentation. Sums are reduced across ranks, so every rank returns the same numbers."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .engine.runtime import Runtime, all_reduce_sum
+
+ECE_BINS = 15
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable, num_classes: int, rt: Runtime,
+             tta: bool = False, details: bool = True) -> dict:
+    """Metrics of `model` over (inputs, labels) batches. With `tta`, the probabilities of each
+    image and its horizontal mirror are averaged."""
+    was_training = model.training
+    model.eval()
+    K = num_classes
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    top5_hits = torch.zeros((), dtype=torch.float64)
+    confusion = torch.zeros(K, K, dtype=torch.float64)  # rows: true class, columns: predicted
+    bin_count = torch.zeros(ECE_BINS, dtype=torch.float64)
+    bin_conf = torch.zeros(ECE_BINS, dtype=torch.float64)
+    bin_acc = torch.zeros(ECE_BINS, dtype=torch.float64)
+    k5 = min(5, K)
+    for x, y in batches:
+        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        with rt.autocast():
+            logits = model(x).float()
+            if tta:
+                probs = (logits.softmax(-1) + model(x.flip(-1)).float().softmax(-1)) / 2
+        if not tta:
+            probs = logits.softmax(-1)
+        log_probs = probs.clamp_min(1e-12).log()
+        loss_sum += F.nll_loss(log_probs, y, reduction="sum").double().cpu()
+        conf, pred = probs.max(-1)
+        top5_hits += (probs.topk(k5, dim=-1).indices == y[:, None]).any(-1).sum().double().cpu()
+        confusion += torch.bincount((y * K + pred).cpu(), minlength=K * K).reshape(K, K).double()
+        correct = (pred == y).double().cpu()
+        b = (conf.double().cpu() * ECE_BINS).long().clamp_(max=ECE_BINS - 1)
+        bin_count += torch.bincount(b, minlength=ECE_BINS).double()
+        bin_conf += torch.bincount(b, weights=conf.double().cpu(), minlength=ECE_BINS)
+        bin_acc += torch.bincount(b, weights=correct, minlength=ECE_BINS)
+    packed = all_reduce_sum(torch.cat([loss_sum[None], top5_hits[None], confusion.flatten(), bin_count,
+                                       bin_conf, bin_acc]).to(rt.device), rt).cpu()
+    loss_sum, top5_hits = packed[0], packed[1]
+    confusion = packed[2:2 + K * K].reshape(K, K)
+    bin_count, bin_conf, bin_acc = packed[2 + K * K:].reshape(3, ECE_BINS)
+    n = confusion.sum().item()
+    model.train(was_training)
+    if n == 0:
+        return {"n": 0}
+    per_class_n = confusion.sum(1)
+    metrics = {
+        "n": int(n),
+        "loss": loss_sum.item() / n,
+        "top1": confusion.diag().sum().item() / n,
+        f"top{k5}": top5_hits.item() / n,
+        "ece": ((bin_conf - bin_acc).abs().sum() / n).item(),
+    }
+    if details:
+        metrics["per_class"] = (confusion.diag() / per_class_n.clamp_min(1)).tolist()
+        metrics["confusion"] = confusion.long().tolist()
+    return metrics
+
+
+def save_confusion_png(confusion: list[list[int]], classes: list[str], path) -> bool:
+    """A confusion-matrix heat map; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    K = len(confusion)
+    fig, ax = plt.subplots(figsize=(min(4 + 0.45 * K, 20), min(3.5 + 0.45 * K, 20)))
+    m = torch.tensor(confusion, dtype=torch.float64)
+    im = ax.imshow((m / m.sum(1, keepdim=True).clamp_min(1)).numpy(), cmap="Blues", vmin=0, vmax=1)
+    if K <= 30:
+        ax.set_xticks(range(K), classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(K), classes, fontsize=7)
+        if K <= 12:
+            for i in range(K):
+                for j in range(K):
+                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if m[i, j] > m[i].sum() / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
