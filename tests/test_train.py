@@ -1,0 +1,224 @@
+"""End to end on generated data: train -> kill -9 -> resume (exactly) -> eval -> predict; DDP on
+two gloo processes against one process; unsafe checkpoints; NaN losses; settings errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vitlab
+from vitlab.engine.args import RunConfig, load_run_config, parse_set
+from vitlab.engine.checkpoint import latest_checkpoint, load_checkpoint
+from vitlab.errors import ConfigError, ModelFileError, RunDirError, TrainingError
+from vitlab.train import train
+
+CLASSES = ("horizontal", "vertical", "dots")
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    """Three classes of 16-px stripe / dot patterns on noise: learnable in seconds."""
+    root = tmp_path_factory.mktemp("data") / "shapes"
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(60):
+            img = rng.integers(0, 60, (16, 16, 3)).astype(np.uint8)
+            if c == 0:
+                img[rng.integers(2, 14)::5, :, :] += 150
+            elif c == 1:
+                img[:, rng.integers(2, 14)::5, :] += 150
+            else:
+                img[rng.integers(0, 4)::4, rng.integers(0, 4)::4, :] += 150
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    return root
+
+
+def tiny_sets(data: Path, **extra) -> list[str]:
+    sets = {"data.name": str(data), "model.preset": "vit_micro_patch4_32", "model.img_size": 16,
+            "model.depth": 2, "model.embed_dim": 32, "model.num_heads": 2, "train.batch_size": 16,
+            "train.epochs": 6, "optim.lr": 0.005, "augment.flip": False, "runtime.progress": False,
+            "runtime.precision": "fp32", "train.log_every": 5}
+    sets.update(extra)
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "vitlab", *args], capture_output=True, text=True, **kw)
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return latest_checkpoint(run)["model"]
+
+
+def test_tiny_run_learns_and_writes_everything(shapes, tmp_path):
+    cfg = load_run_config("cifar10", tiny_sets(shapes, **{"train.epochs": 12, "augment.crop_pad": 0,
+                                                          "train.ema_decay": 0.9}))
+    results = train(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    assert results["best"]["val_top1"] >= 0.9  # chance is 1/3
+    assert results["test"]["top1"] >= 0.6
+    for name in ("config.yaml", "env.json", "metrics.jsonl", "results.json", "loss.png", "accuracy.png", "lr.png",
+                 "model/config.json", "model/model.safetensors", "checkpoints/best.pt", "confusion_test.png"):
+        assert (run / name).is_file(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(epochs) == 12 and all("val_top1" in r and "val_ema_top1" in r for r in epochs)
+    assert any(r["kind"] == "step" and "lr" in r for r in records)
+    env = json.loads((run / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["cpu"]
+    model = vitlab.load_model(run / "model")
+    assert model.config.class_names == ("dots", "horizontal", "vertical")
+    assert len(list((run / "checkpoints").glob("ckpt-*.pt"))) <= 2  # keep_last
+
+
+def test_kill_and_resume_ends_with_the_same_weights(shapes, tmp_path):
+    sets = tiny_sets(shapes, **{"train.epochs": 30, "train.ckpt_every": 4, "augment.randaug_ops": 1,
+                                "model.drop_path_rate": 0.1, "train.ema_decay": 0.9})
+    base = ["train", "--recipe", "cifar10"] + [a for s in sets for a in ("--set", s)]
+    full = cli(*base, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "vitlab", *base, "--out", str(tmp_path / "killed")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not len(list(ckpts.glob("ckpt-*.pt")) if ckpts.is_dir() else []) >= 2:
+        time.sleep(0.02)
+    time.sleep(0.3)  # somewhere between checkpoints
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "results.json").exists(), "the run finished before it could be killed"
+    stopped_at = latest_checkpoint(tmp_path / "killed")["step"]
+    assert 0 < stopped_at < 270
+    resumed = cli("train", "--resume", str(tmp_path / "killed"), "--set", "runtime.progress=false")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"from step {stopped_at}" in resumed.stdout
+    a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert load_checkpoint(tmp_path / "full" / "checkpoints" / "best.pt")["best"] == \
+        load_checkpoint(tmp_path / "killed" / "checkpoints" / "best.pt")["best"]
+
+
+def test_eval_and_predict_from_the_command_line(shapes, tmp_path):
+    sets = tiny_sets(shapes, **{"train.epochs": 10, "augment.crop_pad": 0})
+    r = cli("train", "--recipe", "cifar10", *[a for s in sets for a in ("--set", s)], "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    ev = cli("eval", str(tmp_path / "run"), "--json")
+    assert ev.returncode == 0, ev.stderr
+    metrics = json.loads(ev.stdout)
+    assert {"top1", "top3", "loss", "ece", "per_class", "confusion"} <= set(metrics)
+    assert metrics["n"] == 18 and sum(map(sum, metrics["confusion"])) == 18
+    assert (tmp_path / "run" / f"eval_shapes_test" / "confusion.png").is_file()
+    tta = json.loads(cli("eval", str(tmp_path / "run"), "--json", "--tta", "--split", "val").stdout)
+    assert tta["tta"] is True and tta["split"] == "val"
+    # predict: a file, a folder, a greyscale image of another size, and an unreadable file
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    Image.fromarray(np.full((40, 30), 128, dtype=np.uint8), "L").save(odd / "grey.png")
+    (odd / "broken.jpg").write_bytes(b"not a jpeg")
+    p = cli("predict", str(tmp_path / "run" / "model"), str(shapes / "dots" / "0.png"), str(odd), "--format", "json",
+            "--topk", "2")
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout)
+    assert [Path(r["file"]).name for r in rows] == ["0.png", "grey.png"]
+    assert all(len(r["top"]) == 2 and abs(sum(t["prob"] for t in r["top"])) <= 1.0 + 1e-6 for r in rows)
+    assert "skipped" in p.stderr and "broken.jpg" in p.stderr and "Traceback" not in p.stderr
+    csv_out = cli("predict", str(tmp_path / "run"), str(shapes / "dots" / "0.png"), "--format", "csv").stdout
+    assert csv_out.splitlines()[0] == "file,rank,label,index,prob"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
+def test_two_process_ddp_equals_one_process(shapes, tmp_path):
+    sets = tiny_sets(shapes, **{"train.epochs": 3, "augment.crop_pad": 0})
+    args = ["train", "--recipe", "cifar10", *[a for s in sets for a in ("--set", s)]]
+    one = cli(*args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29517", "-m", "vitlab", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 ranks" in two.stdout and two.stdout.count("done:") == 1  # only rank 0 talks and writes
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-4, worst
+    assert latest_checkpoint(tmp_path / "one")["step"] == latest_checkpoint(tmp_path / "two")["step"]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned_by_checkpoint",))
+
+
+def test_malicious_checkpoint_does_not_run_code(shapes, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("{}\n")
+    torch.save({"format": "vitlab.ckpt/1", "payload": _Evil()}, run / "checkpoints" / "ckpt-00000001.pt")
+    with pytest.raises(ModelFileError, match="cannot be loaded safely"):
+        load_checkpoint(run / "checkpoints" / "ckpt-00000001.pt")
+    r = cli("train", "--resume", str(run))
+    assert r.returncode == 2 and "no usable checkpoint" in r.stderr
+    assert not (tmp_path / "pwned_by_checkpoint").exists()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(shapes, tmp_path, monkeypatch):
+    from vitlab.engine import loop
+    calls = {"n": 0}
+    real = loop.loss_fn
+
+    def poisoned(logits, target, ls):
+        calls["n"] += 1
+        loss = real(logits, target, ls)
+        return loss * float("nan") if calls["n"] == 14 else loss
+    monkeypatch.setattr(loop, "loss_fn", poisoned)
+    cfg = load_run_config("cifar10", tiny_sets(shapes, **{"train.epochs": 3}))
+    with pytest.raises(TrainingError, match=r"loss is nan at step 14 \(epoch 2, batch 5\).*ckpt-00000009.pt"):
+        train(cfg, tmp_path / "run")
+    state = latest_checkpoint(tmp_path / "run")
+    assert state["step"] == 9 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_settings_are_typed_and_checked(tmp_path):
+    assert parse_set(["optim.lr=1e-3", "train.epochs=3", "model.pretrained=null", "data.name=mnist"]) == \
+        {"optim": {"lr": 1e-3}, "train": {"epochs": 3}, "model": {"pretrained": None}, "data": {"name": "mnist"}}
+    cfg = load_run_config("mnist", ["optim.lr=3e-4", "train.epochs=2"])
+    assert cfg.optim.lr == 3e-4 and cfg.train.epochs == 2 and cfg.data.name == "mnist"
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['optim.lrr'\]"):
+        load_run_config("mnist", ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="train.epochs must be int, got 'many'"):
+        load_run_config("mnist", ["train.epochs=many"])
+    with pytest.raises(ConfigError, match=r"unknown section\(s\) \['optimizer'\]"):
+        RunConfig.from_dict({"optimizer": {}})
+    with pytest.raises(ConfigError, match="unknown recipe 'imagenet'"):
+        load_run_config("imagenet")
+    with pytest.raises(ConfigError, match="SECTION.KEY=VALUE"):
+        parse_set(["lr=3"])
+    assert RunConfig.from_dict(load_run_config("cifar10").to_dict()) == load_run_config("cifar10")
+
+
+def test_user_mistakes_are_one_line_errors(shapes, tmp_path):
+    r = cli("train", "--recipe", "cifar10", "--set", "train.epochs=zero", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "train.epochs" in r.stderr
+    r = cli("train", "--recipe", "mnist", "--set", f"data.name={tmp_path / 'nothing'}", "--out", str(tmp_path / "y"))
+    assert r.returncode == 2 and "unknown dataset" in r.stderr and "Traceback" not in r.stderr
+    r = cli("eval", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "not a model directory" in r.stderr
+    r = cli("predict", str(tmp_path / "nope"), "a.png")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    cfg = load_run_config("cifar10", tiny_sets(shapes, **{"train.epochs": 1}))
+    train(cfg, tmp_path / "run")
+    with pytest.raises(RunDirError, match="already holds a run"):
+        train(cfg, tmp_path / "run")
+    r = cli("train", "--resume", str(tmp_path / "run"), "--set", "optim.lr=1")
+    assert r.returncode == 2 and "keeps its settings" in r.stderr
