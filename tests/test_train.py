@@ -81,7 +81,7 @@ def test_tiny_run_learns_and_writes_everything(shapes, tmp_path):
 
 def test_kill_and_resume_ends_with_the_same_weights(shapes, tmp_path):
     sets = tiny_sets(shapes, **{"train.epochs": 30, "train.ckpt_every": 4, "augment.randaug_ops": 1,
-                                "model.drop_path_rate": 0.1, "train.ema_decay": 0.9})
+                                "model.drop_path_rate": 0.1, "train.ema_decay": 0.9, "train.accum_steps": 2})
     base = ["train", "--recipe", "cifar10"] + [a for s in sets for a in ("--set", s)]
     full = cli(*base, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
@@ -96,7 +96,7 @@ def test_kill_and_resume_ends_with_the_same_weights(shapes, tmp_path):
     proc.wait()
     assert not (tmp_path / "killed" / "results.json").exists(), "the run finished before it could be killed"
     stopped_at = latest_checkpoint(tmp_path / "killed")["step"]
-    assert 0 < stopped_at < 270
+    assert 0 < stopped_at < 270  # 30 epochs x 9 optimizer steps
     resumed = cli("train", "--resume", str(tmp_path / "killed"), "--set", "runtime.progress=false")
     assert resumed.returncode == 0, resumed.stderr
     assert f"from step {stopped_at}" in resumed.stdout
@@ -130,7 +130,11 @@ def test_eval_and_predict_from_the_command_line(shapes, tmp_path):
     assert p.returncode == 0, p.stderr
     rows = json.loads(p.stdout)
     assert [Path(r["file"]).name for r in rows] == ["0.png", "grey.png"]
-    assert all(len(r["top"]) == 2 and abs(sum(t["prob"] for t in r["top"])) <= 1.0 + 1e-6 for r in rows)
+    for r in rows:
+        probs = [t["prob"] for t in r["top"]]
+        assert len(probs) == 2 and probs[0] >= probs[1] > 0 and sum(probs) <= 1.0 + 1e-6
+        assert {t["label"] for t in r["top"]} <= set(CLASSES)
+    assert rows[0]["top"][0]["label"] == "dots"  # the model learned this training image
     assert "skipped" in p.stderr and "broken.jpg" in p.stderr and "Traceback" not in p.stderr
     csv_out = cli("predict", str(tmp_path / "run"), str(shapes / "dots" / "0.png"), "--format", "csv").stdout
     assert csv_out.splitlines()[0] == "file,rank,label,index,prob"
@@ -138,7 +142,8 @@ def test_eval_and_predict_from_the_command_line(shapes, tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
 def test_two_process_ddp_equals_one_process(shapes, tmp_path):
-    sets = tiny_sets(shapes, **{"train.epochs": 3, "augment.crop_pad": 0})
+    # gradient accumulation on too: the 2-process run exercises DDP's no_sync path
+    sets = tiny_sets(shapes, **{"train.epochs": 3, "augment.crop_pad": 0, "train.accum_steps": 2})
     args = ["train", "--recipe", "cifar10", *[a for s in sets for a in ("--set", s)]]
     one = cli(*args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
@@ -189,6 +194,27 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(shapes, tmp_
     assert state["step"] == 9 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+def test_nan_gradient_stops_before_the_update(shapes, tmp_path, monkeypatch):
+    """A finite loss whose gradient is not finite must not write NaN weights."""
+    from vitlab.engine import loop
+    calls = {"n": 0}
+    real = loop.loss_fn
+
+    def finite_loss_nan_grad(logits, target, ls):
+        calls["n"] += 1
+        loss = real(logits, target, ls)
+        if calls["n"] == 12:  # sqrt at 0: the value is 0, its gradient is infinite
+            loss = loss + torch.sqrt(logits.sum() * 0.0)
+            assert torch.isfinite(loss)
+        return loss
+    monkeypatch.setattr(loop, "loss_fn", finite_loss_nan_grad)
+    cfg = load_run_config("cifar10", tiny_sets(shapes, **{"train.epochs": 3}))
+    with pytest.raises(TrainingError, match=r"gradient norm is (nan|inf) at step 12 \(epoch 2, batch 3\)"):
+        train(cfg, tmp_path / "run")
+    state = latest_checkpoint(tmp_path / "run")
+    assert state["step"] == 9 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
 def test_settings_are_typed_and_checked(tmp_path):
     assert parse_set(["optim.lr=1e-3", "train.epochs=3", "model.pretrained=null", "data.name=mnist"]) == \
         {"optim": {"lr": 1e-3}, "train": {"epochs": 3}, "model": {"pretrained": None}, "data": {"name": "mnist"}}
@@ -205,6 +231,12 @@ def test_settings_are_typed_and_checked(tmp_path):
     with pytest.raises(ConfigError, match="SECTION.KEY=VALUE"):
         parse_set(["lr=3"])
     assert RunConfig.from_dict(load_run_config("cifar10").to_dict()) == load_run_config("cifar10")
+    for bad, words in (("train.accum_steps=0", "train.accum_steps=0 must be >= 1"),
+                       ("train.eval_every=0", "train.eval_every=0"), ("train.epochs=0", "train.epochs=0"),
+                       ("optim.label_smoothing=1.5", "optim.label_smoothing=1.5"),
+                       ("train.ema_decay=1.0", "train.ema_decay=1.0")):
+        with pytest.raises(ConfigError, match=words):
+            load_run_config("mnist", [bad])
 
 
 def test_user_mistakes_are_one_line_errors(shapes, tmp_path):

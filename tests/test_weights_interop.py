@@ -171,3 +171,14 @@ def test_cli_convert_and_errors(tmp_path):
     assert bad.stderr.strip().count("\n") == 0 and "missing.pth does not exist" in bad.stderr
     assert "Traceback" not in bad.stderr
     assert not (tmp_path / "x").exists()  # nothing written on failure
+
+
+def test_paper_sizes_get_their_head_count():
+    """ViT-H has 16 heads of 80; width/64 would say 20 and give wrong outputs silently."""
+    with torch.device("meta"):
+        huge = timm_vit.VisionTransformer(**timm_kwargs(vitlab.get_config("vit_huge_patch14_224", depth=32)))
+    assert infer_config(huge.state_dict()).num_heads == 16
+    from torchvision.models import vit_b_16
+    with torch.device("meta"):
+        cfg, _ = from_torchvision(vit_b_16().state_dict())
+    assert cfg.num_heads == 12 and cfg.mean == (0.485, 0.456, 0.406)  # torchvision's ImageNet statistics

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+import yaml
 from collections.abc import Callable
 
 from .errors import ConfigError, VitlabError
@@ -47,6 +49,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         known["num_heads"] = args.num_heads
     if args.img_size:
         known["img_size"] = args.img_size
+    if args.pool:
+        known["pool"] = args.pool
     model = convert(args.src, args.source, args.out, preset=args.preset, **known)
     cfg = model.config
     n = sum(p.numel() for p in model.parameters())
@@ -142,6 +146,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if model.config.class_names and list(model.config.class_names) != data.classes:
         raise ConfigError(f"{name} has classes {data.classes[:5]}... but the model predicts "
                           f"{list(model.config.class_names)[:5]}...")
+    if len(data.classes) != model.config.num_classes:
+        raise ConfigError(f"{name} has {len(data.classes)} classes but the model has {model.config.num_classes} outputs")
     rt = setup_runtime(args.device)
     model.to(rt.device)
     loader = BatchLoader(data, args.batch_size, False, EvalTransform(model.config))
@@ -168,14 +174,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Top-k labels for image files or folders, as a table, JSON or CSV."""
     from .predict import format_rows, predict
     from .weights.modeldir import load_model
+    if args.topk < 1:
+        raise ConfigError(f"--topk {args.topk} must be >= 1")
     model_dir, _ = _resolve_model_dir(args.model)
     model = load_model(model_dir)
     rows, failed = predict(model, args.paths, topk=args.topk)
     for f, problem in failed:
         print(f"vitlab predict: skipped {f}: {problem}", file=sys.stderr)
-    if rows:
-        print(format_rows(rows, args.format))
-    return 0 if rows else 1
+    if not rows:
+        print(f"vitlab predict: error: no readable images in {' '.join(args.paths)}", file=sys.stderr)
+        return 1
+    print(format_rows(rows, args.format))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +223,8 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="preset whose head count, eps and mean/std apply (e.g. vit_base_patch16_224)")
     p.add_argument("--num-heads", type=int, help="attention heads, if not width/64 and no preset")
     p.add_argument("--img-size", type=int, help="input size, for checkpoints with fixed position embeddings")
+    p.add_argument("--pool", choices=["token", "avg"], help="how the head reads the tokens, where the weights "
+                   "cannot tell (a class-token model trained with average pooling and no fc_norm)")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -258,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except VitlabError as e:
         print(f"vitlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, yaml.YAMLError) as e:  # unwritable --out, a damaged YAML file, ...
+        print(f"vitlab {args.command}: error: {e}".replace("\n", " "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vitlab {args.command}: interrupted", file=sys.stderr)

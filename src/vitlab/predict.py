@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .data.augment import EvalTransform
-from .data.folders import IMAGE_EXTENSIONS, _decode
+from .data.folders import IMAGE_EXTENSIONS, decode_one
 from .errors import DataError
 from .model import VisionTransformer
 
@@ -39,7 +39,7 @@ def predict(model: VisionTransformer, paths: list[str | Path], topk: int = 5, ba
     """([{"file", "top": [{"label", "index", "prob"}...]}], [(file, problem)])."""
     cfg = model.config
     files, failed = collect_files(paths)
-    decoded = [(f, _decode((str(f), cfg.img_size, cfg.in_chans))) for f in files]
+    decoded = [(f, decode_one((str(f), cfg.img_size, cfg.in_chans))) for f in files]
     ok = [(f, a) for f, a in decoded if not isinstance(a, str)]
     failed += [(f, a.replace("BOMB:", "image too large: ")) for f, a in decoded if isinstance(a, str)]
     names = list(cfg.class_names or [str(i) for i in range(cfg.num_classes)])

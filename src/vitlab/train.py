@@ -26,14 +26,14 @@ from .engine.args import RunConfig
 from .engine.checkpoint import latest_checkpoint, load_checkpoint
 from .engine.log import RunLogger, plot_curves
 from .engine.loop import Position, Trainer, fit
-from .engine.runtime import Runtime, describe_machine, setup_runtime
+from .engine.runtime import Runtime, barrier, describe_machine, setup_runtime
 from .errors import ConfigError, DataError, DatasetNotFoundError, RunDirError
 from .evaluate import evaluate, save_confusion_png
 from .model import VisionTransformer
 from .weights.modeldir import load_model, read_config, save_model
 
 
-def load_split(cfg: RunConfig, split: str, model_cfg: ViTConfig) -> ImageSet:
+def load_split(cfg: RunConfig, split: str, model_cfg: ViTConfig, rt: Runtime | None = None) -> ImageSet:
     """A split of the run's dataset; named datasets are fetched when missing and allowed. Image
     folders are decoded straight at the model's size and channels."""
     kw: dict[str, Any] = dict(data_dir=cfg.data.data_dir, val_size=cfg.data.val_size,
@@ -43,7 +43,10 @@ def load_split(cfg: RunConfig, split: str, model_cfg: ViTConfig) -> ImageSet:
     except DatasetNotFoundError:
         if not (cfg.data.download and cfg.data.name in SOURCES):
             raise
-        fetch(cfg.data.name, cfg.data.data_dir)
+        if rt is None or rt.is_main:  # one rank downloads; the others wait for it
+            fetch(cfg.data.name, cfg.data.data_dir)
+        if rt is not None:
+            barrier(rt)
         return load_dataset(cfg.data.name, split, **kw)
 
 
@@ -89,9 +92,12 @@ def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, rt: Runtime) -> dic
         if state is None:
             raise RunDirError(f"cannot resume {out}: no usable checkpoint in {out / 'checkpoints'}")
         return state
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a run directory")
     if out.exists() and any(out.iterdir()):
         raise RunDirError(f"{out} already holds a run; resume it with `vitlab train --resume {out}` "
                           f"or choose another --out")
+    barrier(rt)  # every rank has checked before rank 0 creates anything
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -115,9 +121,9 @@ def train(cfg: RunConfig, out: Path, resume: bool = False) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     started = time.time()
     base = base_model_config(cfg)
-    train_set = load_split(cfg, "train", base)
+    train_set = load_split(cfg, "train", base, rt)
     model = build_model(cfg, train_set)
-    val_set = load_split(cfg, "val", base)
+    val_set = load_split(cfg, "val", base, rt)
     model.to(rt.device)
     num_classes = model.config.num_classes
     micro = _micro_batch(cfg, rt)
@@ -131,7 +137,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False) -> dict[str, Any]:
                           f"{cfg.train.accum_steps}")
     trainer = Trainer(model, cfg, rt, len(train_loader) // cfg.train.accum_steps)
     pos = trainer.restore(state) if state else Position()
-    logger = RunLogger(out, rt.is_main, cfg.runtime.progress)
+    logger = RunLogger(out, rt.is_main, cfg.runtime.progress, resume_step=pos.step if state else None)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(f"{'resuming' if state else 'training'} {model.config.name or cfg.model.preset} ({n_params / 1e6:.2f}M "
                 f"params) on {train_set.name}: {len(train_set)} train / {len(val_set)} val images, "
@@ -158,7 +164,7 @@ def finish(out: Path, cfg: RunConfig, rt: Runtime, pos: Position, wall_s: float,
     results: dict[str, Any] = {"best": best["best"], "steps": pos.step, "epochs": cfg.train.epochs,
                                "wall_s_this_session": round(wall_s, 1), "params": n_params}
     try:
-        test_set = load_split(cfg, "test", model_cfg)
+        test_set = load_split(cfg, "test", model_cfg, rt)
     except DataError as e:  # an image folder with train/ and val/ but no test/, say
         test_set = None
         results["test_skipped"] = str(e)

@@ -43,7 +43,7 @@ def scan(root: Path) -> tuple[list[Path], list[int], list[str]]:
     return files, labels, classes
 
 
-def _decode(args: tuple[str, int, int]) -> np.ndarray | str:
+def decode_one(args: tuple[str, int, int]) -> np.ndarray | str:
     """One file -> (C, S, S) uint8, or an error string (exceptions do not cross processes well)."""
     path, size, channels = args
     from PIL import Image
@@ -76,9 +76,9 @@ def decode_files(files: list[Path], size: int, channels: int, strict: bool = Fal
     jobs = [(str(f), size, channels) for f in files]
     if workers > 1 and len(jobs) > 64:
         with ProcessPoolExecutor(workers) as pool:
-            results = list(pool.map(_decode, jobs, chunksize=64))
+            results = list(pool.map(decode_one, jobs, chunksize=64))
     else:
-        results = [_decode(j) for j in jobs]
+        results = [decode_one(j) for j in jobs]
     bad = [(f, r) for f, r in zip(files, results) if isinstance(r, str)]
     bombs = [(f, r) for f, r in bad if r.startswith("BOMB:")]
     if bombs:

@@ -16,7 +16,8 @@ from ..errors import ConfigError
 from . import ImageSet
 
 
-def _seed(*parts: int) -> int:
+def batch_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (seed, epoch, batch, rank): independent streams per position."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
@@ -48,7 +49,7 @@ class BatchLoader:
         n = len(self.data)
         if not self.train:
             return torch.arange(self.rank, n, self.world_size)
-        g = torch.Generator().manual_seed(_seed(self.seed, self.epoch))
+        g = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch))
         perm = torch.randperm(n, generator=g)
         perm = perm[: n - n % self.world_size]  # equal shares: DDP steps in lockstep
         return perm[self.rank::self.world_size]
@@ -70,7 +71,7 @@ class BatchLoader:
             sel = idx[i * self.batch_size:(i + 1) * self.batch_size]
             x, y = images[sel], labels[sel]
             if self.train:
-                gen = torch.Generator().manual_seed(_seed(self.seed, self.epoch, i, self.rank))
+                gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, i, self.rank))
                 yield self.transform(x, y, gen)
             else:
                 yield self.transform(x), y

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import io
 import os
 import pickle
@@ -267,8 +268,8 @@ def md5sum(path: Path) -> str:
 def verify_file(path: Path, spec: FileSpec, dataset: str) -> None:
     """Raise DataError naming the file, what was expected and what was found."""
     fix = f"run `vitlab data fetch {dataset} --force`"
-    if not path.is_file():
-        raise DataError(f"{path} is missing; {fix}")
+    if not path.is_file():  # e.g. an interrupted fetch: fetching again (without --force) completes it
+        raise DatasetNotFoundError(f"{path} is missing; run `vitlab data fetch {dataset}`")
     if spec.size is not None and path.stat().st_size != spec.size:
         raise DataError(f"{path} has {path.stat().st_size} bytes, expected {spec.size}: truncated or "
                         f"corrupted; {fix}")
@@ -338,11 +339,24 @@ def _download(urls: tuple[str, ...], dest: Path, md5: str, progress: bool) -> No
                 raise DataError(f"{url} gave md5 {got}, expected {md5}")
             os.replace(tmp, dest)
             return
-        except (OSError, DataError) as e:  # URLError is an OSError
+        except (OSError, DataError, http.client.HTTPException) as e:  # URLError is an OSError
             errors.append(f"{url}: {e}")
         finally:
             tmp.unlink(missing_ok=True)
     raise DataError("download failed: " + "; ".join(errors))
+
+
+def _safe_extract(tar: tarfile.TarFile, dest: Path) -> None:
+    """Extract regular files and folders only, never outside `dest` (no absolute paths, no '..',
+    no links or devices), on every Python version."""
+    for member in tar.getmembers():
+        target = (dest / member.name).resolve()
+        if not (member.isfile() or member.isdir()) or not str(target).startswith(str(dest.resolve())):
+            raise DataError(f"refusing to extract {member.name!r} from {tar.name}: not a plain file inside the archive")
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+    else:
+        tar.extractall(dest)
 
 
 def fetch(name: str, data_dir: str | os.PathLike | None = None, force: bool = False,
@@ -366,7 +380,7 @@ def fetch(name: str, data_dir: str | os.PathLike | None = None, force: bool = Fa
                 continue
             unpacked = tmp / "unpacked"
             with tarfile.open(archive) as tar:
-                tar.extractall(unpacked, filter="data")  # no absolute paths, links out, or devices
+                _safe_extract(tar, unpacked)
             for entry in unpacked.iterdir():  # each top-level folder appears whole, or not at all
                 dest = target / entry.name
                 if dest.is_dir():

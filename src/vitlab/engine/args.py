@@ -80,6 +80,21 @@ class OptimArgs:
     """Clip the global gradient norm to this (null disables)."""
     label_smoothing: float = 0.1
 
+    def __post_init__(self) -> None:
+        bad = []
+        if self.lr < 0 or self.min_lr < 0 or self.weight_decay < 0:
+            bad.append(f"optim.lr={self.lr}, optim.min_lr={self.min_lr}, optim.weight_decay={self.weight_decay} must be >= 0")
+        if not 0 <= self.label_smoothing < 1:
+            bad.append(f"optim.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.warmup_epochs < 0:
+            bad.append(f"optim.warmup_epochs={self.warmup_epochs} must be >= 0")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            bad.append(f"optim.layer_decay={self.layer_decay} must be in (0, 1]")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            bad.append(f"optim.clip_grad={self.clip_grad} must be > 0 or null")
+        if bad:
+            raise ConfigError("; ".join(bad))
+
 
 @dataclass(frozen=True)
 class TrainArgs:
@@ -100,6 +115,15 @@ class TrainArgs:
     keep_last: int = 2
     """Checkpoints kept besides the best-on-validation one."""
     eval_batch_size: int = 500
+
+    def __post_init__(self) -> None:
+        bad = [f"train.{k}={getattr(self, k)} must be >= {low}" for k, low in
+               (("epochs", 1), ("batch_size", 1), ("accum_steps", 1), ("eval_every", 1), ("log_every", 1),
+                ("ckpt_every", 0), ("keep_last", 1), ("eval_batch_size", 1)) if getattr(self, k) < low]
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            bad.append(f"train.ema_decay={self.ema_decay} must be in (0, 1) or null")
+        if bad:
+            raise ConfigError("; ".join(bad))
 
 
 @dataclass(frozen=True)

@@ -10,18 +10,27 @@ from typing import Any
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, enabled: bool, progress: bool):
+    def __init__(self, run_dir: Path, enabled: bool, progress: bool, resume_step: int | None = None):
         self.run_dir, self.enabled, self.progress = run_dir, enabled, progress and enabled
         self.bar = None
         self.tb = None
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                self._drop_after(run_dir / "metrics.jsonl", resume_step)
             self.metrics_file = open(run_dir / "metrics.jsonl", "a", buffering=1)
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:  # optional: pip install tensorboard
                 self.tb = None
+
+    @staticmethod
+    def _drop_after(path: Path, step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint: forget what was logged for them."""
+        if path.is_file():
+            keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+            path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -23,7 +23,13 @@ from .checkpoint import list_checkpoints, rng_state, save_checkpoint, set_rng_st
 from .ema import ModelEMA
 from .log import RunLogger
 from .optim import WarmupCosine, build_optimizer
-from .runtime import Runtime, all_reduce_sum
+from ..data.loader import batch_seed
+from .runtime import Runtime, all_reduce_sum, barrier
+
+
+def _last_ckpt(run_dir: Path) -> str:
+    done = list_checkpoints(run_dir)
+    return str(done[-1][1]) if done else "none written yet"
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -68,9 +74,14 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema else None,
             "step": pos.step, "epoch": pos.epoch, "batch": pos.batch, "best": pos.best, "history": pos.history,
             "rng": rng_state(), "run_config": self.cfg.to_dict(), "model_config": model_config,
+            "precision": self.rt.precision, "world_size": self.rt.world_size,
         }
 
     def restore(self, state: dict[str, Any]) -> Position:
+        for key, now in (("precision", self.rt.precision), ("world_size", self.rt.world_size)):
+            if state.get(key, now) != now:
+                raise TrainingError(f"the checkpoint was written with {key}={state[key]!r} but this process runs "
+                                    f"with {key}={now!r}; resume with the same setting for an exact continuation")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -112,6 +123,7 @@ def fit(trainer: Trainer, train_loader, val_loader, num_classes: int, run_dir: P
         logger.write(record)
         if rt.is_main:
             save_checkpoint(trainer.state(pos, model_config), run_dir, cfg.train.keep_last, best=improved)
+        barrier(rt)  # no rank reads best.pt (or moves on) before rank 0 has written it
         line = (f"epoch {epoch + 1}/{cfg.train.epochs}  loss {stats['train_loss']:.4f}  "
                 f"train acc {stats['train_acc']:.4f}  {stats['images_per_s']:.0f} img/s  {stats['epoch_s']:.0f}s")
         if "val_top1" in record:
@@ -130,7 +142,14 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int, pos: Position, logger:
     net.train()
     totals = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
     t0, images = time.perf_counter(), 0
+    usable = (len(loader) // accum) * accum  # micro-batches that complete an optimizer step
+    trainer.optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader, start=loader.start_batch):
+        if i >= usable:
+            break
+        # Dropout and stochastic depth draw from a generator seeded by the batch's position: the
+        # same masks after a resume, and different masks on each rank.
+        torch.manual_seed(batch_seed(cfg.train.seed, epoch, i, rt.rank, 1))  # 1: not the augmentation stream
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
         sync = (i + 1) % accum == 0
         no_sync = net.no_sync() if rt.distributed and not sync else contextlib.nullcontext()
@@ -140,12 +159,10 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int, pos: Position, logger:
                 loss = loss_fn(logits.float(), y, cfg.optim.label_smoothing)
             bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=rt.device)
             if all_reduce_sum(bad, rt).item() > 0:
-                done = list_checkpoints(run_dir)
-                where = done[-1][1] if done else "none written yet"
                 raise TrainingError(
                     f"loss is {loss.item()} at step {pos.step + 1} (epoch {epoch + 1}, batch {i + 1}); stopped "
-                    f"before updating the weights. Last good checkpoint: {where}. Try a lower optim.lr, "
-                    f"optim.clip_grad, or runtime.precision=fp32")
+                    f"before updating the weights. Last good checkpoint: {_last_ckpt(run_dir)}. Try a lower "
+                    f"optim.lr, optim.clip_grad, or runtime.precision=fp32")
             trainer.scaler.scale(loss / accum).backward()
         labels = y if y.ndim == 1 else y.argmax(-1)
         n = len(labels)
@@ -153,9 +170,13 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int, pos: Position, logger:
         images += n * rt.world_size
         if not sync:
             continue
-        if cfg.optim.clip_grad:
-            trainer.scaler.unscale_(trainer.optimizer)
-            torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), cfg.optim.clip_grad)
+        trainer.scaler.unscale_(trainer.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), cfg.optim.clip_grad or float("inf"))
+        if not trainer.scaler.is_enabled() and not torch.isfinite(norm):  # fp16's scaler skips such steps itself
+            raise TrainingError(
+                f"gradient norm is {norm.item()} at step {pos.step + 1} (epoch {epoch + 1}, batch {i + 1}); stopped "
+                f"before updating the weights. Last good checkpoint: {_last_ckpt(run_dir)}. Try a lower optim.lr, "
+                f"optim.clip_grad, or runtime.precision=fp32")
         trainer.scaler.step(trainer.optimizer)
         trainer.scaler.update()
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -169,9 +190,10 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int, pos: Position, logger:
             logger.write({"kind": "step", "epoch": epoch + 1, "step": pos.step, "loss": loss.item(),
                           "acc": (totals[1] / totals[2]).item(), "lr": trainer.optimizer.param_groups[0]["lr"]
                           / trainer.optimizer.param_groups[0].get("lr_scale", 1.0), "images_per_s": rate})
-        if cfg.train.ckpt_every and pos.step % cfg.train.ckpt_every == 0 and i + 1 < len(loader) and rt.is_main:
+        if cfg.train.ckpt_every and pos.step % cfg.train.ckpt_every == 0 and i + 1 < usable:
             pos.epoch, pos.batch = epoch, i + 1
-            save_checkpoint(trainer.state(pos, model_config), run_dir, cfg.train.keep_last, best=False)
+            if rt.is_main:
+                save_checkpoint(trainer.state(pos, model_config), run_dir, cfg.train.keep_last, best=False)
     totals = all_reduce_sum(totals.to(rt.device), rt).cpu()
     elapsed = time.perf_counter() - t0
     seen = max(totals[2].item(), 1)

@@ -125,3 +125,9 @@ def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
         import torch.distributed as dist
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        import torch.distributed as dist
+        dist.barrier()

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..config import ViTConfig
+from ..config import SIZES, ViTConfig
 from ..errors import ConfigError, ConversionError
 from .keymap import block_count
 
@@ -58,10 +58,14 @@ def infer_config(state: dict[str, torch.Tensor], base: ViTConfig | None = None, 
         init_values=1e-5 if "blocks.0.ls1.gamma" in state else None,
     )
     if "num_heads" not in known and (base is None or base.embed_dim != D):
-        if D % 64:
+        paper = [heads for width, d, heads in SIZES.values() if (width, d) == (D, depth)]
+        if paper:  # a paper size (ViT-H: 16 heads of 80, not 64-wide heads)
+            known["num_heads"] = paper[0]
+        elif D % 64:
             raise ConversionError(f"{source}: cannot infer the head count for width {D}; give it "
                                   f"(--num-heads) or a preset (--preset)")
-        known["num_heads"] = D // 64
+        else:
+            known["num_heads"] = D // 64
     merged = {**(base.to_dict() if base else {}), **fields, **known}
     if merged.get("class_names") is not None and len(merged["class_names"]) != fields["num_classes"]:
         merged["class_names"] = None  # the base's names describe another head

@@ -57,6 +57,9 @@ def from_torchvision(state: dict[str, torch.Tensor], base: ViTConfig | None = No
         fixed[key] = value
     ours = rename(fixed, TABLE, source)
     known.setdefault("norm_eps", 1e-6)  # torchvision's LayerNorm
+    if base is None:  # torchvision's ViT weights expect ImageNet statistics
+        known.setdefault("mean", (0.485, 0.456, 0.406))
+        known.setdefault("std", (0.229, 0.224, 0.225))
     return infer_config(ours, base=base, source=source, **known), ours
 
 

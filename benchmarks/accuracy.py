@@ -1,0 +1,128 @@
+"""Accuracy of the shipped recipes, over seeds, through the real command line.
+
+    python benchmarks/accuracy.py --recipes mnist,cifar10 --seeds 0,1,2 --data-dir ../shared/datasets
+    python benchmarks/accuracy.py --add-run runs/mnist-seed0          # record a run made by hand
+    python benchmarks/accuracy.py --render                            # the README's results table
+
+Each run is `vitlab train --recipe R --set train.seed=S --set data.data_dir=D --out runs/bench/R-sS`;
+its record is appended to benchmarks/results/accuracy.json as
+{"recipe", "dataset", "seed", "epochs", "val_top1", "test_top1", "wall_s", "params", "device", "cpu",
+"torch"}. Test accuracy is that of the weights selected on the validation split, measured once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+RESULTS = Path(__file__).resolve().parent / "results" / "accuracy.json"
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def record_of(run_dir: Path, recipe: str, wall_s: float | None = None) -> dict:
+    results = json.loads((run_dir / "results.json").read_text())
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    env = json.loads((run_dir / "env.json").read_text())
+    if wall_s is None:  # from the run's own log: first to last metrics record
+        times = [json.loads(line)["time"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+        started = (run_dir / "env.json").stat().st_mtime
+        wall_s = max(times) - started if times else results.get("wall_s_this_session")
+    return {
+        "recipe": recipe, "dataset": cfg["data"]["name"], "seed": cfg["train"]["seed"],
+        "epochs": cfg["train"]["epochs"], "val_top1": results["best"]["val_top1"],
+        "test_top1": results.get("test", {}).get("top1"), "wall_s": round(wall_s, 1), "params": results["params"],
+        "device": env.get("device"), "cpu": env.get("cpu"), "torch": env.get("torch"), "run_dir": str(run_dir),
+    }
+
+
+def append(record: dict) -> None:
+    doc = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": []}
+    doc["runs"].append(record)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def run(recipe: str, seed: int, data_dir: str | None, out_root: Path, extra: list[str]) -> dict:
+    out = out_root / f"{recipe}-s{seed}"
+    cmd = [sys.executable, "-m", "vitlab", "train", "--recipe", recipe, "--set", f"train.seed={seed}",
+           "--set", "runtime.progress=false", "--out", str(out)]
+    if data_dir:
+        cmd += ["--set", f"data.data_dir={data_dir}"]
+    for s in extra:
+        cmd += ["--set", s]
+    t = time.time()
+    subprocess.run(cmd, check=True)
+    return record_of(out, recipe, time.time() - t)
+
+
+def render() -> str:
+    runs = json.loads(RESULTS.read_text())["runs"] if RESULTS.is_file() else []
+    by: dict[str, list[dict]] = {}
+    for r in runs:
+        by.setdefault(f"{r['recipe']} ({r['epochs']} epochs)", []).append(r)
+
+    def ms(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+        values = [v * scale for v in values if v is not None]
+        if not values:
+            return "-"
+        if len(values) == 1:
+            return f"{values[0]:.{digits}f}"
+        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    lines = ["| recipe | runs (seeds) | test top-1 % | val top-1 % | wall time / run | params | hardware |",
+             "|---|---|---|---|---|---|---|"]
+    for name, rs in by.items():
+        seeds = ",".join(str(r["seed"]) for r in rs)
+        wall = statistics.mean(r["wall_s"] for r in rs) / 60
+        lines.append(f"| {name} | {len(rs)} ({seeds}) | {ms([r['test_top1'] for r in rs])} | "
+                     f"{ms([r['val_top1'] for r in rs])} | {wall:.1f} min | {rs[0]['params'] / 1e6:.2f}M | "
+                     f"{rs[0]['cpu']}, {rs[0]['device']}, torch {rs[0]['torch']} |")
+    return "\n".join(lines)
+
+
+def write_readme(table: str) -> None:
+    text = README.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"README.md has no {BEGIN} ... {END} block to fill")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="recipe x seed accuracy through the vitlab CLI")
+    ap.add_argument("--recipes", default="")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--data-dir")
+    ap.add_argument("--out-root", default="runs/bench")
+    ap.add_argument("--set", action="append", default=[], help="extra --set passed to every run")
+    ap.add_argument("--add-run", action="append", default=[], metavar="RUN_DIR", help="record an existing run")
+    ap.add_argument("--recipe-name", help="recipe name for --add-run (default: from the run's argv)")
+    ap.add_argument("--render", action="store_true", help="print the table and write it into README.md")
+    args = ap.parse_args()
+    for run_dir in map(Path, args.add_run):
+        env = json.loads((run_dir / "env.json").read_text())
+        argv = env.get("argv", [])
+        recipe = args.recipe_name or (argv[argv.index("--recipe") + 1] if "--recipe" in argv else run_dir.name)
+        rec = record_of(run_dir, recipe)
+        append(rec)
+        print(json.dumps(rec))
+    for recipe in filter(None, args.recipes.split(",")):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            rec = run(recipe, seed, args.data_dir, Path(args.out_root), args.set)
+            append(rec)
+            print(json.dumps(rec), flush=True)
+    if args.render:
+        table = render()
+        print(table)
+        write_readme(table)
+
+
+if __name__ == "__main__":
+    main()
