@@ -190,7 +190,14 @@ def test_cifar100_binary_fine_labels(tmp_path):
         sources._read_cifar100_bin(tmp_path, "test")
 
 
-def test_fetch_downloads_verifies_and_renames_atomically(tmp_path, monkeypatch):
+@pytest.fixture
+def no_other_roots(tmp_path, monkeypatch):
+    """Only the data dir a test passes is searched: no $VITLAB_DATA, an empty home."""
+    monkeypatch.delenv("VITLAB_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+def test_fetch_downloads_verifies_and_renames_atomically(tmp_path, monkeypatch, no_other_roots):
     """Downloads served from local files: the md5 is checked, a bad download leaves nothing."""
     src = tmp_path / "server"
     write_mnist_like(src, n_train=30, n_test=10)
@@ -213,7 +220,7 @@ def test_fetch_downloads_verifies_and_renames_atomically(tmp_path, monkeypatch):
     assert not [p for p in (root / "mnist").iterdir() if p.name.startswith(".")]  # no temp files left
 
 
-def test_fetch_extracts_archives(tmp_path, monkeypatch):
+def test_fetch_extracts_archives(tmp_path, monkeypatch, no_other_roots):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
