@@ -177,7 +177,23 @@ def test_malicious_checkpoint_does_not_run_code(shapes, tmp_path, monkeypatch):
     assert not (tmp_path / "pwned_by_checkpoint").exists()
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(shapes, tmp_path, monkeypatch):
+def _nan_loss(loss, logits):
+    return loss * float("nan")
+
+
+def _finite_loss_nan_grad(loss, logits):
+    out = loss + torch.sqrt(logits.sum() * 0.0)  # sqrt at 0: the value is 0, its gradient is infinite
+    assert torch.isfinite(out)
+    return out
+
+
+@pytest.mark.parametrize("poison, at_call, message", [
+    (_nan_loss, 14, r"loss is nan at step 14 \(epoch 2, batch 5\).*ckpt-00000009.pt"),
+    (_finite_loss_nan_grad, 12, r"gradient norm is (nan|inf) at step 12 \(epoch 2, batch 3\).*ckpt-00000009.pt"),
+])
+def test_non_finite_training_stops_before_the_update(shapes, tmp_path, monkeypatch, poison, at_call, message):
+    """A NaN loss, or a finite loss with a NaN gradient, stops the run naming the step; the
+    last good checkpoint (end of epoch 1, step 9) stays intact and no NaN weights are written."""
     from vitlab.engine import loop
     calls = {"n": 0}
     real = loop.loss_fn
@@ -185,31 +201,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(shapes, tmp_
     def poisoned(logits, target, ls):
         calls["n"] += 1
         loss = real(logits, target, ls)
-        return loss * float("nan") if calls["n"] == 14 else loss
+        return poison(loss, logits) if calls["n"] == at_call else loss
     monkeypatch.setattr(loop, "loss_fn", poisoned)
     cfg = load_run_config("cifar10", tiny_sets(shapes, **{"train.epochs": 3}))
-    with pytest.raises(TrainingError, match=r"loss is nan at step 14 \(epoch 2, batch 5\).*ckpt-00000009.pt"):
-        train(cfg, tmp_path / "run")
-    state = latest_checkpoint(tmp_path / "run")
-    assert state["step"] == 9 and all(torch.isfinite(v).all() for v in state["model"].values())
-
-
-def test_nan_gradient_stops_before_the_update(shapes, tmp_path, monkeypatch):
-    """A finite loss whose gradient is not finite must not write NaN weights."""
-    from vitlab.engine import loop
-    calls = {"n": 0}
-    real = loop.loss_fn
-
-    def finite_loss_nan_grad(logits, target, ls):
-        calls["n"] += 1
-        loss = real(logits, target, ls)
-        if calls["n"] == 12:  # sqrt at 0: the value is 0, its gradient is infinite
-            loss = loss + torch.sqrt(logits.sum() * 0.0)
-            assert torch.isfinite(loss)
-        return loss
-    monkeypatch.setattr(loop, "loss_fn", finite_loss_nan_grad)
-    cfg = load_run_config("cifar10", tiny_sets(shapes, **{"train.epochs": 3}))
-    with pytest.raises(TrainingError, match=r"gradient norm is (nan|inf) at step 12 \(epoch 2, batch 3\)"):
+    with pytest.raises(TrainingError, match=message):
         train(cfg, tmp_path / "run")
     state = latest_checkpoint(tmp_path / "run")
     assert state["step"] == 9 and all(torch.isfinite(v).all() for v in state["model"].values())
