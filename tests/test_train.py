@@ -249,3 +249,18 @@ def test_user_mistakes_are_one_line_errors(shapes, tmp_path):
         train(cfg, tmp_path / "run")
     r = cli("train", "--resume", str(tmp_path / "run"), "--set", "optim.lr=1")
     assert r.returncode == 2 and "keeps its settings" in r.stderr
+
+
+def test_every_shipped_recipe_loads_and_builds():
+    from vitlab.engine.args import RECIPE_DIR
+    from vitlab.train import base_model_config
+    names = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+    assert {"mnist", "cifar10", "cifar100", "seed", "cifar10-long"} <= set(names)
+    for name in names:
+        cfg = load_run_config(name)
+        header = (RECIPE_DIR / f"{name}.yaml").read_text().splitlines()[0]
+        assert header.startswith("#"), f"{name}.yaml must start with a header comment"
+        model_cfg = base_model_config(cfg)
+        with torch.device("meta"):
+            vitlab.VisionTransformer(model_cfg)
+    assert base_model_config(load_run_config("seed")).name == "seed_b16"
