@@ -264,3 +264,18 @@ def test_every_shipped_recipe_loads_and_builds():
         with torch.device("meta"):
             vitlab.VisionTransformer(model_cfg)
     assert base_model_config(load_run_config("seed")).name == "seed_b16"
+
+
+def test_max_steps_ends_the_schedule_and_the_run(shapes, tmp_path):
+    cfg = load_run_config("cifar10", tiny_sets(shapes, **{"train.epochs": 5, "train.max_steps": 13,
+                                                          "train.test_at_end": False}))
+    results = train(cfg, tmp_path / "run")
+    state = latest_checkpoint(tmp_path / "run")
+    assert state["step"] == 13 and results["steps"] == 13  # 9 steps per epoch: stopped inside epoch 2
+    assert "test" not in results and results["test_skipped"] == "train.test_at_end is false"
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    r = cli("eval", str(tmp_path / "run"), "--json", "--limit", "9")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["n"] == 9

@@ -127,6 +127,8 @@ def _resolve_model_dir(path: str):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a run or model directory: top-1/top-5, loss, per-class accuracy, confusion, ECE."""
+    import torch
+
     from .data import load_dataset
     from .data.augment import EvalTransform
     from .data.loader import BatchLoader
@@ -148,11 +150,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           f"{list(model.config.class_names)[:5]}...")
     if len(data.classes) != model.config.num_classes:
         raise ConfigError(f"{name} has {len(data.classes)} classes but the model has {model.config.num_classes} outputs")
+    if args.limit is not None and args.limit < len(data):  # a stratified, seeded subset
+        from .data import stratified_split
+        keep = torch.from_numpy(stratified_split(data.labels.numpy(), args.limit)[1])
+        data.images, data.labels = data.images[keep], data.labels[keep]
     rt = setup_runtime(args.device)
     model.to(rt.device)
     loader = BatchLoader(data, args.batch_size, False, EvalTransform(model.config))
     metrics = evaluate(model, loader, model.config.num_classes, rt, tta=args.tta)
-    metrics.update(dataset=data.name, split=args.split, model=str(model_dir), tta=args.tta)
+    metrics.update(dataset=data.name, split=args.split, model=str(model_dir), tta=args.tta, limit=args.limit)
     from pathlib import Path
     out = Path(args.out) if args.out else (run_dir or model_dir) / f"eval_{data.name}_{args.split}"
     out.mkdir(parents=True, exist_ok=True)
@@ -252,6 +258,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--tta", action="store_true", help="average predictions over the image and its mirror")
     p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--limit", type=int, help="evaluate a stratified, seeded subset of this many images")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="folder for metrics.json and confusion.png")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")

@@ -163,11 +163,14 @@ def finish(out: Path, cfg: RunConfig, rt: Runtime, pos: Position, wall_s: float,
     eval_tf = EvalTransform(model_cfg)
     results: dict[str, Any] = {"best": best["best"], "steps": pos.step, "epochs": cfg.train.epochs,
                                "wall_s_this_session": round(wall_s, 1), "params": n_params}
-    try:
-        test_set = load_split(cfg, "test", model_cfg, rt)
-    except DataError as e:  # an image folder with train/ and val/ but no test/, say
-        test_set = None
-        results["test_skipped"] = str(e)
+    test_set = None
+    if not cfg.train.test_at_end:
+        results["test_skipped"] = "train.test_at_end is false"
+    else:
+        try:
+            test_set = load_split(cfg, "test", model_cfg, rt)
+        except DataError as e:  # an image folder with train/ and val/ but no test/, say
+            results["test_skipped"] = str(e)
     if test_set is not None:
         loader = BatchLoader(test_set, cfg.train.eval_batch_size, False, eval_tf, rank=rt.rank, world_size=rt.world_size)
         test = evaluate(model, loader, model_cfg.num_classes, rt)

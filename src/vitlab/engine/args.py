@@ -115,11 +115,18 @@ class TrainArgs:
     keep_last: int = 2
     """Checkpoints kept besides the best-on-validation one."""
     eval_batch_size: int = 500
+    max_steps: int | None = None
+    """Stop after this many optimizer steps, the schedule ending there (fixed-budget comparisons);
+    null: train.epochs full epochs."""
+    test_at_end: bool = True
+    """Evaluate the selected weights on the test split once at the end."""
 
     def __post_init__(self) -> None:
         bad = [f"train.{k}={getattr(self, k)} must be >= {low}" for k, low in
                (("epochs", 1), ("batch_size", 1), ("accum_steps", 1), ("eval_every", 1), ("log_every", 1),
                 ("ckpt_every", 0), ("keep_last", 1), ("eval_batch_size", 1)) if getattr(self, k) < low]
+        if self.max_steps is not None and self.max_steps < 1:
+            bad.append(f"train.max_steps={self.max_steps} must be >= 1 or null")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             bad.append(f"train.ema_decay={self.ema_decay} must be in (0, 1) or null")
         if bad:

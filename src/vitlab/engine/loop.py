@@ -57,7 +57,8 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: RunConfig, rt: Runtime, steps_per_epoch: int):
         self.model, self.cfg, self.rt = model, cfg, rt
         self.optimizer = build_optimizer(model, cfg.optim)
-        self.scheduler = WarmupCosine(self.optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
+        self.scheduler = WarmupCosine(self.optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs, cfg.train.max_steps)
+        self.total_steps = self.scheduler.total
         self.ema = ModelEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16")
         self.net = model
@@ -100,11 +101,16 @@ def fit(trainer: Trainer, train_loader, val_loader, num_classes: int, run_dir: P
     pos = pos or Position()
     steps_per_epoch = len(train_loader) // accum
     for epoch in range(pos.epoch, cfg.train.epochs):
+        if pos.step >= trainer.total_steps:  # train.max_steps reached
+            break
         train_loader.set_epoch(epoch, start_batch=pos.batch if epoch == pos.epoch else 0)
         logger.start_epoch(epoch, cfg.train.epochs, steps_per_epoch, initial=pos.batch // accum if epoch == pos.epoch else 0)
         stats = train_one_epoch(trainer, train_loader, epoch, pos, logger, run_dir, model_config)
-        pos.epoch, pos.batch = epoch + 1, 0
-        last = epoch + 1 == cfg.train.epochs
+        last = epoch + 1 == cfg.train.epochs or pos.step >= trainer.total_steps
+        if pos.step >= trainer.total_steps and pos.batch:  # stopped inside the epoch
+            pos.epoch = epoch
+        else:
+            pos.epoch, pos.batch = epoch + 1, 0
         record = {"kind": "epoch", "epoch": epoch + 1, "step": pos.step, **stats}
         improved = False
         if last or (epoch + 1) % cfg.train.eval_every == 0:
@@ -190,6 +196,9 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int, pos: Position, logger:
             logger.write({"kind": "step", "epoch": epoch + 1, "step": pos.step, "loss": loss.item(),
                           "acc": (totals[1] / totals[2]).item(), "lr": trainer.optimizer.param_groups[0]["lr"]
                           / trainer.optimizer.param_groups[0].get("lr_scale", 1.0), "images_per_s": rate})
+        if pos.step >= trainer.total_steps:  # train.max_steps: the schedule ends here
+            pos.epoch, pos.batch = epoch, i + 1
+            break
         if cfg.train.ckpt_every and pos.step % cfg.train.ckpt_every == 0 and i + 1 < usable:
             pos.epoch, pos.batch = epoch, i + 1
             if rt.is_main:

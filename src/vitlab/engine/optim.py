@@ -59,10 +59,11 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
 class WarmupCosine:
     """Sets each group's lr for optimizer step `step` (stateless apart from the step counter)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, args: OptimArgs, steps_per_epoch: int, epochs: int):
+    def __init__(self, optimizer: torch.optim.Optimizer, args: OptimArgs, steps_per_epoch: int, epochs: int,
+                 max_steps: int | None = None):
         self.optimizer = optimizer
         self.base = [g["lr"] for g in optimizer.param_groups]
-        self.total = steps_per_epoch * epochs
+        self.total = min(steps_per_epoch * epochs, max_steps or steps_per_epoch * epochs)
         self.warmup = min(int(round(args.warmup_epochs * steps_per_epoch)), self.total)
         self.min_ratio = args.min_lr / args.lr if args.lr > 0 else 0.0
         self.step_count = 0
