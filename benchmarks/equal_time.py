@@ -82,16 +82,20 @@ def main() -> None:
                "val_top1": results["best"]["val_top1"], "test_top1": metrics["top1"], "test_images": metrics["n"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    write_results(rows, args.test_limit, args.out)
+
+
+def write_results(rows: list[dict], test_limit: int, out: str | None) -> None:
     doc = {"machine": describe_machine(), "command": " ".join(sys.argv), "rows": rows}
-    lines = ["| model (recipe) | params | minutes | steps x batch | test top-1 % (same %d images) |" % args.test_limit,
+    lines = [f"| model (recipe) | params | `vitlab train` wall minutes | steps x batch | test top-1 % (same {test_limit} images) |",
              "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['recipe']} | {r['params'] / 1e6:.1f}M | {r['train_wall_s'] / 60:.1f} | "
                      f"{r['steps']} x {r['batch']} | {100 * r['test_top1']:.1f} |")
     doc["table"] = "\n".join(lines)
     print(doc["table"])
-    if args.out:
-        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    if out:
+        Path(out).write_text(json.dumps(doc, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,18 +8,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 
 import yaml
-from collections.abc import Callable
 
 from .errors import ConfigError, VitlabError
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     """List the presets with their size."""
+    import torch
+
     from .config import PRESETS
     from .model import VisionTransformer
-    import torch
     rows = []
     for name, cfg in PRESETS.items():
         if args.filter and args.filter not in name:
