@@ -20,32 +20,27 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import vitlab
 from vitlab.engine.args import load_run_config
-from vitlab.engine.runtime import describe_machine
+from vitlab.engine.runtime import describe_machine, fast_bf16_available
 from vitlab.train import base_model_config
+
+from throughput import make_step  # the same timed step as the throughput benchmark
 
 
 def steps_per_second(recipe: str, warmup: int = 1, steps: int = 3) -> tuple[float, int]:
     cfg = load_run_config(recipe)
     model = vitlab.VisionTransformer(base_model_config(cfg).replace(num_classes=10)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     B = cfg.train.batch_size
     x = torch.rand(B, *model.config.input_size)
     y = torch.randint(0, 10, (B,))
-
-    def step() -> None:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    step = make_step(model, fast_bf16_available("cpu"))  # the precision `vitlab train` picks here
     for _ in range(warmup):
-        step()
+        step(x, y)
     t = time.perf_counter()
     for _ in range(steps):
-        step()
+        step(x, y)
     return steps / (time.perf_counter() - t), B
 
 

@@ -15,14 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 import vitlab
 from vitlab.data import load_dataset
 from vitlab.data.augment import AugmentConfig, TrainTransform
 from vitlab.data.loader import BatchLoader
 from vitlab.engine.runtime import describe_machine, fast_bf16_available
+
+from throughput import make_step  # the same timed step as the throughput benchmark
 
 
 def main() -> None:
@@ -48,19 +47,11 @@ def main() -> None:
     loader_rate = args.batches / (time.perf_counter() - t)
 
     model = vitlab.create_model(args.model, num_classes=len(data.classes)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    bf16 = fast_bf16_available("cpu")
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    step()
+    step = make_step(model, fast_bf16_available("cpu"))
+    step(x, y)
     t = time.perf_counter()
     for _ in range(args.steps):
-        step()
+        step(x, y)
     step_rate = args.steps / (time.perf_counter() - t)
     result = {"machine": describe_machine(), "command": " ".join(sys.argv), "batch_size": args.batch_size,
               "augment": aug.__dict__, "loader_batches_per_s": round(loader_rate, 2),

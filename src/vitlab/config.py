@@ -17,6 +17,7 @@ from typing import Any
 from .errors import ConfigError, UnknownModelError
 
 POOLS = ("token", "avg")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 POS_EMBEDS = ("learn", "sincos")
 
 

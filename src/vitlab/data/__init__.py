@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import DataError, DatasetNotFoundError
 from . import folders
 from .sources import SOURCES, get_source, read_idx_pair, verify
 
 SPLITS = ("train", "val", "test")
 SPLIT_SEED = 0  # the validation split never depends on the training seed
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -177,10 +177,6 @@ def _load_image_folder(path: Path, split: str, val_size, image_size: int, channe
     labels = np.asarray(labels)[kept]
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
     return _imageset(images, labels, classes, path.name, split, mean, std)
-
-
-def describe(name: str) -> str:
-    return get_source(name).description
 
 
 __all__ = ["ImageSet", "load_dataset", "stratified_split", "SOURCES", "SPLITS"]

@@ -17,7 +17,6 @@ from ..errors import DataError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 MAX_PIXELS = 64_000_000  # larger images are refused before decoding (decompression bombs)
-SPLIT_DIRS = ("train", "val", "test")
 
 
 def has_split_dirs(root: Path) -> bool:

@@ -61,9 +61,6 @@ class BatchLoader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "start_batch": self.start_batch, "seed": self.seed}
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = self._indices()
         images, labels = self.data.images, self.data.labels

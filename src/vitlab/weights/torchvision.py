@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..config import ViTConfig
+from ..config import IMAGENET_MEAN, IMAGENET_STD, ViTConfig
 from ..errors import ConversionError
 from .keymap import rename
 from .timm import infer_config
@@ -58,8 +58,8 @@ def from_torchvision(state: dict[str, torch.Tensor], base: ViTConfig | None = No
     ours = rename(fixed, TABLE, source)
     known.setdefault("norm_eps", 1e-6)  # torchvision's LayerNorm
     if base is None:  # torchvision's ViT weights expect ImageNet statistics
-        known.setdefault("mean", (0.485, 0.456, 0.406))
-        known.setdefault("std", (0.229, 0.224, 0.225))
+        known.setdefault("mean", IMAGENET_MEAN)
+        known.setdefault("std", IMAGENET_STD)
     return infer_config(ours, base=base, source=source, **known), ours
 
 
