@@ -206,7 +206,7 @@ def test_fetch_downloads_verifies_and_renames_atomically(tmp_path, monkeypatch, 
                           layouts=(sources.Layout(("mnist",), specs, sources._read_mnist),),
                           downloads=tuple(sources.Download((p.as_uri(),), p.name, sources.md5sum(p), False)
                                           for p in sorted(src.iterdir())))
-    monkeypatch.setitem(sources.SOURCES, "mnist", fake)
+    monkeypatch.setitem(sources.DATASETS, "mnist", fake)
     root = tmp_path / "root"
     folder = sources.fetch("mnist", data_dir=root, progress=False)
     assert folder == (root / "mnist").resolve()
@@ -230,11 +230,11 @@ def test_fetch_extracts_archives(tmp_path, monkeypatch, no_other_roots):
             tar.addfile(info, io.BytesIO(data))
     archive = tmp_path / "cifar-10-python.tar.gz"
     archive.write_bytes(buf.getvalue())
-    real = sources.SOURCES["cifar10"]
+    real = sources.DATASETS["cifar10"]
     layout = sources.Layout(real.layouts[1].folders, tuple(sources.FileSpec(f.name) for f in real.layouts[1].files),
                             real.layouts[1].read)
     fake = sources.Source("cifar10", "fake", real.classes, real.mean, real.std, layouts=(layout,),
                           downloads=(sources.Download((archive.as_uri(),), archive.name, sources.md5sum(archive), True),))
-    monkeypatch.setitem(sources.SOURCES, "cifar10", fake)
+    monkeypatch.setitem(sources.DATASETS, "cifar10", fake)
     sources.fetch("cifar10", data_dir=tmp_path / "root", progress=False)
     assert len(load_dataset("cifar10", "test", data_dir=tmp_path / "root")) == 20

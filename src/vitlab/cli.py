@@ -64,7 +64,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     """List, fetch or verify datasets (MNIST, CIFAR-10, CIFAR-100)."""
     from .data import sources
     if args.action == "list":
-        for name, source in sources.SOURCES.items():
+        for name, source in sources.DATASETS.items():
             try:
                 where = str(sources.locate(source, args.data_dir)[0])
             except sources.DatasetNotFoundError:
@@ -73,7 +73,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"searched: {', '.join(str(r) for r in sources.data_roots(args.data_dir))}")
         return 0
     if not args.name:
-        raise sources.DataError(f"`vitlab data {args.action}` needs a dataset name: one of {sorted(sources.SOURCES)}")
+        raise sources.DataError(f"`vitlab data {args.action}` needs a dataset name: one of {sorted(sources.DATASETS)}")
     source = sources.get_source(args.name)
     if args.action == "fetch":
         folder = sources.fetch(args.name, args.data_dir, force=args.force, progress=not args.quiet)

@@ -21,7 +21,7 @@ from .config import ViTConfig, get_config
 from .data import ImageSet, load_dataset
 from .data.augment import EvalTransform, TrainTransform
 from .data.loader import BatchLoader
-from .data.sources import SOURCES, fetch
+from .data.sources import DATASETS, fetch
 from .engine.args import RunConfig
 from .engine.checkpoint import latest_checkpoint, load_checkpoint
 from .engine.log import RunLogger, plot_curves
@@ -41,7 +41,7 @@ def load_split(cfg: RunConfig, split: str, model_cfg: ViTConfig, rt: Runtime | N
     try:
         return load_dataset(cfg.data.name, split, **kw)
     except DatasetNotFoundError:
-        if not (cfg.data.download and cfg.data.name in SOURCES):
+        if not (cfg.data.download and cfg.data.name in DATASETS):
             raise
         if rt is None or rt.is_main:  # one rank downloads; the others wait for it
             fetch(cfg.data.name, cfg.data.data_dir)

@@ -22,7 +22,7 @@ import torch
 from ..config import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import DataError, DatasetNotFoundError
 from . import folders
-from .sources import SOURCES, get_source, read_idx_pair, verify
+from .sources import DATASETS, get_source, read_idx_pair, verify
 
 SPLITS = ("train", "val", "test")
 SPLIT_SEED = 0  # the validation split never depends on the training seed
@@ -105,7 +105,7 @@ def load_dataset(name: str | os.PathLike, split: str = "train", data_dir: str | 
     """
     _check_split(split)
     key = str(name)
-    if key in SOURCES:
+    if key in DATASETS:
         source = get_source(key)
         folder, layout = verify(source, data_dir)
         images, labels = layout.read(folder, "test" if split == "test" else "train")
@@ -114,7 +114,7 @@ def load_dataset(name: str | os.PathLike, split: str = "train", data_dir: str | 
         return _imageset(images, labels, list(source.classes), source.name, split, source.mean, source.std)
     path = Path(name).expanduser()
     if not path.exists():
-        raise DatasetNotFoundError(f"unknown dataset {key!r}: not one of {sorted(SOURCES)} and no such folder")
+        raise DatasetNotFoundError(f"unknown dataset {key!r}: not one of {sorted(DATASETS)} and no such folder")
     idx = _idx_folder_files(path)
     if idx is not None:
         return _load_idx_folder(path, idx, split, val_size)
@@ -179,4 +179,4 @@ def _load_image_folder(path: Path, split: str, val_size, image_size: int, channe
     return _imageset(images, labels, classes, path.name, split, mean, std)
 
 
-__all__ = ["ImageSet", "load_dataset", "stratified_split", "SOURCES", "SPLITS"]
+__all__ = ["ImageSet", "load_dataset", "stratified_split", "DATASETS", "SPLITS"]

@@ -187,7 +187,7 @@ pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray roa
 skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television
 tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split())
 
-SOURCES: dict[str, Source] = {
+DATASETS: dict[str, Source] = {
     "mnist": Source(
         "mnist", "MNIST handwritten digits: 60,000 train + 10,000 test, 28x28 greyscale",
         tuple(str(i) for i in range(10)), (0.1307,), (0.3081,),
@@ -250,10 +250,10 @@ SOURCES: dict[str, Source] = {
 
 
 def get_source(name: str) -> Source:
-    if name not in SOURCES:
-        raise DatasetNotFoundError(f"unknown dataset {name!r}; known: {sorted(SOURCES)}, or give the path "
+    if name not in DATASETS:
+        raise DatasetNotFoundError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}, or give the path "
                                    f"of an image folder or a folder of IDX files")
-    return SOURCES[name]
+    return DATASETS[name]
 
 
 # ---- finding and verifying -------------------------------------------------------------------

@@ -14,7 +14,7 @@ from .modeldir import load_state_into, read_state_dict, save_model
 from .timm import infer_config
 from .torchvision import from_torchvision
 
-SOURCES = ("timm", "torchvision", "hf")
+FORMATS = ("timm", "torchvision", "hf")
 
 
 def convert(src: str | os.PathLike, source: str, out: str | os.PathLike, preset: str | None = None,
@@ -25,8 +25,8 @@ def convert(src: str | os.PathLike, source: str, out: str | os.PathLike, preset:
     `preset` supplies what shapes cannot tell (head count, eps, mean/std); keyword arguments
     (e.g. num_heads=12) override single fields.
     """
-    if source not in SOURCES:
-        raise ConversionError(f"unknown source format {source!r}; choose one of {SOURCES}")
+    if source not in FORMATS:
+        raise ConversionError(f"unknown source format {source!r}; choose one of {FORMATS}")
     src = Path(src)
     if not src.exists():
         raise ModelFileError(f"{src} does not exist")

@@ -1,0 +1,56 @@
+"""Small helpers shared by the engine and the weight code: atomic file writes and model unwrapping."""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it: set, then restore at once
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call `write(tmp_path)`, then rename the temporary file over `path`.
+
+    The temporary file is a hidden sibling (`.NAME.XXXX.tmp`), so the rename is atomic: a kill at
+    any moment leaves either the old file or the new one, never half of one. mkstemp creates files
+    with mode 0600; the result gets the mode a plain `open()` would give it (0666 minus the umask).
+    The temporary file is removed on any failure, KeyboardInterrupt included.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DistributedDataParallel and torch.compile wrappers, in either order
+    (DDP(compile(m)) as vitlab builds it, or compile(DDP(m)))."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module) or inner is model:
+            return model
+        model = inner
+
+
+__all__ = ["atomic_write", "atomic_write_text", "unwrap_model", "TMP_SUFFIX"]
