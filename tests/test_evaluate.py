@@ -1,10 +1,9 @@
-"""evaluate() against numbers worked out by hand."""
-import math
-
+"""evaluate() against numbers worked out by hand or computed here independently."""
 import pytest
 import torch
 
 from vitlab.engine.runtime import Runtime
+from vitlab.errors import DataError
 from vitlab.evaluate import evaluate
 
 CPU = Runtime(torch.device("cpu"), "fp32")
@@ -33,7 +32,7 @@ def test_metrics_match_a_hand_computation():
     probs = torch.tensor(logits).softmax(-1)
     assert m["n"] == 4
     assert m["top1"] == pytest.approx(0.5)
-    assert m["top3"] == pytest.approx(1.0)  # top-5 is capped at the class count
+    assert m["top5"] == pytest.approx(1.0) and m["top5_k"] == 3  # top-5 is capped at the class count
     assert m["loss"] == pytest.approx(-probs[torch.arange(4), y].log().mean().item(), rel=1e-6)
     assert m["confusion"] == [[1, 0, 0], [0, 1, 1], [1, 0, 0]]
     assert m["per_class"] == pytest.approx([1.0, 0.5, 0.0])
@@ -44,19 +43,65 @@ def test_metrics_match_a_hand_computation():
     assert m["ece"] == pytest.approx(ece, rel=1e-6)
 
 
-def test_top5_and_tta():
+def expected_metrics(probs: torch.Tensor, y: torch.Tensor) -> dict:
+    """The summary metrics of class probabilities `probs` (N x K), computed sample by sample."""
+    n, k = probs.shape
+    k5 = min(5, k)
+    top5 = sum(int(y[i]) in probs[i].topk(k5).indices.tolist() for i in range(n)) / n
+    conf, pred = probs.max(-1)
+    correct = (pred == y).double()
+    bins = [min(int(c * 15), 14) for c in conf.tolist()]
+    ece = sum(abs(sum(conf[i].item() - correct[i].item() for i in range(n) if bins[i] == b)) for b in set(bins)) / n
+    return {"n": n, "loss": -sum(probs[i, y[i]].log().item() for i in range(n)) / n,
+            "top1": correct.mean().item(), "top5": top5, "top5_k": k5, "ece": ece}
+
+
+def assert_summary(m: dict, want: dict) -> None:
+    assert set(m) == {"n", "loss", "top1", "top5", "top5_k", "ece", "per_class", "confusion"}
+    for key, value in want.items():
+        assert m[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+def test_top5_counts_a_hit_among_the_five_most_probable():
     torch.manual_seed(0)
     logits = torch.randn(50, 10)
     y = torch.randint(0, 10, (50,))
     m = evaluate(Fixed(logits.tolist()), [(torch.arange(50), y)], 10, CPU)
-    expected = (logits.topk(5, -1).indices == y[:, None]).any(-1).float().mean().item()
-    assert m["top5"] == pytest.approx(expected)
+    assert_summary(m, expected_metrics(logits.softmax(-1), y))
+    assert 0 < m["top1"] < m["top5"] < 1  # the data tell top-1 and top-5 apart
 
-    class Mirror(torch.nn.Module):  # the mirror image gives the opposite logits
-        def forward(self, x):
-            return x.sum((1, 2, 3))[:, None] * torch.tensor([[1.0, -1.0]])
-    x = torch.zeros(2, 1, 1, 2)
-    x[0, 0, 0, 0] = 1.0  # flipping moves the pixel but keeps the sum: TTA changes nothing
-    m = evaluate(Mirror(), [(x, torch.tensor([0, 1]))], 2, CPU, tta=True)
-    assert m["top1"] == pytest.approx(0.5) and m["loss"] == pytest.approx(
-        -0.5 * (math.log(torch.tensor([1.0, -1.0]).softmax(0)[0].item()) + math.log(0.5)), rel=1e-5)
+
+class Linear(torch.nn.Module):
+    """A fixed random linear map of the pixels: its output changes when the image is mirrored."""
+
+    def __init__(self, shape, classes):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.register_buffer("w", torch.randn(classes, *shape, generator=g))
+
+    def forward(self, x):
+        return torch.einsum("bchw,kchw->bk", x, self.w)
+
+
+def test_flip_tta_averages_the_probabilities_of_the_image_and_its_mirror():
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(64, 2, 3, 5, generator=g)
+    y = torch.randint(0, 7, (64,), generator=g)
+    model = Linear((2, 3, 5), 7)
+    with torch.no_grad():
+        plain = model(x).softmax(-1)
+        mirrored = model(x.flip(-1)).softmax(-1)  # horizontal mirror: the last (width) axis
+    batches = [(x[:40], y[:40]), (x[40:], y[40:])]
+    tta = evaluate(model, batches, 7, CPU, tta=True)
+    assert_summary(tta, expected_metrics((plain + mirrored) / 2, y))
+    off = evaluate(model, batches, 7, CPU)
+    assert_summary(off, expected_metrics(plain, y))
+    assert abs(tta["loss"] - off["loss"]) > 0.1  # the mirror matters to this model
+
+
+def test_model_mode_is_restored_and_empty_input_is_an_error():
+    model = Linear((1, 2, 2), 3).train()
+    evaluate(model, [(torch.rand(4, 1, 2, 2), torch.tensor([0, 1, 2, 0]))], 3, CPU)
+    assert model.training
+    with pytest.raises(DataError, match="no images"):
+        evaluate(model, [], 3, CPU)

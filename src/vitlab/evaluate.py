@@ -1,6 +1,9 @@
 """Evaluation metrics: loss, top-1 / top-5, per-class accuracy, confusion matrix, expected
 calibration error (Guo et al., arXiv 1706.04599, 15 equal-width bins), optional flip test-time
-augmentation. Sums are reduced across ranks, so every rank returns the same numbers."""
+augmentation. Sums are reduced across ranks, so every rank returns the same numbers.
+
+The result always has the same keys: n, loss, top1, top5, top5_k, ece (+ per_class, confusion with
+`details`). `top5` counts a hit among the `top5_k = min(5, num_classes)` most probable classes."""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -9,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .engine.runtime import Runtime, all_reduce_sum
+from .errors import DataError
 
 ECE_BINS = 15
 
@@ -16,8 +20,9 @@ ECE_BINS = 15
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable, num_classes: int, rt: Runtime,
              tta: bool = False, details: bool = True) -> dict:
-    """Metrics of `model` over (inputs, labels) batches. With `tta`, the probabilities of each
-    image and its horizontal mirror are averaged."""
+    """Metrics of `model` over (inputs, labels) batches (keys in the module docstring). With
+    `tta`, the probabilities of each image and its horizontal mirror are averaged. Raises
+    DataError when the batches hold no image."""
     was_training = model.training
     model.eval()
     K = num_classes
@@ -54,13 +59,14 @@ def evaluate(model: torch.nn.Module, batches: Iterable, num_classes: int, rt: Ru
     n = confusion.sum().item()
     model.train(was_training)
     if n == 0:
-        return {"n": 0}
+        raise DataError("nothing to evaluate: the batches hold no images")
     per_class_n = confusion.sum(1)
     metrics = {
         "n": int(n),
         "loss": loss_sum.item() / n,
         "top1": confusion.diag().sum().item() / n,
-        f"top{k5}": top5_hits.item() / n,
+        "top5": top5_hits.item() / n,
+        "top5_k": k5,
         "ece": ((bin_conf - bin_acc).abs().sum() / n).item(),
     }
     if details:
