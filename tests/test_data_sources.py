@@ -1,11 +1,13 @@
 """Dataset finding, verifying, reading and splitting. Tests marked `shared` read the real MNIST and
 CIFAR-10 copies in ../shared/datasets and are skipped where that folder is absent."""
 import gzip
+import hashlib
 import io
 import pickle
 import shutil
 import struct
 import tarfile
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -36,6 +38,7 @@ def test_shared_mnist_histogram_and_splits():
     # the validation split is stratified: each class within one image of its share
     for count, v in zip(MNIST_TRAIN_COUNTS, val.label_counts()):
         assert abs(v - count * 5000 / 60000) <= 1
+    assert_partition_of_the_training_set("mnist", train, val)
 
 
 @shared
@@ -47,9 +50,25 @@ def test_shared_cifar10_histogram():
     assert [a + b for a, b in zip(train.label_counts(), val.label_counts())] == [5000] * 10
     assert val.label_counts() == [500] * 10 and test.label_counts() == [1000] * 10
     assert train.classes[0] == "airplane" and train.classes[9] == "truck"
-    # train and val are disjoint and together the whole training set
-    both = torch.cat([train.images.flatten(1), val.images.flatten(1)])
-    assert len(both) == 50000
+    assert_partition_of_the_training_set("cifar10", train, val)
+
+
+def _image_label_pairs(images, labels) -> Counter:
+    """How often each (image bytes, label) pair occurs."""
+    flat = np.ascontiguousarray(images).reshape(len(images), -1)
+    return Counter((hashlib.blake2b(row.tobytes(), digest_size=16).digest(), int(y)) for row, y in zip(flat, labels))
+
+
+def assert_partition_of_the_training_set(name, train, val):
+    """train and val are disjoint and together the original training set, each image with its label."""
+    folder, layout = sources.verify(sources.get_source(name), SHARED_DATA)
+    images, labels = layout.read(folder, "train")
+    original = _image_label_pairs(images, labels)
+    assert sum(original.values()) == len(original), "the check below assumes no duplicate images"
+    a, b = _image_label_pairs(train.images.numpy(), train.labels), _image_label_pairs(val.images.numpy(), val.labels)
+    both = len(a.keys() & b.keys())
+    assert both == 0, f"{both} images are in both train and val"
+    assert a + b == original, f"{sum(((a + b) - original).values())} extra, {sum((original - (a + b)).values())} missing"
 
 
 def test_split_is_deterministic_stratified_and_disjoint():
@@ -88,6 +107,46 @@ def test_any_idx_folder_by_path(tmp_path):
     assert train.images.shape == (50, 1, 28, 28) and len(test) == 20
     assert train.classes == [str(i) for i in range(10)]
     assert len(train.mean) == 1 and 0.3 < train.mean[0] < 0.7  # computed from the data
+
+
+def write_numbered_idx(folder, n_train, n_test):
+    """IDX files whose image i carries its number i in its first two pixels (every image unique);
+    the label of training image i is a function of i, so a pair torn apart shows."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        imgs = rng.integers(0, 256, (n, 28, 28))
+        imgs[:, 0, 0], imgs[:, 0, 1] = np.arange(n) // 256, np.arange(n) % 256
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(imgs))
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(numbered_label(np.arange(n))))
+
+
+def numbered_label(i):
+    return np.sqrt(np.asarray(i) * 3).astype(int) % 10  # uneven class sizes; the first images are classes 0-5
+
+
+def image_numbers(data) -> np.ndarray:
+    return data.images[:, 0, 0, 0].numpy().astype(int) * 256 + data.images[:, 0, 0, 1].numpy()
+
+
+@pytest.mark.parametrize("val_size", [None, 37, 0.25])
+def test_train_and_val_partition_the_training_set(tmp_path, val_size):
+    write_numbered_idx(tmp_path / "d", 300, 40)
+    train = load_dataset(tmp_path / "d", "train", val_size=val_size)
+    val = load_dataset(tmp_path / "d", "val", val_size=val_size)
+    test = load_dataset(tmp_path / "d", "test", val_size=val_size)
+    tr, va, te = image_numbers(train), image_numbers(val), image_numbers(test)
+    assert len(va) == {None: 30, 37: 37, 0.25: 75}[val_size]  # 10% of the training set by default
+    assert not set(tr) & set(va) and len(set(tr)) == len(tr) and len(set(va)) == len(va)
+    assert sorted(np.concatenate([tr, va]).tolist()) == list(range(300))
+    assert sorted(te.tolist()) == list(range(40))
+    for data, numbers in ((train, tr), (val, va), (test, te)):  # every image kept its own label
+        assert data.labels.tolist() == numbered_label(numbers).tolist()
+    # stratified: each class gives its share of the validation set, within one image
+    counts = np.bincount(numbered_label(np.arange(300)), minlength=10)
+    assert np.abs(np.array(val.label_counts()) - counts * len(va) / 300).max() < 1
+    # and the same split every time
+    assert np.array_equal(image_numbers(load_dataset(tmp_path / "d", "val", val_size=val_size)), va)
 
 
 def test_idx_image_label_count_mismatch(tmp_path):
