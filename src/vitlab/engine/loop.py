@@ -1,14 +1,23 @@
-"""The training loop as plain functions: `loss_fn`, `train_one_epoch`, `fit`.
+"""The training loop as plain functions: `loss_fn`, `train_step`, `train_one_epoch`, `fit`.
+
+Layout (torchvision's references; big_vision's update step that returns its measurements):
+`train_step` is one optimizer step over `train.accum_steps` micro-batches and returns a dict;
+`train_one_epoch` runs steps, moves the `Position` (only `Position.advance` does) and asks the
+`CheckpointPolicy` when to save; `fit` runs epochs, evaluates, and keeps the best. A new per-step
+feature belongs in `train_step`, a new "when" in the policy, neither in the epoch loop.
 
 Exact resume: everything random is either derived from (seed, epoch, batch) by the loader or
-drawn from torch's global generator, whose state is checkpointed after every optimizer step that
-is saved. Restoring model, optimizer, scheduler, EMA, scaler, RNG and the loader position makes
-the rest of the run repeat the uninterrupted one operation for operation.
+drawn from torch's global generator, reseeded per micro-batch from the same numbers, and the
+generator's state is checkpointed too. Restoring model, optimizer, scheduler, EMA, scaler, RNG and
+the loader position makes the rest of the run repeat the uninterrupted one operation for operation.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,20 +25,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..data.loader import batch_seed
 from ..errors import TrainingError
 from ..evaluate import evaluate
 from .args import RunConfig
 from .checkpoint import list_checkpoints, rng_state, save_checkpoint, set_rng_state
-from .ema import ModelEMA
+from .ema import MAX_HORIZON_FRACTION, ModelEMA, decay_for_run
 from .log import RunLogger
-from .optim import WarmupCosine, build_optimizer
-from ..data.loader import batch_seed
+from .optim import MAX_WARMUP_FRACTION, WarmupCosine, build_optimizer
 from .runtime import Runtime, all_reduce_sum, barrier
-
-
-def _last_ckpt(run_dir: Path) -> str:
-    done = list_checkpoints(run_dir)
-    return str(done[-1][1]) if done else "none written yet"
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -50,16 +54,23 @@ class Position:
     best: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    def advance(self, epoch: int, next_batch: int, usable: int) -> None:
+        """One optimizer step done in `epoch`; the next micro-batch is `next_batch`, or the next
+        epoch's first once the epoch's `usable` micro-batches are used up."""
+        self.step += 1
+        self.epoch, self.batch = (epoch + 1, 0) if next_batch >= usable else (epoch, next_batch)
+
 
 class Trainer:
     """Holds the objects one run's functions share; the loop itself is `fit` below."""
 
     def __init__(self, model: torch.nn.Module, cfg: RunConfig, rt: Runtime, steps_per_epoch: int):
-        self.model, self.cfg, self.rt = model, cfg, rt
+        self.model, self.cfg, self.rt, self.steps_per_epoch = model, cfg, rt, steps_per_epoch
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = WarmupCosine(self.optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs, cfg.train.max_steps)
         self.total_steps = self.scheduler.total
-        self.ema = ModelEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        self.ema_decay = decay_for_run(cfg.train.ema_decay, self.total_steps) if cfg.train.ema_decay else None
+        self.ema = ModelEMA(model, self.ema_decay) if cfg.train.ema_decay else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16")
         self.net = model
         if cfg.runtime.compile:
@@ -67,6 +78,19 @@ class Trainer:
         if rt.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.net = DDP(self.net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+    def length_notes(self) -> list[str]:
+        """What the run's length changed in the settings (nothing silent): capped warmup, EMA decay."""
+        notes = []
+        asked = int(round(self.cfg.optim.warmup_epochs * self.steps_per_epoch))
+        if self.scheduler.warmup < asked:
+            notes.append(f"warmup {self.scheduler.warmup} steps, not {asked} (optim.warmup_epochs="
+                         f"{self.cfg.optim.warmup_epochs}): at most {MAX_WARMUP_FRACTION:.0%} of this "
+                         f"{self.total_steps}-step run")
+        if self.ema_decay is not None and self.ema_decay < self.cfg.train.ema_decay:
+            notes.append(f"EMA decay {self.ema_decay:.5g}, not {self.cfg.train.ema_decay} (train.ema_decay): "
+                         f"its horizon 1/(1-decay) is at most {MAX_HORIZON_FRACTION:.0%} of this run")
+        return notes
 
     def state(self, pos: Position, model_config: dict) -> dict[str, Any]:
         return {
@@ -93,6 +117,136 @@ class Trainer:
         return Position(state["step"], state["epoch"], state["batch"], state.get("best"), list(state.get("history", [])))
 
 
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """When a checkpoint is written and where: `fit` saves at every epoch end (with the validation
+    result, so it can be the best); inside an epoch, every `every` optimizer steps (0: never),
+    except where the epoch or the run ends anyway. The recorded Position is the one after the step."""
+    run_dir: Path
+    every: int
+    keep_last: int
+    total_steps: int
+    model_config: dict
+
+    def due_mid_epoch(self, pos: Position) -> bool:
+        return self.every > 0 and pos.step % self.every == 0 and pos.batch > 0 and pos.step < self.total_steps
+
+    def save(self, trainer: Trainer, pos: Position, best: bool = False) -> None:
+        if trainer.rt.is_main:
+            save_checkpoint(trainer.state(pos, self.model_config), self.run_dir, self.keep_last, best=best)
+
+    def last_good(self) -> str:
+        done = list_checkpoints(self.run_dir)
+        return str(done[-1][1]) if done else "none written yet"
+
+
+def _base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The schedule's lr (before any layer-decay scale)."""
+    g = optimizer.param_groups[0]
+    return g["lr"] / g.get("lr_scale", 1.0)
+
+
+def train_step(trainer: Trainer, micro_batches: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
+               epoch: int) -> dict[str, Any]:
+    """One optimizer step over `train.accum_steps` micro-batches `(index in the epoch, inputs, targets)`.
+
+    Forward and backward each micro-batch (under DDP the gradients are averaged on the last one
+    only), clip the gradient norm, then update weights, schedule and EMA. Non-finite values are
+    checked once per step, with one all-reduce and one host sync: on the loss summed over the
+    step's micro-batches and ranks, and on the gradient norm (a NaN loss shows in both; a finite
+    loss can still have a NaN gradient). If either is not finite nothing is updated, and the
+    result says `finite: False` for the caller to stop the run (under fp16 the loss scaler skips
+    a step with non-finite gradients itself).
+
+    Returns loss (mean over the step's images, all ranks), correct, n, grad_norm, lr (this step's
+    schedule lr), ema_decay (this update's, or None), batches (the micro-batch indices), finite.
+    """
+    cfg, rt, net, opt = trainer.cfg, trainer.rt, trainer.net, trainer.optimizer
+    accum = cfg.train.accum_steps
+    opt.zero_grad(set_to_none=True)
+    sums = torch.zeros(3, device=rt.device)  # loss * n, correct, n
+    batches = []
+    for i, x, y in micro_batches:
+        # Dropout and stochastic depth draw from a generator seeded by the batch's position: the
+        # same masks after a resume, and different masks on each rank.
+        torch.manual_seed(batch_seed(cfg.train.seed, epoch, i, rt.rank, 1))  # 1: not the augmentation stream
+        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        batches.append(i)
+        last = len(batches) == accum
+        with net.no_sync() if rt.distributed and not last else contextlib.nullcontext():
+            with rt.autocast():
+                logits = net(x)
+                loss = loss_fn(logits.float(), y, cfg.optim.label_smoothing)
+            trainer.scaler.scale(loss / accum).backward()
+        labels = y if y.ndim == 1 else y.argmax(-1)
+        sums[0] += loss.detach() * len(labels)
+        sums[1] += (logits.argmax(-1) == labels).sum()
+        sums[2] += len(labels)
+    if len(batches) != accum:
+        raise ValueError(f"train_step got {len(batches)} micro-batches, train.accum_steps={accum}")
+    trainer.scaler.unscale_(opt)
+    norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), cfg.optim.clip_grad or float("inf"))
+    # The norm is the same on every rank (DDP has averaged the gradients): / world_size keeps it after the sum.
+    measured = torch.cat([sums, norm.detach().float().reshape(1).to(rt.device) / rt.world_size])
+    loss_sum, correct, n, grad_norm = all_reduce_sum(measured, rt).tolist()
+    out = {"loss": loss_sum / n, "correct": correct, "n": n, "grad_norm": grad_norm, "lr": _base_lr(opt),
+           "ema_decay": None, "batches": batches}
+    out["finite"] = math.isfinite(loss_sum) and (math.isfinite(grad_norm) or trainer.scaler.is_enabled())
+    if not out["finite"]:
+        return out
+    trainer.scaler.step(opt)
+    trainer.scaler.update()
+    opt.zero_grad(set_to_none=True)
+    trainer.scheduler.step()
+    if trainer.ema is not None:
+        out["ema_decay"] = trainer.ema.update(trainer.model)
+    return out
+
+
+def _nonfinite_error(m: dict[str, Any], pos: Position, epoch: int, last_good: str) -> TrainingError:
+    what = f"loss is {m['loss']}" if not math.isfinite(m["loss"]) else f"gradient norm is {m['grad_norm']}"
+    first, last = m["batches"][0] + 1, m["batches"][-1] + 1
+    where = f"batch {last}" if first == last else f"batches {first}-{last}"
+    return TrainingError(f"{what} at step {pos.step + 1} (epoch {epoch + 1}, {where}); stopped before updating "
+                         f"the weights. Last good checkpoint: {last_good}. Try a lower optim.lr, optim.clip_grad, "
+                         f"or runtime.precision=fp32")
+
+
+def train_one_epoch(trainer: Trainer, loader, epoch: int, pos: Position, logger: RunLogger,
+                    policy: CheckpointPolicy) -> dict[str, float]:
+    """Optimizer steps from `pos` to the end of `epoch` (or of the run); `loader` is set to start at
+    `pos.batch`. Returns the epoch's training measurements."""
+    cfg = trainer.cfg
+    accum = cfg.train.accum_steps
+    trainer.net.train()
+    usable = (len(loader) // accum) * accum  # micro-batches that complete an optimizer step
+    batches = enumerate(loader, start=loader.start_batch)
+    loss_sum = correct = seen = 0.0
+    t0 = time.perf_counter()
+    m: dict[str, Any] = {"lr": _base_lr(trainer.optimizer)}
+    for first in range(loader.start_batch, usable, accum):
+        micro = ((i, x, y) for i, (x, y) in itertools.islice(batches, accum))  # lazy: one in memory at a time
+        m = train_step(trainer, micro, epoch)
+        if not m["finite"]:
+            raise _nonfinite_error(m, pos, epoch, policy.last_good())
+        pos.advance(epoch, first + accum, usable)
+        loss_sum, correct, seen = loss_sum + m["loss"] * m["n"], correct + m["correct"], seen + m["n"]
+        rate = seen / max(time.perf_counter() - t0, 1e-9)
+        logger.update(loss=f"{m['loss']:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}")
+        if pos.step % cfg.train.log_every == 0:
+            logger.write({"kind": "step", "epoch": epoch + 1, "step": pos.step, "loss": m["loss"],
+                          "acc": correct / seen, "lr": m["lr"], "grad_norm": m["grad_norm"], "images_per_s": rate,
+                          **({"ema_decay": m["ema_decay"]} if m["ema_decay"] is not None else {})})
+        if pos.step >= trainer.total_steps:  # train.max_steps: the schedule ends here
+            break
+        if policy.due_mid_epoch(pos):
+            policy.save(trainer, pos)
+    elapsed = time.perf_counter() - t0
+    seen = max(seen, 1)
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "images_per_s": seen / max(elapsed, 1e-9),
+            "epoch_s": elapsed, "lr": m["lr"]}
+
+
 def fit(trainer: Trainer, train_loader, val_loader, num_classes: int, run_dir: Path, logger: RunLogger,
         model_config: dict, pos: Position | None = None) -> Position:
     """Train to `train.epochs`, evaluating on validation and checkpointing; returns the final position."""
@@ -100,17 +254,16 @@ def fit(trainer: Trainer, train_loader, val_loader, num_classes: int, run_dir: P
     accum = cfg.train.accum_steps
     pos = pos or Position()
     steps_per_epoch = len(train_loader) // accum
+    policy = CheckpointPolicy(run_dir, cfg.train.ckpt_every, cfg.train.keep_last, trainer.total_steps, model_config)
+    for note in trainer.length_notes():
+        logger.info(note)
     for epoch in range(pos.epoch, cfg.train.epochs):
         if pos.step >= trainer.total_steps:  # train.max_steps reached
             break
-        train_loader.set_epoch(epoch, start_batch=pos.batch if epoch == pos.epoch else 0)
-        logger.start_epoch(epoch, cfg.train.epochs, steps_per_epoch, initial=pos.batch // accum if epoch == pos.epoch else 0)
-        stats = train_one_epoch(trainer, train_loader, epoch, pos, logger, run_dir, model_config)
+        train_loader.set_epoch(epoch, start_batch=pos.batch)
+        logger.start_epoch(epoch, cfg.train.epochs, steps_per_epoch, initial=pos.batch // accum)
+        stats = train_one_epoch(trainer, train_loader, epoch, pos, logger, policy)
         last = epoch + 1 == cfg.train.epochs or pos.step >= trainer.total_steps
-        if pos.step >= trainer.total_steps and pos.batch:  # stopped inside the epoch
-            pos.epoch = epoch
-        else:
-            pos.epoch, pos.batch = epoch + 1, 0
         record = {"kind": "epoch", "epoch": epoch + 1, "step": pos.step, **stats}
         improved = False
         if last or (epoch + 1) % cfg.train.eval_every == 0:
@@ -127,8 +280,7 @@ def fit(trainer: Trainer, train_loader, val_loader, num_classes: int, run_dir: P
                 improved = True
         pos.history.append(record)
         logger.write(record)
-        if rt.is_main:
-            save_checkpoint(trainer.state(pos, model_config), run_dir, cfg.train.keep_last, best=improved)
+        policy.save(trainer, pos, best=improved)
         barrier(rt)  # no rank reads best.pt (or moves on) before rank 0 has written it
         line = (f"epoch {epoch + 1}/{cfg.train.epochs}  loss {stats['train_loss']:.4f}  "
                 f"train acc {stats['train_acc']:.4f}  {stats['images_per_s']:.0f} img/s  {stats['epoch_s']:.0f}s")
@@ -141,74 +293,4 @@ def fit(trainer: Trainer, train_loader, val_loader, num_classes: int, run_dir: P
     return pos
 
 
-def train_one_epoch(trainer: Trainer, loader, epoch: int, pos: Position, logger: RunLogger, run_dir: Path,
-                    model_config: dict) -> dict[str, float]:
-    cfg, rt, net = trainer.cfg, trainer.rt, trainer.net
-    accum = cfg.train.accum_steps
-    net.train()
-    totals = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
-    t0, images = time.perf_counter(), 0
-    usable = (len(loader) // accum) * accum  # micro-batches that complete an optimizer step
-    trainer.optimizer.zero_grad(set_to_none=True)
-    for i, (x, y) in enumerate(loader, start=loader.start_batch):
-        if i >= usable:
-            break
-        # Dropout and stochastic depth draw from a generator seeded by the batch's position: the
-        # same masks after a resume, and different masks on each rank.
-        torch.manual_seed(batch_seed(cfg.train.seed, epoch, i, rt.rank, 1))  # 1: not the augmentation stream
-        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-        sync = (i + 1) % accum == 0
-        no_sync = net.no_sync() if rt.distributed and not sync else contextlib.nullcontext()
-        with no_sync:
-            with rt.autocast():
-                logits = net(x)
-                loss = loss_fn(logits.float(), y, cfg.optim.label_smoothing)
-            bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=rt.device)
-            if all_reduce_sum(bad, rt).item() > 0:
-                raise TrainingError(
-                    f"loss is {loss.item()} at step {pos.step + 1} (epoch {epoch + 1}, batch {i + 1}); stopped "
-                    f"before updating the weights. Last good checkpoint: {_last_ckpt(run_dir)}. Try a lower "
-                    f"optim.lr, optim.clip_grad, or runtime.precision=fp32")
-            trainer.scaler.scale(loss / accum).backward()
-        labels = y if y.ndim == 1 else y.argmax(-1)
-        n = len(labels)
-        totals += torch.tensor([loss.item() * n, (logits.argmax(-1) == labels).sum().item(), n], dtype=torch.float64)
-        images += n * rt.world_size
-        if not sync:
-            continue
-        trainer.scaler.unscale_(trainer.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), cfg.optim.clip_grad or float("inf"))
-        if not trainer.scaler.is_enabled() and not torch.isfinite(norm):  # fp16's scaler skips such steps itself
-            raise TrainingError(
-                f"gradient norm is {norm.item()} at step {pos.step + 1} (epoch {epoch + 1}, batch {i + 1}); stopped "
-                f"before updating the weights. Last good checkpoint: {_last_ckpt(run_dir)}. Try a lower optim.lr, "
-                f"optim.clip_grad, or runtime.precision=fp32")
-        trainer.scaler.step(trainer.optimizer)
-        trainer.scaler.update()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer.scheduler.step()
-        if trainer.ema is not None:
-            trainer.ema.update(trainer.model)
-        pos.step += 1
-        rate = images / max(time.perf_counter() - t0, 1e-9)
-        logger.update(loss=f"{loss.item():.3f}", acc=f"{totals[1] / totals[2]:.3f}", img_s=f"{rate:.0f}")
-        if pos.step % cfg.train.log_every == 0:
-            logger.write({"kind": "step", "epoch": epoch + 1, "step": pos.step, "loss": loss.item(),
-                          "acc": (totals[1] / totals[2]).item(), "lr": trainer.optimizer.param_groups[0]["lr"]
-                          / trainer.optimizer.param_groups[0].get("lr_scale", 1.0), "images_per_s": rate})
-        if pos.step >= trainer.total_steps:  # train.max_steps: the schedule ends here
-            pos.epoch, pos.batch = epoch, i + 1
-            break
-        if cfg.train.ckpt_every and pos.step % cfg.train.ckpt_every == 0 and i + 1 < usable:
-            pos.epoch, pos.batch = epoch, i + 1
-            if rt.is_main:
-                save_checkpoint(trainer.state(pos, model_config), run_dir, cfg.train.keep_last, best=False)
-    totals = all_reduce_sum(totals.to(rt.device), rt).cpu()
-    elapsed = time.perf_counter() - t0
-    seen = max(totals[2].item(), 1)
-    return {"train_loss": totals[0].item() / seen, "train_acc": totals[1].item() / seen,
-            "images_per_s": images / max(elapsed, 1e-9), "epoch_s": elapsed,
-            "lr": trainer.optimizer.param_groups[0]["lr"] / trainer.optimizer.param_groups[0].get("lr_scale", 1.0)}
-
-
-__all__ = ["fit", "train_one_epoch", "loss_fn", "Trainer", "Position"]
+__all__ = ["fit", "train_one_epoch", "train_step", "loss_fn", "Trainer", "Position", "CheckpointPolicy"]

@@ -1,4 +1,5 @@
-"""AdamW with parameter groups and a warmup + cosine schedule, per optimizer step.
+"""AdamW with parameter groups and a warmup + cosine schedule, per optimizer step (the warmup
+capped at a tenth of the run, so that short runs still reach their peak lr and decay).
 
 No weight decay on 1-D parameters (norm weights, biases, LayerScale) nor on the position
 embedding and class token (the model's `no_weight_decay()`), as in DeiT and timm. Optional
@@ -48,11 +49,23 @@ def build_optimizer(model: torch.nn.Module, args: OptimArgs) -> torch.optim.Adam
                              lr=args.lr, betas=(args.beta1, args.beta2), **kwargs)
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Linear warmup from ~0 to 1, then cosine from 1 to min_ratio at the last step."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+MAX_WARMUP_FRACTION = 0.1
+"""Warmup takes at most this fraction of the run's optimizer steps, whatever `optim.warmup_epochs`
+says: a run shorter than its warmup (`--set train.epochs=1` on a recipe with one warmup epoch)
+would otherwise never leave it nor decay (issue 8 item 12). The recipes' full runs sit below it."""
+
+
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
+    """`warmup_epochs` in optimizer steps, capped at MAX_WARMUP_FRACTION of the run."""
+    return min(int(round(warmup_epochs * steps_per_epoch)), int(MAX_WARMUP_FRACTION * total_steps))
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup over steps 0..warmup-1 from 1/warmup to 1, then a cosine from 1 (at step
+    `warmup`) towards min_ratio, which it would reach at step `total`, one past the last."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -64,7 +77,7 @@ class WarmupCosine:
         self.optimizer = optimizer
         self.base = [g["lr"] for g in optimizer.param_groups]
         self.total = min(steps_per_epoch * epochs, max_steps or steps_per_epoch * epochs)
-        self.warmup = min(int(round(args.warmup_epochs * steps_per_epoch)), self.total)
+        self.warmup = warmup_steps(args.warmup_epochs, steps_per_epoch, self.total)
         self.min_ratio = args.min_lr / args.lr if args.lr > 0 else 0.0
         self.step_count = 0
         self.apply()
