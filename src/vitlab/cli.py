@@ -92,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .engine.args import describe_settings, load_run_config
-    from .train import default_out, run_config_of, train
+    from .train import default_out, resume_settings, run_training
     if args.help_recipe:
         print(describe_settings())
         return 0
@@ -100,23 +100,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.recipe or args.out:
             raise ConfigError("--resume RUN_DIR continues a run with its saved settings; drop --recipe/--out")
         run_dir = Path(args.resume)
-        cfg = run_config_of(run_dir)
-        if args.set:  # only how it runs may change, never what it computes
-            bad = [s for s in args.set if not s.startswith(("runtime.progress", "runtime.threads"))]
-            if bad:
-                raise ConfigError(f"a resumed run keeps its settings; cannot --set {bad} (only runtime.progress, "
-                                  f"runtime.threads)")
-            from .engine.args import RunConfig, parse_set
-            d = cfg.to_dict()
-            for section, values in parse_set(args.set).items():
-                d[section].update(values)
-            cfg = RunConfig.from_dict(d, f"{run_dir / 'config.yaml'} + --set")
-        train(cfg, run_dir, resume=True)
+        run_training(resume_settings(run_dir, args.set), run_dir, resume=True)
         return 0
     if not args.recipe:
         raise ConfigError("give --recipe NAME|FILE (e.g. --recipe mnist) or --resume RUN_DIR")
-    cfg = load_run_config(args.recipe, args.set)
-    train(cfg, Path(args.out) if args.out else default_out(args.recipe))
+    settings = load_run_config(args.recipe, args.set)
+    run_training(settings, Path(args.out) if args.out else default_out(args.recipe))
     return 0
 
 
@@ -248,7 +237,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. --set train.epochs=3 --set optim.lr=1e-3 (repeatable)")
     p.add_argument("--out", help="run directory (default runs/RECIPE-TIMESTAMP)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped "
+                   "(its config.yaml must match its checkpoint; only runtime.* may be --set)")
     p.add_argument("--help-recipe", action="store_true", help="list every setting with its default and meaning")
 
 

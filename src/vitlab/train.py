@@ -1,9 +1,13 @@
-"""`vitlab train`: recipe -> data -> model -> fit -> model directory, with exact resume.
+"""`vitlab train`: settings -> data -> model -> fit -> model directory, with exact resume.
 
 A run directory holds `config.yaml` (the resolved settings), `env.json` (versions and hardware),
 `metrics.jsonl`, `checkpoints/` (last K + best on validation), `tensorboard/`, PNG curves, and at
 the end `model/` (the weights selected on validation) and `results.json` (validation and, once,
 test metrics of that model).
+
+Order matters for "nothing lost, nothing silent": every setting is checked (`resolve`), then the
+data is loaded and the model built, and only then is anything written; one process at a time
+writes a run directory (engine/rundir.py).
 """
 from __future__ import annotations
 
@@ -21,167 +25,310 @@ from .config import ViTConfig, get_config
 from .data import ImageSet, load_dataset
 from .data.augment import EvalTransform, TrainTransform
 from .data.loader import BatchLoader
-from .data.sources import DATASETS, fetch
-from .engine.args import RunConfig
-from .engine.checkpoint import latest_checkpoint, load_checkpoint
+from .data.sources import DATASETS, fetch, get_source, locate
+from .engine.args import RunConfig, merge_sets, read_settings_file
+from .engine.checkpoint import (check_weights_fit, load_checkpoint, newest_checkpoint,
+                                remove_stale_temporaries)
 from .engine.log import RunLogger, plot_curves
 from .engine.loop import Position, Trainer, fit
-from .engine.runtime import Runtime, barrier, describe_machine, setup_runtime
-from .errors import ConfigError, DataError, DatasetNotFoundError, RunDirError
+from .engine.rundir import RunLock, check_fresh_out, is_dead_start, reset_dead_start, saved_results
+from .engine.runtime import (Runtime, barrier, describe_machine, dist_env, resolve_device, resolve_precision,
+                             setup_runtime)
+from .errors import ConfigError, DataError, DatasetNotFoundError, ModelFileError, RunDirError, VitlabError
 from .evaluate import evaluate, save_confusion_png
 from .model import VisionTransformer
+from .util import atomic_write_text
 from .weights.modeldir import load_model, read_config, save_model
 
-
-def load_split(cfg: RunConfig, split: str, model_cfg: ViTConfig, rt: Runtime | None = None) -> ImageSet:
-    """A split of the run's dataset; named datasets are fetched when missing and allowed. Image
-    folders are decoded straight at the model's size and channels."""
-    kw: dict[str, Any] = dict(data_dir=cfg.data.data_dir, val_size=cfg.data.val_size,
-                              image_size=model_cfg.img_size, channels=model_cfg.in_chans)
-    try:
-        return load_dataset(cfg.data.name, split, **kw)
-    except DatasetNotFoundError:
-        if not (cfg.data.download and cfg.data.name in DATASETS):
-            raise
-        if rt is None or rt.is_main:  # one rank downloads; the others wait for it
-            fetch(cfg.data.name, cfg.data.data_dir)
-        if rt is not None:
-            barrier(rt)
-        return load_dataset(cfg.data.name, split, **kw)
+# Settings a resumed run may change: how it runs, never what it computes. (A precision that
+# resolves differently is refused when the checkpoint is restored.)
+RESUMABLE_SECTIONS = ("runtime",)
 
 
-def base_model_config(cfg: RunConfig) -> ViTConfig:
+# ---- settings -------------------------------------------------------------------------------
+def base_model_config(settings: RunConfig) -> ViTConfig:
     """The architecture before the data is known: the preset (or pretrained model) + overrides."""
-    if cfg.model.pretrained:
-        return read_config(cfg.model.pretrained)[0].replace(**cfg.model.overrides())
-    return get_config(cfg.model.preset, **cfg.model.overrides())
+    if settings.model.pretrained:
+        return read_config(settings.model.pretrained)[0].replace(**settings.model.overrides())
+    return get_config(settings.model.preset, **settings.model.overrides())
 
 
-def build_model(cfg: RunConfig, train: ImageSet) -> VisionTransformer:
-    """From scratch (the dataset's classes and statistics become the preprocessing record) or
-    from a pretrained model directory (its statistics kept; a new head when classes differ)."""
-    overrides = cfg.model.overrides()
-    classes = tuple(train.classes)
-    if cfg.model.pretrained:
-        model = load_model(cfg.model.pretrained, attn_impl=cfg.runtime.attn_impl, **overrides)
-        if model.config.num_classes != len(classes) or model.config.class_names != classes:
-            model.reset_classifier(len(classes), class_names=classes)
-        return model
-    model_cfg = base_model_config(cfg)
-    C = model_cfg.in_chans
-    mean = train.mean if len(train.mean) == C else (sum(train.mean) / len(train.mean),) * C
-    std = train.std if len(train.std) == C else (sum(train.std) / len(train.std),) * C
-    model_cfg = model_cfg.replace(num_classes=len(classes), class_names=classes, mean=mean, std=std)
-    return VisionTransformer(model_cfg, attn_impl=cfg.runtime.attn_impl)
-
-
-def _micro_batch(cfg: RunConfig, rt: Runtime) -> int:
-    per = cfg.train.batch_size // (cfg.train.accum_steps * rt.world_size)
-    if per * cfg.train.accum_steps * rt.world_size != cfg.train.batch_size or per < 1:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by train.accum_steps="
-                          f"{cfg.train.accum_steps} x world size {rt.world_size}")
+def micro_batch(settings: RunConfig, world_size: int) -> int:
+    per = settings.train.batch_size // (settings.train.accum_steps * world_size)
+    if per * settings.train.accum_steps * world_size != settings.train.batch_size or per < 1:
+        raise ConfigError(f"train.batch_size={settings.train.batch_size} must be divisible by train.accum_steps="
+                          f"{settings.train.accum_steps} x world size {world_size}")
     return per
 
 
-def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, rt: Runtime) -> dict | None:
-    """Check the run directory; return the checkpoint to resume from (None for a fresh run)."""
-    if resume:
-        if not (out / "config.yaml").is_file():
-            raise RunDirError(f"cannot resume {out}: no config.yaml there (is it a vitlab run directory?)")
-        state = latest_checkpoint(out)
-        if state is None:
-            raise RunDirError(f"cannot resume {out}: no usable checkpoint in {out / 'checkpoints'}")
-        return state
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"--out {out} is a file, not a run directory")
-    if out.exists() and any(out.iterdir()):
-        raise RunDirError(f"{out} already holds a run; resume it with `vitlab train --resume {out}` "
-                          f"or choose another --out")
-    barrier(rt)  # every rank has checked before rank 0 creates anything
-    if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        env = {**describe_machine(), "vitlab": __version__, "argv": sys.argv, "precision": rt.precision,
-               "device": str(rt.device), "world_size": rt.world_size}
-        (out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
-    return None
+def resolve(settings: RunConfig) -> ViTConfig:
+    """Check everything that can be checked before data is loaded or a file is written: the
+    device and precision on this machine, the model (preset or pretrained + overrides), the
+    augmentation against the image size, the batch split over ranks, and that the data can be
+    reached. Returns the base model config; raises a VitlabError naming the setting."""
+    _, world, local = dist_env()
+    resolve_precision(settings.runtime.precision, resolve_device(settings.runtime.device, local))
+    model_cfg = base_model_config(settings)  # ViTConfig bounds sizes (vitlab.config.LIMITS)
+    if settings.augment.crop_pad > model_cfg.img_size:
+        raise ConfigError(f"augment.crop_pad={settings.augment.crop_pad} must be at most the image side "
+                          f"(model img_size={model_cfg.img_size})")
+    micro_batch(settings, world)
+    name, data_dir = settings.data.name, settings.data.data_dir
+    if name in DATASETS:
+        if not settings.data.download:
+            locate(get_source(name), data_dir)  # names the folders searched and the fetch command
+    elif not Path(name).expanduser().exists():
+        raise DatasetNotFoundError(f"unknown dataset {name!r}: not one of {sorted(DATASETS)} and no such folder "
+                                   f"(data.name)")
+    return model_cfg
+
+
+def resume_settings(run_dir: Path, sets: list[str] | None = None) -> RunConfig:
+    """A run's saved settings (RUN/config.yaml) with `--set` overrides, which may change only how
+    the run executes (runtime.*)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise RunDirError(f"cannot resume {run_dir}: no config.yaml there (is it a vitlab run directory?)")
+    bad = [s for s in sets or [] if s.split(".", 1)[0].strip() not in RESUMABLE_SECTIONS]
+    if bad:
+        raise ConfigError(f"a resumed run keeps its settings; cannot --set {bad} (only runtime.*); to change "
+                          f"them start a new run: --recipe {path} --out NEW_DIR")
+    return merge_sets(read_settings_file(path), sets, str(path))
 
 
 def run_config_of(run_dir: Path) -> RunConfig:
+    return resume_settings(run_dir)
+
+
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{k}": v for section, values in d.items() if isinstance(values, dict) for k, v in values.items()}
+
+
+def check_same_settings(settings: RunConfig, state: dict[str, Any], ckpt: Path, run_dir: Path) -> None:
+    """A checkpoint continues only the run that wrote it: every setting outside runtime.* must
+    equal the one it was written with."""
     try:
-        return RunConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), str(run_dir / "config.yaml"))
-    except FileNotFoundError:
-        raise RunDirError(f"{run_dir / 'config.yaml'} is missing") from None
+        saved = RunConfig.from_dict(state["run_config"], f"{ckpt} run_config").to_dict()
+    except ConfigError as e:
+        raise ModelFileError(f"checkpoint {ckpt} holds settings this version cannot read ({e})") from None
+    old, new = _flat(saved), _flat(settings.to_dict())
+    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k.split(".")[0] not in RESUMABLE_SECTIONS and old.get(k) != new.get(k)]
+    if diff:
+        shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+        raise RunDirError(f"cannot resume {run_dir}: {run_dir / 'config.yaml'} differs from the settings "
+                          f"{ckpt.name} was written with ({shown}); undo the edit, or start a new run with "
+                          f"--recipe {run_dir / 'config.yaml'} --out NEW_DIR")
 
 
-def train(cfg: RunConfig, out: Path, resume: bool = False) -> dict[str, Any]:
+# ---- data and model -------------------------------------------------------------------------
+def load_split(settings: RunConfig, split: str, model_cfg: ViTConfig, rt: Runtime | None = None) -> ImageSet:
+    """A split of the run's dataset; named datasets are fetched when missing and allowed. Image
+    folders are decoded straight at the model's size and channels."""
+    data = settings.data
+    kw: dict[str, Any] = dict(data_dir=data.data_dir, val_size=data.val_size,
+                              image_size=model_cfg.img_size, channels=model_cfg.in_chans)
+    try:
+        return load_dataset(data.name, split, **kw)
+    except DatasetNotFoundError:
+        if not (data.download and data.name in DATASETS):
+            raise
+        if rt is None or rt.is_main:  # one rank downloads; the others wait for it
+            fetch(data.name, data.data_dir)
+        if rt is not None:
+            barrier(rt)
+        return load_dataset(data.name, split, **kw)
+
+
+def build_model(settings: RunConfig, train_set: ImageSet) -> VisionTransformer:
+    """From scratch (the dataset's classes and statistics become the preprocessing record) or
+    from a pretrained model directory (its statistics kept; a new head when classes differ)."""
+    overrides = settings.model.overrides()
+    classes = tuple(train_set.classes)
+    attn_impl = settings.runtime.attn_impl
+    if settings.model.pretrained:
+        model = load_model(settings.model.pretrained, attn_impl=attn_impl, **overrides)
+        if model.config.num_classes != len(classes) or model.config.class_names != classes:
+            model.reset_classifier(len(classes), class_names=classes)
+        return model
+    model_cfg = base_model_config(settings)
+    C = model_cfg.in_chans
+    mean = train_set.mean if len(train_set.mean) == C else (sum(train_set.mean) / len(train_set.mean),) * C
+    std = train_set.std if len(train_set.std) == C else (sum(train_set.std) / len(train_set.std),) * C
+    model_cfg = model_cfg.replace(num_classes=len(classes), class_names=classes, mean=mean, std=std)
+    return VisionTransformer(model_cfg, attn_impl=attn_impl)
+
+
+# ---- the run directory ----------------------------------------------------------------------
+def find_resume_point(run_dir: Path, settings: RunConfig) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to continue from, checked against the run's settings; None for a run that
+    stopped before its first checkpoint (it starts again from step 0)."""
+    found, damaged = newest_checkpoint(run_dir)
+    if found is None:
+        if damaged:
+            raise RunDirError(f"cannot resume {run_dir}: no usable checkpoint ({damaged[0]}"
+                              + (f"; {len(damaged) - 1} more damaged" if len(damaged) > 1 else "")
+                              + "); move the damaged files away to start over")
+        if not is_dead_start(run_dir):
+            raise RunDirError(f"cannot resume {run_dir}: no usable checkpoint in {run_dir / 'checkpoints'} "
+                              f"and it holds {', '.join(saved_results(run_dir)) or 'files a run does not write'}")
+        return None
+    for problem in damaged:
+        print(f"warning: skipping damaged checkpoint: {problem}", file=sys.stderr, flush=True)
+    ckpt, state = found
+    check_same_settings(settings, state, ckpt, run_dir)
+    return found
+
+
+def write_run_files(out: Path, settings: RunConfig, rt: Runtime) -> None:
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(settings.to_dict(), sort_keys=False))
+    env = {**describe_machine(), "vitlab": __version__, "argv": sys.argv, "precision": rt.precision,
+           "device": str(rt.device), "world_size": rt.world_size}
+    atomic_write_text(out / "env.json", json.dumps(env, indent=2) + "\n")
+
+
+def claim_run_dir(out: Path, resume: bool, rank: int) -> RunLock | None:
+    """Rank 0 takes the run directory's lock (creating the directory for a fresh run); returns it."""
+    if rank != 0:
+        return None
+    if not resume:
+        out.mkdir(parents=True, exist_ok=True)
+    return RunLock(out)
+
+
+# ---- the run --------------------------------------------------------------------------------
+def run_training(settings: RunConfig, out: Path, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) training; returns the results record. Only rank 0 writes."""
-    rt = setup_runtime(cfg.runtime.device, cfg.runtime.precision, cfg.runtime.threads)
-    state = prepare_run_dir(out, cfg, resume, rt)
-    torch.manual_seed(cfg.train.seed)
-    started = time.time()
-    base = base_model_config(cfg)
-    train_set = load_split(cfg, "train", base, rt)
-    model = build_model(cfg, train_set)
-    val_set = load_split(cfg, "val", base, rt)
-    model.to(rt.device)
-    num_classes = model.config.num_classes
-    micro = _micro_batch(cfg, rt)
-    train_tf = TrainTransform(cfg.augment, model.config.mean, model.config.std, num_classes, model.config)
-    train_loader = BatchLoader(train_set, micro, True, train_tf, seed=cfg.train.seed, rank=rt.rank,
-                               world_size=rt.world_size)
-    eval_tf = EvalTransform(model.config)
-    val_loader = BatchLoader(val_set, cfg.train.eval_batch_size, False, eval_tf, rank=rt.rank, world_size=rt.world_size)
-    if len(train_loader) < cfg.train.accum_steps:
-        raise ConfigError(f"an epoch has {len(train_loader)} micro-batches, fewer than train.accum_steps="
-                          f"{cfg.train.accum_steps}")
-    trainer = Trainer(model, cfg, rt, len(train_loader) // cfg.train.accum_steps)
-    pos = trainer.restore(state) if state else Position()
-    logger = RunLogger(out, rt.is_main, cfg.runtime.progress, resume_step=pos.step if state else None)
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info(f"{'resuming' if state else 'training'} {model.config.name or cfg.model.preset} ({n_params / 1e6:.2f}M "
-                f"params) on {train_set.name}: {len(train_set)} train / {len(val_set)} val images, "
-                f"{cfg.train.epochs} epochs x {len(train_loader) // cfg.train.accum_steps} steps, batch "
-                f"{cfg.train.batch_size}, {rt.device} {rt.precision}"
-                + (f", {rt.world_size} ranks" if rt.distributed else "")
-                + (f", from step {pos.step}" if state else ""))
+    out = Path(out)
+    base = resolve(settings)
+    rank = dist_env()[0]
+    lock = None
     try:
-        pos = fit(trainer, train_loader, val_loader, num_classes, out, logger, model.config.to_dict(), pos)
+        if resume:
+            if not (out / "config.yaml").is_file():
+                raise RunDirError(f"cannot resume {out}: no config.yaml there (is it a vitlab run directory?)")
+            lock = claim_run_dir(out, True, rank)
+            found = find_resume_point(out, settings)
+            takeover = False
+        else:
+            takeover = check_fresh_out(out)  # reads only: a refusal leaves nothing behind
+            found = None
+        rt = setup_runtime(settings.runtime.device, settings.runtime.precision, settings.runtime.threads)
+        torch.manual_seed(settings.train.seed)
+        started = time.time()
+        train_set = load_split(settings, "train", base, rt)
+        model = build_model(settings, train_set)
+        val_set = load_split(settings, "val", base, rt)
+        model.to(rt.device)
+        num_classes = model.config.num_classes
+        micro = micro_batch(settings, rt.world_size)
+        train_tf = TrainTransform(settings.augment, model.config.mean, model.config.std, num_classes, model.config)
+        train_loader = BatchLoader(train_set, micro, True, train_tf, seed=settings.train.seed, rank=rt.rank,
+                                   world_size=rt.world_size)
+        eval_tf = EvalTransform(model.config)
+        val_loader = BatchLoader(val_set, settings.train.eval_batch_size, False, eval_tf, rank=rt.rank,
+                                 world_size=rt.world_size)
+        if len(train_loader) < settings.train.accum_steps:
+            raise ConfigError(f"an epoch has {len(train_loader)} micro-batches, fewer than train.accum_steps="
+                              f"{settings.train.accum_steps}")
+        trainer = Trainer(model, settings, rt, len(train_loader) // settings.train.accum_steps)
+        pos = restore(trainer, found) if found else Position()
+        # Everything is checked: from here on the run directory is written.
+        if not resume:
+            barrier(rt)  # every rank has checked before rank 0 creates anything
+            lock = claim_run_dir(out, False, rank)
+            if rt.is_main:
+                takeover = check_fresh_out(out)  # again, now under the lock
+                if takeover:
+                    reset_dead_start(out)
+                    print(f"taking over {out}: it holds a run that stopped before its first checkpoint "
+                          f"(no checkpoint, no model); starting it afresh with the new settings", flush=True)
+                write_run_files(out, settings, rt)
+        elif rt.is_main:
+            stale = remove_stale_temporaries(out)
+            if found is None:
+                reset_dead_start(out)
+                print(f"resuming {out}: it stopped before its first checkpoint; starting again from step 0 "
+                      f"with its config.yaml", flush=True)
+            elif stale:
+                print(f"removed {len(stale)} unfinished checkpoint write(s) in {out / 'checkpoints'}", flush=True)
+        barrier(rt)
+        logger = RunLogger(out, rt.is_main, settings.runtime.progress, resume_step=pos.step if resume else None)
+        n_params = sum(p.numel() for p in model.parameters())
+        logger.info(f"{'resuming' if found else 'training'} {model.config.name or settings.model.preset} "
+                    f"({n_params / 1e6:.2f}M params) on {train_set.name}: {len(train_set)} train / {len(val_set)} "
+                    f"val images, {settings.train.epochs} epochs x {len(train_loader) // settings.train.accum_steps} "
+                    f"steps, batch {settings.train.batch_size}, {rt.device} {rt.precision}"
+                    + (f", {rt.world_size} ranks" if rt.distributed else "")
+                    + (f", from step {pos.step}" if found else ""))
+        try:
+            pos = fit(trainer, train_loader, val_loader, num_classes, out, logger, model.config.to_dict(), pos)
+        finally:
+            logger.close()
+        return finish(out, settings, rt, pos, time.time() - started, n_params)
     finally:
-        logger.close()
-    return finish(out, cfg, rt, pos, time.time() - started, n_params)
+        if lock is not None:
+            lock.release()
 
 
-def finish(out: Path, cfg: RunConfig, rt: Runtime, pos: Position, wall_s: float, n_params: int) -> dict[str, Any]:
+def restore(trainer: Trainer, found: tuple[Path, dict[str, Any]]) -> Position:
+    """Restore a checkpoint into the trainer; a checkpoint that does not fit is one error naming it."""
+    ckpt, state = found
+    check_weights_fit(state["model"], trainer.model, ckpt)
+    if trainer.ema is not None and state["ema"] is not None:
+        check_weights_fit(state["ema"]["module"], trainer.ema.module, ckpt, "EMA")
+    try:
+        return trainer.restore(state)
+    except VitlabError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:  # optimizer/scheduler internals
+        raise ModelFileError(f"checkpoint {ckpt} does not fit this run ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]})") from None
+
+
+train = run_training  # the name used before 0.2; prefer run_training
+
+
+def finish(out: Path, settings: RunConfig, rt: Runtime, pos: Position, wall_s: float, n_params: int) -> dict[str, Any]:
     """Export the validation-selected weights to out/model, evaluate them once on the test split."""
-    best = load_checkpoint(out / "checkpoints" / "best.pt")
-    model_cfg = ViTConfig.from_dict(best["model_config"])
-    model = VisionTransformer(model_cfg, attn_impl=cfg.runtime.attn_impl)
-    weights = best["ema"]["module"] if best["best"]["weights"] == "ema" else best["model"]
+    best_path = out / "checkpoints" / "best.pt"
+    best = load_checkpoint(best_path)
+    if best["best"] is None:
+        raise ModelFileError(f"checkpoint {best_path} records no best validation result")
+    try:
+        model_cfg = ViTConfig.from_dict(best["model_config"])
+    except (ConfigError, TypeError) as e:
+        raise ModelFileError(f"checkpoint {best_path} holds an invalid model config ({e})") from None
+    model = VisionTransformer(model_cfg, attn_impl=settings.runtime.attn_impl)
+    use_ema = best["best"]["weights"] == "ema" and best["ema"] is not None
+    weights = best["ema"]["module"] if use_ema else best["model"]
+    check_weights_fit(weights, model, best_path)
     model.load_state_dict(weights)
     model.to(rt.device)
     eval_tf = EvalTransform(model_cfg)
-    results: dict[str, Any] = {"best": best["best"], "steps": pos.step, "epochs": cfg.train.epochs,
+    results: dict[str, Any] = {"best": best["best"], "steps": pos.step, "epochs": settings.train.epochs,
                                "wall_s_this_session": round(wall_s, 1), "params": n_params}
     test_set = None
-    if not cfg.train.test_at_end:
+    if not settings.train.test_at_end:
         results["test_skipped"] = "train.test_at_end is false"
     else:
         try:
-            test_set = load_split(cfg, "test", model_cfg, rt)
+            test_set = load_split(settings, "test", model_cfg, rt)
         except DataError as e:  # an image folder with train/ and val/ but no test/, say
             results["test_skipped"] = str(e)
     if test_set is not None:
-        loader = BatchLoader(test_set, cfg.train.eval_batch_size, False, eval_tf, rank=rt.rank, world_size=rt.world_size)
+        loader = BatchLoader(test_set, settings.train.eval_batch_size, False, eval_tf, rank=rt.rank, world_size=rt.world_size)
         test = evaluate(model, loader, model_cfg.num_classes, rt)
         results["test"] = {k: v for k, v in test.items() if k not in ("confusion", "per_class")}
         results["test_per_class"] = test["per_class"]
     if rt.is_main:
         save_model(model, out / "model", extra={
-            "dataset": {"name": cfg.data.name, "data_dir": cfg.data.data_dir, "val_size": cfg.data.val_size},
+            "dataset": {"name": settings.data.name, "data_dir": settings.data.data_dir,
+                        "val_size": settings.data.val_size},
             "val_top1": best["best"]["val_top1"], "test_top1": results.get("test", {}).get("top1"),
             "selected": best["best"], "vitlab": __version__})
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
         plot_curves(out)
         if test_set is not None:
             save_confusion_png(test["confusion"], model_cfg.class_names or [], out / "confusion_test.png")
@@ -200,4 +347,4 @@ def default_out(recipe: str | None) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-__all__ = ["train", "run_config_of", "load_split", "build_model", "default_out"]
+__all__ = ["run_training", "resolve", "resume_settings", "load_split", "build_model", "default_out"]

@@ -24,10 +24,14 @@ GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 OPS = COLOR_OPS + GEOMETRIC_OPS
 
 
+MAX_CROP_PAD = 1024  # pixels; `vitlab train` also holds it to at most the model's image side
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
+    """Training-time augmentation, applied a whole batch at a time; evaluation never augments."""
     crop_pad: int = 4
-    """Zero-pad by this many pixels, then crop back at a random offset (0 disables)."""
+    """Zero-pad by this many pixels, then crop back at a random offset (0 disables; at most the image side)."""
     flip: bool = True
     """Random horizontal flips (turn off for digits and text)."""
     randaug_ops: int = 0
@@ -46,17 +50,21 @@ class AugmentConfig:
     """Probability of erasing a random rectangle of each image with noise."""
 
     def __post_init__(self) -> None:
+        # Written so that NaN fails every check (`not 0 <= x`), and infinity too (math.isfinite).
         problems = []
-        if self.crop_pad < 0:
-            problems.append(f"crop_pad={self.crop_pad} must be >= 0")
-        if self.randaug_ops < 0 or not 0 <= self.randaug_magnitude <= 10:
-            problems.append(f"randaug_ops={self.randaug_ops} must be >= 0 and randaug_magnitude="
-                            f"{self.randaug_magnitude} in [0, 10]")
+        if not 0 <= self.crop_pad <= MAX_CROP_PAD:
+            problems.append(f"augment.crop_pad={self.crop_pad} must be in [0, {MAX_CROP_PAD}]")
+        if not 0 <= self.randaug_ops <= len(OPS):
+            problems.append(f"augment.randaug_ops={self.randaug_ops} must be in [0, {len(OPS)}]")
+        if not 0 <= self.randaug_magnitude <= 10:
+            problems.append(f"augment.randaug_magnitude={self.randaug_magnitude} must be in [0, 10]")
         for key in ("mix_prob", "erase_prob"):
             if not 0 <= getattr(self, key) <= 1:
-                problems.append(f"{key}={getattr(self, key)} must be in [0, 1]")
-        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
-            problems.append(f"mixup_alpha={self.mixup_alpha} and cutmix_alpha={self.cutmix_alpha} must be >= 0")
+                problems.append(f"augment.{key}={getattr(self, key)} must be in [0, 1]")
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            value = getattr(self, key)
+            if not (0 <= value and math.isfinite(value)):
+                problems.append(f"augment.{key}={value} must be a finite number >= 0")
         if problems:
             raise ConfigError("invalid augmentation: " + "; ".join(problems))
 

@@ -1,14 +1,16 @@
 """Run settings as typed dataclass groups: data, model, augment, optim, train, runtime.
 
 A recipe YAML file has one mapping per group; `--set group.key=value` overrides single fields,
-parsed by the field's type. Unknown groups or keys and values of the wrong type are errors that
-name the key. Field docstrings are the documentation of each setting (`vitlab train --help-recipe`).
+parsed by the field's type. Unknown groups or keys, values of the wrong type and values out of
+range (NaN and infinity included) are errors that name the key. Field docstrings are the
+documentation of each setting (`vitlab train --help-recipe`; a test checks that every field has one).
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,8 +25,23 @@ from ..errors import ConfigError
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits; the loader mixes seeds as unsigned integers
+
+
+def _finite_floats(obj: Any, group: str) -> list[str]:
+    """Every float field of a settings group must be a finite number (NaN passes most `<` checks)."""
+    return [f"{group}.{f.name}={getattr(obj, f.name)} must be a finite number" for f in dataclasses.fields(obj)
+            if isinstance(getattr(obj, f.name), float) and not math.isfinite(getattr(obj, f.name))]
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 @dataclass(frozen=True)
 class DataArgs:
+    """Which images to train on, and how the validation split is carved."""
     name: str = "cifar10"
     """Dataset name (mnist, cifar10, cifar100) or the path of an image folder / IDX folder."""
     data_dir: str | None = None
@@ -34,27 +51,53 @@ class DataArgs:
     download: bool = True
     """Fetch a named dataset that is not on disk (official archives, checksum-verified)."""
 
+    def __post_init__(self) -> None:
+        problems = _finite_floats(self, "data")
+        if not self.name.strip():
+            problems.append("data.name is empty: give a dataset name (mnist, cifar10, cifar100) or a folder")
+        v = self.val_size
+        if v is not None and not problems and not (v >= 0 and (v < 1 or v == int(v))):
+            problems.append(f"data.val_size={v} must be a fraction in [0, 1) or a whole number of images")
+        _raise_if(problems)
+
 
 @dataclass(frozen=True)
 class ModelArgs:
+    """The architecture: a preset (or a pretrained model directory) and field overrides. Each field
+    left at null keeps the preset's (or pretrained model's) value; see `vitlab models`."""
     preset: str = "vit_tiny_patch4_32"
     """Preset name (`vitlab models`) or variant ("S/16", "Ti/4@32")."""
     pretrained: str | None = None
     """vitlab model directory to start from (fine-tuning); its head is replaced when classes differ."""
     img_size: int | None = None
+    """Input side in pixels (image folders are decoded at this size; position embeddings resampled)."""
     patch_size: int | None = None
+    """Patch side in pixels; must divide img_size."""
     embed_dim: int | None = None
+    """Token width."""
     depth: int | None = None
+    """Number of transformer blocks."""
     num_heads: int | None = None
+    """Attention heads; must divide embed_dim."""
     mlp_ratio: float | None = None
+    """MLP hidden width as a multiple of embed_dim."""
     pool: str | None = None
+    """How the head reads the tokens: token (class token) or avg (mean of patch tokens)."""
     pos_embed: str | None = None
+    """Position embedding: learn (a parameter) or sincos (fixed 2-D sin-cos)."""
     class_token: bool | None = None
+    """Prepend a learnable class token."""
     drop_rate: float | None = None
+    """Dropout after the position embedding, in the MLP and after the attention projection."""
     attn_drop_rate: float | None = None
+    """Dropout on the attention probabilities."""
     drop_path_rate: float | None = None
+    """Stochastic depth, rising linearly to this rate at the last block."""
     init_values: float | None = None
-    """Each field left at null keeps the preset's (or pretrained model's) value."""
+    """LayerScale initial value (e.g. 1e-4); null in the preset disables LayerScale."""
+
+    def __post_init__(self) -> None:
+        _raise_if(_finite_floats(self, "model"))
 
     def overrides(self) -> dict[str, Any]:
         skip = {"preset", "pretrained"}
@@ -64,12 +107,15 @@ class ModelArgs:
 
 @dataclass(frozen=True)
 class OptimArgs:
+    """AdamW with a linear-warmup + cosine learning-rate schedule."""
     lr: float = 1e-3
     """Peak learning rate for a global batch of `train.batch_size` (no automatic scaling)."""
     weight_decay: float = 0.05
     """AdamW decoupled weight decay; never applied to norms, biases, position embedding, class token."""
     beta1: float = 0.9
+    """AdamW first-moment decay, in [0, 1)."""
     beta2: float = 0.999
+    """AdamW second-moment decay, in [0, 1)."""
     warmup_epochs: float = 1.0
     """Linear warmup from 0 to lr over this many epochs (fractions allowed)."""
     min_lr: float = 0.0
@@ -79,31 +125,37 @@ class OptimArgs:
     clip_grad: float | None = 1.0
     """Clip the global gradient norm to this (null disables)."""
     label_smoothing: float = 0.1
+    """Cross-entropy label smoothing, in [0, 1)."""
 
     def __post_init__(self) -> None:
-        bad = []
-        if self.lr < 0 or self.min_lr < 0 or self.weight_decay < 0:
-            bad.append(f"optim.lr={self.lr}, optim.min_lr={self.min_lr}, optim.weight_decay={self.weight_decay} must be >= 0")
-        if not 0 <= self.label_smoothing < 1:
-            bad.append(f"optim.label_smoothing={self.label_smoothing} must be in [0, 1)")
-        if self.warmup_epochs < 0:
-            bad.append(f"optim.warmup_epochs={self.warmup_epochs} must be >= 0")
+        # Every check is written so that NaN fails it (`not x >= 0`, never `x < 0`).
+        bad = _finite_floats(self, "optim")
+        for key in ("lr", "min_lr", "weight_decay", "warmup_epochs"):
+            if not getattr(self, key) >= 0:
+                bad.append(f"optim.{key}={getattr(self, key)} must be >= 0")
+        for key in ("beta1", "beta2", "label_smoothing"):
+            if not 0 <= getattr(self, key) < 1:
+                bad.append(f"optim.{key}={getattr(self, key)} must be in [0, 1)")
+        if self.min_lr > self.lr:
+            bad.append(f"optim.min_lr={self.min_lr} must be <= optim.lr={self.lr}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             bad.append(f"optim.layer_decay={self.layer_decay} must be in (0, 1]")
-        if self.clip_grad is not None and self.clip_grad <= 0:
+        if self.clip_grad is not None and not self.clip_grad > 0:
             bad.append(f"optim.clip_grad={self.clip_grad} must be > 0 or null")
-        if bad:
-            raise ConfigError("; ".join(bad))
+        _raise_if(bad)
 
 
 @dataclass(frozen=True)
 class TrainArgs:
+    """How long to train, in what batches, and how often to evaluate, log and checkpoint."""
     epochs: int = 15
+    """Passes over the training split."""
     batch_size: int = 128
     """Global batch per optimizer step, over all ranks and accumulation steps."""
     accum_steps: int = 1
     """Micro-batches per optimizer step (gradient accumulation)."""
     seed: int = 0
+    """Seeds initialisation, shuffling, augmentation and dropout (0 .. 2**63-1)."""
     ema_decay: float | None = None
     """Keep an exponential moving average of the weights (e.g. 0.999); evaluated beside the raw model."""
     eval_every: int = 1
@@ -115,6 +167,7 @@ class TrainArgs:
     keep_last: int = 2
     """Checkpoints kept besides the best-on-validation one."""
     eval_batch_size: int = 500
+    """Images per batch when evaluating (memory only; results do not depend on it)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps, the schedule ending there (fixed-budget comparisons);
     null: train.epochs full epochs."""
@@ -127,14 +180,16 @@ class TrainArgs:
                 ("ckpt_every", 0), ("keep_last", 1), ("eval_batch_size", 1)) if getattr(self, k) < low]
         if self.max_steps is not None and self.max_steps < 1:
             bad.append(f"train.max_steps={self.max_steps} must be >= 1 or null")
+        if not 0 <= self.seed <= MAX_SEED:
+            bad.append(f"train.seed={self.seed} must be in [0, 2**63-1]")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             bad.append(f"train.ema_decay={self.ema_decay} must be in (0, 1) or null")
-        if bad:
-            raise ConfigError("; ".join(bad))
+        _raise_if(bad)
 
 
 @dataclass(frozen=True)
 class RuntimeArgs:
+    """Where and how the run executes; a resumed run may change these (precision must resolve the same)."""
     device: str = "auto"
     """auto (CUDA if available, else CPU), cpu, cuda, cuda:N."""
     precision: str = "auto"
@@ -148,9 +203,14 @@ class RuntimeArgs:
     progress: bool = True
     """Show a progress bar."""
 
+    def __post_init__(self) -> None:
+        from .runtime import check_runtime_settings  # the device/precision names live with the runtime
+        check_runtime_settings(self.device, self.precision, self.threads, self.attn_impl)
+
 
 @dataclass(frozen=True)
 class RunConfig:
+    """All settings of a run; saved as RUN/config.yaml and inside every checkpoint."""
     data: DataArgs = field(default_factory=DataArgs)
     model: ModelArgs = field(default_factory=ModelArgs)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -209,12 +269,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:  # range checks (NaN and infinity included) are the setting group's
                 return float(value)
-            except ValueError:
+            except (ValueError, OverflowError):
                 pass
     elif tp is str:
         if isinstance(value, str):
@@ -258,24 +316,38 @@ def recipe_path(name_or_path: str) -> Path:
     raise ConfigError(f"unknown recipe {name_or_path!r}: not a .yaml file and not one of {names}")
 
 
+def read_settings_file(path: Path) -> dict[str, Any]:
+    """The raw mapping of a recipe or RUN/config.yaml (not yet checked against the setting groups)."""
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(d).__name__}")
+    return d
+
+
+def merge_sets(d: dict[str, Any], sets: list[str] | None, source: str) -> RunConfig:
+    """Settings mapping `d` (from `source`) with `--set` overrides applied, checked and typed.
+    The one place where --set meets a file: fresh runs and resumed runs both come through here."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for section, values in parse_set(sets or []).items():
+        if d.get(section) is None:
+            d[section] = {}
+        if not isinstance(d[section], dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        d[section].update(values)
+    return RunConfig.from_dict(d, f"{source} + --set" if sets else source)
+
+
 def load_run_config(recipe: str | None, sets: list[str] | None = None) -> RunConfig:
     """A recipe (name or path; None for the defaults) with `--set` overrides applied."""
-    d: dict[str, dict[str, Any]] = {}
-    source = "defaults"
-    if recipe:
-        path = recipe_path(recipe)
-        source = str(path)
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections")
-    for section, values in parse_set(sets or []).items():
-        if not isinstance(d.get(section, {}), dict):
-            raise ConfigError(f"{source}: section {section!r} must be a mapping")
-        d.setdefault(section, {}).update(values)
-    return RunConfig.from_dict(d, source if not sets else f"{source} + --set")
+    if not recipe:
+        return merge_sets({}, sets, "defaults")
+    path = recipe_path(recipe)
+    return merge_sets(read_settings_file(path), sets, str(path))
 
 
 def describe_settings() -> str:
@@ -283,7 +355,7 @@ def describe_settings() -> str:
     lines = []
     for group in dataclasses.fields(RunConfig):
         cls = group.default_factory
-        lines.append(f"{group.name}:")
+        lines.append(f"{group.name}:  # {' '.join((cls.__doc__ or '').split())}")
         docs = _field_docs(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else "(required)"
@@ -297,7 +369,7 @@ def _field_docs(cls) -> dict[str, str]:
         tree = ast.parse(inspect.getsource(cls))
     except (OSError, TypeError):
         return {}
-    body = tree.body[0].body
+    body = next(node for node in tree.body if isinstance(node, ast.ClassDef)).body
     docs = {}
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \

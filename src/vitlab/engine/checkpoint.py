@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,14 @@ from typing import Any
 import torch
 
 from ..errors import ModelFileError
+from ..util import TMP_SUFFIX, atomic_write
 
 FORMAT = "vitlab.ckpt/1"
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under DistributedDataParallel and torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+# What a checkpoint must hold, and of what type, before anything is restored from it.
+_DICTS = ("model", "optimizer", "scheduler", "scaler", "rng", "run_config", "model_config")
+_COUNTS = ("step", "epoch", "batch")
 
 
 def rng_state() -> dict[str, Any]:
@@ -42,31 +40,78 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _why_unloadable(e: Exception) -> str:
+    """torch.load's complaint in one line, without its advice to retry with weights_only=False
+    (which would run whatever the file's pickle asks for)."""
+    text = " ".join(str(e).split())
+    if "Weights only load failed" in text:
+        m = re.search(r"(Unsupported|unsupported)[^.]*", text)
+        detail = f": {m.group(0)}" if m else ""
+        return (f"it holds pickled objects other than tensors and plain values{detail}; refused, since "
+                f"loading them could run code")
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+def _structure_problem(state: dict[str, Any]) -> str | None:
+    """The first thing wrong with a loaded checkpoint's layout, or None."""
+    missing = [k for k in (*_DICTS, *_COUNTS, "ema", "best", "history") if k not in state]
+    if missing:
+        return f"missing {missing}"
+    for key in _DICTS:
+        if not isinstance(state[key], dict):
+            return f"{key} is a {type(state[key]).__name__}, not a mapping"
+    for key in _COUNTS:
+        value = state[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"{key}={value!r} is not a whole number >= 0"
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
+        return "model is not a mapping of names to tensors"
+    if not isinstance(state["rng"].get("torch"), torch.Tensor) or state["rng"]["torch"].dtype != torch.uint8:
+        return "rng has no torch generator state"
+    ema = state["ema"]
+    if ema is not None and not (isinstance(ema, dict) and isinstance(ema.get("module"), dict)):
+        return "ema is neither null nor an EMA state with a module"
+    if state["best"] is not None and not (isinstance(state["best"], dict) and
+                                          {"val_top1", "weights", "epoch"} <= set(state["best"])):
+        return "best is neither null nor a record with val_top1, weights, epoch"
+    if not isinstance(state["history"], list):
+        return "history is not a list"
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's contents, loaded without unpickling code and checked for layout; any problem
+    is a ModelFileError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, ... all mean "not a safe checkpoint"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ModelFileError(f"checkpoint {path} cannot be loaded safely ({type(e).__name__}: {first[:200]})") from None
+        raise ModelFileError(f"checkpoint {path} cannot be loaded safely ({_why_unloadable(e)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not a vitlab training checkpoint (format "
                              f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
+    problem = _structure_problem(state)
+    if problem:
+        raise ModelFileError(f"checkpoint {path} is malformed: {problem}")
     return state
+
+
+def check_weights_fit(weights: dict[str, torch.Tensor], model: torch.nn.Module, path: Path, what: str = "model") -> None:
+    """The checkpoint's weights have exactly the model's names and shapes (before load_state_dict,
+    whose own errors are multi-line tracebacks)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    problems = [f"{k} is {got[k]}, expected {expected[k]}" for k in expected if k in got and got[k] != expected[k]]
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing:
+        problems.append(f"missing {missing[:3]}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    if extra:
+        problems.append(f"unexpected {extra[:3]}" + (f" and {len(extra) - 3} more" if len(extra) > 3 else ""))
+    if problems:
+        raise ModelFileError(f"checkpoint {path}: the {what} weights do not fit the run's model: "
+                             + "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""))
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -78,23 +123,45 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:
-    """The newest checkpoint that loads; a damaged newest one is skipped with a warning."""
-    for step, path in reversed(list_checkpoints(run_dir)):
+def newest_checkpoint(run_dir: Path) -> tuple[tuple[Path, dict[str, Any]] | None, list[str]]:
+    """((path, state) of the newest checkpoint that loads, or None), and why each newer one did not."""
+    damaged = []
+    for _, path in reversed(list_checkpoints(run_dir)):
         try:
-            return load_checkpoint(path)
+            return (path, load_checkpoint(path)), damaged
         except ModelFileError as e:
-            warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
-    return None
+            damaged.append(str(e))
+    return None, damaged
+
+
+def latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """The newest checkpoint that loads (its state only), a damaged newer one skipped with a
+    warning; None if there is none."""
+    found, damaged = newest_checkpoint(run_dir)
+    for problem in damaged:
+        warnings.warn(f"skipping damaged checkpoint: {problem}", stacklevel=2)
+    return found[1] if found else None
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the hidden `.NAME.XXXX.tmp` files a kill in the middle of a checkpoint write leaves
+    (atomic_write's temporaries; never a finished checkpoint). Call only while holding the run's lock."""
+    ckpt_dir = run_dir / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    stale = [p for p in ckpt_dir.iterdir() if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def save_checkpoint(state: dict[str, Any], run_dir: Path, keep_last: int, best: bool) -> Path:
     """Write ckpt-<step>.pt (and best.pt when `best`), then prune to the newest `keep_last`."""
     state = {"format": FORMAT, **state}
     path = run_dir / "checkpoints" / f"ckpt-{state['step']:08d}.pt"
-    atomic_save(state, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     if best:
-        atomic_save(state, run_dir / "checkpoints" / "best.pt")
+        atomic_write(run_dir / "checkpoints" / "best.pt", lambda tmp: torch.save(state, tmp))
     for _, old in list_checkpoints(run_dir)[:-max(1, keep_last)]:
         old.unlink(missing_ok=True)
     return path

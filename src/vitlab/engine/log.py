@@ -5,8 +5,32 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
+
+from ..util import atomic_write_text
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file. A line that is not a JSON object (a write torn by a
+    full disk or a kill) is skipped with one warning naming the file and the line numbers."""
+    records, torn = [], []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            torn.append(n)
+    if torn:
+        warnings.warn(f"{path}: skipped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:5]))}; "
+                      f"a write torn by a full disk or a kill)", stacklevel=2)
+    return records
 
 
 class RunLogger:
@@ -27,10 +51,11 @@ class RunLogger:
 
     @staticmethod
     def _drop_after(path: Path, step: int) -> None:
-        """A resumed run repeats the steps after its checkpoint: forget what was logged for them."""
+        """A resumed run repeats the steps after its checkpoint: forget what was logged for them
+        (and any torn line, which the next append would otherwise glue a record to)."""
         if path.is_file():
-            keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-            path.write_text("".join(line + "\n" for line in keep))
+            keep = [r for r in read_metrics(path) if isinstance(r.get("step", 0), int) and r.get("step", 0) <= step]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -82,7 +107,7 @@ def plot_curves(run_dir: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in records if r.get("kind") == "step"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
     out = []

@@ -78,6 +78,48 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=dtype)
 
 
+MAX_THREADS = 1024
+
+
+def check_runtime_settings(device: str, precision: str, threads: int | None, attn_impl: str) -> None:
+    """The runtime settings' values, without touching the hardware (see `resolve_device` for that)."""
+    from ..model import ATTN_IMPLS
+    problems = []
+    try:
+        torch.device(device) if device != "auto" else None
+    except (RuntimeError, ValueError):
+        problems.append(f"runtime.device={device!r} is not a device (auto, cpu, cuda, cuda:N)")
+    if precision not in PRECISIONS:
+        problems.append(f"runtime.precision={precision!r} must be one of {PRECISIONS}")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        problems.append(f"runtime.threads={threads} must be null (torch's choice) or in [1, {MAX_THREADS}]")
+    if attn_impl not in ATTN_IMPLS:
+        problems.append(f"runtime.attn_impl={attn_impl!r} must be one of {ATTN_IMPLS}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """The torch device for a `runtime.device` setting on this machine (an error if it is absent)."""
+    if device == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"runtime.device={device!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"runtime.device={device!r}: vitlab trains on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"runtime.device={device!r} but CUDA is not available here")
+        if dev.index is None:
+            dev = torch.device(f"cuda:{local_rank}")
+        if dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"runtime.device={device!r} but this machine has {torch.cuda.device_count()} "
+                              f"CUDA device(s)")
+    return dev
+
+
 def resolve_precision(requested: str, device: torch.device) -> str:
     if requested not in PRECISIONS:
         raise ConfigError(f"runtime.precision={requested!r} must be one of {PRECISIONS}")
@@ -90,24 +132,19 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return "fp16" if device.type == "cuda" else "fp32"
 
 
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+            int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def setup_runtime(device: str = "auto", precision: str = "auto", threads: int | None = None) -> Runtime:
     """Read torchrun's environment, start the process group (NCCL on GPUs, gloo on CPU) and pick
     the device and precision."""
     import torch.distributed as dist
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise ConfigError(f"runtime.device={device!r} is not a device (auto, cpu, cuda, cuda:N)") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"runtime.device={device!r} but CUDA is not available here")
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device(f"cuda:{local}")
+    rank, world, local = dist_env()
+    dev = resolve_device(device, local)
+    prec = resolve_precision(precision, dev)  # checked before the process group starts
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if threads:
@@ -117,7 +154,7 @@ def setup_runtime(device: str = "auto", precision: str = "auto", threads: int | 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Runtime(dev, resolve_precision(precision, dev), rank, world, local)
+    return Runtime(dev, prec, rank, world, local)
 
 
 def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:

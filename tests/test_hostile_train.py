@@ -1,0 +1,312 @@
+"""Hostile and careless inputs to `vitlab train`: bad settings, edited or foreign configs on resume,
+runs that died before their first checkpoint, concurrent runs, malformed checkpoints, torn logs.
+Each ends either in a working run or in one line on stderr, exit 2, and nothing on disk lost."""
+import json
+import os
+import shutil
+import socket
+import stat
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from vitlab.cli import main
+from vitlab.engine.args import RunConfig, _field_docs, load_run_config
+from vitlab.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from vitlab.engine.log import RunLogger, plot_curves, read_metrics
+from vitlab.engine.rundir import RunLock
+from vitlab.errors import ModelFileError
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """Two classes of 8-px images, 10 each: enough for a run of a few optimizer steps."""
+    root = tmp_path_factory.mktemp("data") / "tiny"
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("a", "b")):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            img = rng.integers(0, 60, (8, 8, 3)).astype(np.uint8) + 150 * c
+            Image.fromarray(img.astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def tiny(images: Path, **extra) -> list[str]:
+    sets = {"data.name": str(images), "data.val_size": 4, "model.preset": "vit_micro_patch4_32",
+            "model.img_size": 8, "model.depth": 1, "model.embed_dim": 16, "model.num_heads": 2,
+            "train.batch_size": 8, "train.epochs": 1, "train.eval_batch_size": 8, "train.test_at_end": False,
+            "augment.crop_pad": 0, "runtime.progress": False, "runtime.precision": "fp32"}
+    sets.update(extra)
+    return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+
+
+def train_cli(*args) -> int:
+    return main(["train", *map(str, args)])
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vitlab train: error: "), err
+    return err
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file's bytes, but the lock file (which a refused resume may create)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(images, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "done"
+    assert train_cli("--recipe", "cifar10", *tiny(images), "--out", run) == 0
+    return run
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    return run
+
+
+# ---- settings: every bad value fails before anything is written ------------------------------
+BAD_SETS = [
+    ("optim.lr=nan", "optim.lr"), ("optim.lr=inf", "optim.lr"), ("optim.warmup_epochs=nan", "warmup_epochs"),
+    ("data.val_size=nan", "data.val_size"), ("data.val_size=2.5", "data.val_size"),
+    ("augment.mixup_alpha=nan", "mixup_alpha"), ("augment.mixup_alpha=inf", "mixup_alpha"),
+    ("augment.mix_prob=nan", "mix_prob"), ("optim.beta1=2", "optim.beta1"), ("optim.beta2=nan", "optim.beta2"),
+    ("optim.clip_grad=nan", "clip_grad"), ("optim.min_lr=1", "optim.min_lr"), ("optim.lr=1e999", "optim.lr"),
+    ("train.seed=-1", "train.seed"), ("train.seed=12345678901234567890", "train.seed"),
+    ("runtime.threads=-1", "runtime.threads"), ("runtime.threads=0", "runtime.threads"),
+    ("runtime.attn_impl=fast", "attn_impl"), ("runtime.precision=fp16", "fp16"), ("runtime.device=tpu", "device"),
+    ("augment.crop_pad=100000", "crop_pad"), ("augment.crop_pad=9", "crop_pad"),
+    ("augment.randaug_ops=1000000", "randaug_ops"), ("model.num_heads=5", "num_heads"),
+    ("model.depth=1000000000", "depth"), ("model.img_size=10000000", "img_size"),
+    ("model.drop_rate=nan", "drop_rate"), ("model.mlp_ratio=inf", "mlp_ratio"), ("model.preset=vit_nope", "vit_nope"),
+    ("model.pretrained=/no/such/model", "/no/such/model"), ("train.accum_steps=3", "divisible"),
+    ("data.name=/no/such/folder", "unknown dataset"), ("data.name=", "data.name"),
+]
+
+
+@pytest.mark.parametrize("bad, named", BAD_SETS, ids=[b for b, _ in BAD_SETS])
+def test_bad_setting_is_one_line_and_writes_nothing(images, tmp_path, capsys, bad, named):
+    out = tmp_path / "runs" / "x"
+    assert train_cli("--recipe", "cifar10", *tiny(images), "--set", bad, "--out", out) == 2
+    assert named in one_line_error(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_named_dataset_not_on_disk_without_download_fails_first(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VITLAB_DATA", str(tmp_path / "empty"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    out = tmp_path / "runs" / "x"
+    assert train_cli("--recipe", "mnist", "--set", "data.download=false", "--set", "runtime.progress=false",
+                     "--out", out) == 2
+    assert "vitlab data fetch mnist" in one_line_error(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+# ---- resume: the settings must be the checkpoint's ------------------------------------------
+def test_resume_refuses_an_edited_config(run_copy, capsys):
+    settings = yaml.safe_load((run_copy / "config.yaml").read_text())
+    settings["data"]["name"] = "mnist"
+    settings["train"]["batch_size"] = 4
+    settings["optim"]["lr"] = 0.5
+    (run_copy / "config.yaml").write_text(yaml.safe_dump(settings))
+    before = snapshot(run_copy / "checkpoints")
+    assert train_cli("--resume", run_copy) == 2
+    err = one_line_error(capsys)
+    assert "data.name: " in err and "-> 'mnist'" in err and "train.batch_size: 8 -> 4" in err
+    assert "optim.lr: 0.002 -> 0.5" in err
+    assert snapshot(run_copy / "checkpoints") == before
+
+
+def test_resume_refuses_a_checkpoint_from_another_run(run_copy, capsys):
+    ckpt = next((run_copy / "checkpoints").glob("ckpt-*.pt"))
+    state = torch.load(ckpt, weights_only=True)
+    state["run_config"]["train"]["seed"] = 7  # as if copied over from a run with another seed
+    torch.save(state, ckpt)
+    assert train_cli("--resume", run_copy) == 2
+    assert f"train.seed: 7 -> 0" in one_line_error(capsys) and ckpt.name in capsys.readouterr().err + ckpt.name
+
+
+def test_resume_may_change_runtime_settings_and_cleans_stale_temporaries(run_copy, capsys):
+    stale = run_copy / "checkpoints" / ".ckpt-00000099.pt.k3j2.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    settings = yaml.safe_load((run_copy / "config.yaml").read_text())
+    settings["runtime"]["attn_impl"] = "math"
+    (run_copy / "config.yaml").write_text(yaml.safe_dump(settings))
+    assert train_cli("--resume", run_copy, "--set", "runtime.threads=1") == 0
+    assert not stale.exists()
+    RunLock(run_copy).release()  # the resumed run let go of its lock
+
+
+def test_resume_cannot_set_what_the_run_computes(run_copy, capsys):
+    assert train_cli("--resume", run_copy, "--set", "optim.lr=1") == 2
+    assert "keeps its settings" in one_line_error(capsys)
+
+
+# ---- runs that died before their first checkpoint -------------------------------------------
+def dead_start(images, run: Path) -> Path:
+    """What a run leaves when killed during its first epoch (or its first checkpoint write)."""
+    settings = load_run_config("cifar10", tiny(images)[1::2])
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(settings.to_dict(), sort_keys=False))
+    (run / "env.json").write_text("{}\n")
+    (run / "metrics.jsonl").write_text('{"kind": "step", "step": 1}\n{"kind": "st')
+    (run / "checkpoints" / ".ckpt-00000002.pt.x8a1.tmp").write_bytes(b"torn")
+    return run
+
+
+def test_resume_of_a_dead_start_starts_from_step_0(images, tmp_path, capsys):
+    run = dead_start(images, tmp_path / "run")
+    assert train_cli("--resume", run) == 0
+    assert "stopped before its first checkpoint; starting again from step 0" in capsys.readouterr().out
+    assert latest_checkpoint(run)["step"] == 1 and not list((run / "checkpoints").glob("*.tmp"))
+    assert all("time" in r for r in read_metrics(run / "metrics.jsonl"))  # the dead start's log is gone
+
+
+def test_fresh_run_takes_over_a_dead_start(images, tmp_path, capsys):
+    run = dead_start(images, tmp_path / "run")
+    assert train_cli("--recipe", "cifar10", *tiny(images, **{"train.seed": 3}), "--out", run) == 0
+    assert f"taking over {run}" in capsys.readouterr().out
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["seed"] == 3
+    assert latest_checkpoint(run)["step"] == 1 and all("time" in r for r in read_metrics(run / "metrics.jsonl"))
+
+
+def test_fresh_run_never_takes_over_a_dir_with_a_checkpoint_or_other_files(images, tmp_path, capsys):
+    run = dead_start(images, tmp_path / "run")
+    (run / "checkpoints" / "ckpt-00000001.pt").write_bytes(b"damaged, but a checkpoint")
+    before = snapshot(run)
+    assert train_cli("--recipe", "cifar10", *tiny(images), "--out", run) == 2
+    assert "already holds a run" in one_line_error(capsys) and snapshot(run) == before
+    assert train_cli("--resume", run) == 2
+    assert "no usable checkpoint" in one_line_error(capsys) and snapshot(run) == before
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "config.yaml").write_text("{}\n")
+    (other / "notes.txt").write_text("not a vitlab file")
+    assert train_cli("--recipe", "cifar10", *tiny(images), "--out", other) == 2
+    assert "already holds a run" in one_line_error(capsys)
+    assert (other / "notes.txt").read_text() == "not a vitlab file"
+
+
+# ---- one process per run directory ----------------------------------------------------------
+def test_second_process_on_a_locked_run_says_who_holds_it(run_copy, capsys):
+    lock = RunLock(run_copy)  # flock: a second open file description conflicts, even in one process
+    try:
+        before = snapshot(run_copy / "checkpoints")
+        assert train_cli("--resume", run_copy) == 2
+        err = one_line_error(capsys)
+        assert f"pid {os.getpid()} on host {socket.gethostname()}" in err and "in use" in err
+        assert snapshot(run_copy / "checkpoints") == before
+    finally:
+        lock.release()
+
+
+def test_lock_is_released_when_the_holder_dies(tmp_path):
+    import subprocess
+    import sys
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from vitlab.engine.rundir import RunLock; lock = RunLock(Path(sys.argv[1])); print('held', "
+                               "flush=True); time.sleep(60)", str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(Exception, match=f"pid {holder.pid}"):
+            RunLock(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    RunLock(tmp_path).release()  # kill -9 dropped the lock
+
+
+# ---- malformed checkpoints and logs ---------------------------------------------------------
+def _break(state, how):
+    if how == "missing optimizer":
+        del state["optimizer"]
+    elif how == "negative step":
+        state["step"] = -1
+    elif how == "step not an int":
+        state["step"] = "3"
+    elif how == "run_config a list":
+        state["run_config"] = [1, 2]
+    elif how == "model not tensors":
+        state["model"] = {"w": 1.0}
+    return state
+
+
+@pytest.mark.parametrize("how", ["missing optimizer", "negative step", "step not an int", "run_config a list",
+                                 "model not tensors"])
+def test_malformed_checkpoint_is_one_line_naming_the_file(run_copy, capsys, how):
+    ckpt = next((run_copy / "checkpoints").glob("ckpt-*.pt"))
+    torch.save(_break(torch.load(ckpt, weights_only=True), how), ckpt)
+    with pytest.raises(ModelFileError, match="malformed"):
+        load_checkpoint(ckpt)
+    assert train_cli("--resume", run_copy) == 2
+    assert str(ckpt) in one_line_error(capsys)
+
+
+def test_checkpoint_with_wrong_shapes_is_one_line(run_copy, capsys):
+    ckpt = next((run_copy / "checkpoints").glob("ckpt-*.pt"))
+    state = torch.load(ckpt, weights_only=True)
+    state["model"]["blocks.0.attn.qkv.weight"] = torch.zeros(48, 8)
+    torch.save(state, ckpt)
+    assert train_cli("--resume", run_copy) == 2
+    err = one_line_error(capsys)
+    assert str(ckpt) in err and "blocks.0.attn.qkv.weight is (48, 8), expected (48, 16)" in err
+
+
+def test_unsafe_checkpoint_message_does_not_advise_weights_only_false(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+    torch.save({"format": "vitlab.ckpt/1", "x": Evil()}, tmp_path / "ckpt-00000001.pt")
+    with pytest.raises(ModelFileError) as e:
+        load_checkpoint(tmp_path / "ckpt-00000001.pt")
+    assert "weights_only" not in str(e.value) and "could run code" in str(e.value)
+
+
+def test_checkpoints_honour_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint({"step": 1}, tmp_path, keep_last=1, best=True)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "checkpoints" / "best.pt").stat().st_mode) == 0o644
+
+
+def test_torn_metrics_line_is_skipped_with_a_warning(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"kind": "step", "step": 5, "loss": 1.0, "acc": 0.5, "lr": 0.1}\n'
+        '{"kind": "epoch", "epoch": 1, "step": 9, "val_top1": 0.5, "val_loss": 1}\n{"kind": "step", "st')
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: skipped 1 unreadable line\(s\) \(line 3; a write torn"):
+        assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [5, 9]
+    with pytest.warns(UserWarning, match="torn"):
+        plot_curves(tmp_path)
+    with pytest.warns(UserWarning, match="torn"):
+        logger = RunLogger(tmp_path, True, False, resume_step=9)  # resuming rewrites it without the torn line
+    logger.write({"kind": "step", "step": 10})
+    logger.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [5, 9, 10]
+
+
+# ---- the settings documentation -------------------------------------------------------------
+def test_every_setting_has_help():
+    import dataclasses
+    for group in dataclasses.fields(RunConfig):
+        cls = group.default_factory
+        assert cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("), f"{group.name} has no docstring"
+        docs = _field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"{group.name}: no help for {missing}"
+    assert "Each field left at null" in " ".join(RunConfig.__dataclass_fields__["model"].default_factory.__doc__.split())
+    assert "null" not in _field_docs(RunConfig.__dataclass_fields__["model"].default_factory)["drop_rate"]
