@@ -1,36 +1,82 @@
 import json
+import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
+import vitlab
 from vitlab.cli import build_parser, main
+from vitlab.engine.runtime import setup_runtime
+
+from conftest import randomize, tiny_config
 
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", "vitlab", *args], capture_output=True, text=True)
 
 
-def test_help_lists_every_subcommand():
-    r = run("--help")
-    assert r.returncode == 0
-    for name in SUBCOMMANDS:
-        assert name in r.stdout
-
-
-SUBCOMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
+# What each subcommand accepts, written out here rather than read from the parser, so that an
+# option that disappears (or a subcommand that loses its table entry) fails a test.
+OPTIONS = {
+    "convert": ["--from", "--out", "--force", "--preset", "--num-heads", "--img-size", "--pool"],
+    "data": ["--data-dir", "--force", "--quiet"],
+    "eval": ["--data", "--data-dir", "--split", "--tta", "--batch-size", "--limit", "--device", "--out", "--json"],
+    "models": ["--json"],
+    "predict": ["--topk", "--format"],
+    "train": ["--recipe", "--set", "--out", "--resume", "--help-recipe"],
+}
 
 
 def test_the_subcommand_table():
-    assert SUBCOMMANDS == ["convert", "data", "eval", "models", "predict", "train"]
+    assert sorted(build_parser()._subparsers._group_actions[0].choices) == sorted(OPTIONS)
 
 
-@pytest.mark.parametrize("name", SUBCOMMANDS)
-def test_each_subcommand_has_help(name, capsys):
+def exit_code(argv) -> int:
     with pytest.raises(SystemExit) as e:
-        main([name, "--help"])
-    assert e.value.code == 0
-    assert "usage: vitlab " + name in capsys.readouterr().out
+        main(argv)
+    return e.value.code
+
+
+def test_top_level_help_and_version(capsys):
+    assert exit_code(["--help"]) == 0
+    out = capsys.readouterr().out
+    listed = out.split("COMMAND", 1)[1]
+    for name in OPTIONS:  # each subcommand with the first line of its function's docstring
+        assert f"    {name} " in listed, name
+    assert "Top-k labels for image files or folders" in out
+    assert exit_code(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"vitlab {vitlab.__version__}"
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_each_subcommand_help_lists_its_options(name, capsys):
+    assert exit_code([name, "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in OPTIONS[name]:
+        assert f" {option}" in out, option
+    # and every option that help shows is one the table above knows
+    shown = {w.strip("[](),") for w in out.split() if w.lstrip("[(").startswith("--")}
+    assert shown - {"--help"} == set(OPTIONS[name])
+
+
+def test_unknown_or_missing_subcommand_is_a_usage_error(capsys):
+    assert exit_code(["frobnicate"]) == 2
+    out, err = capsys.readouterr()
+    assert "invalid choice: 'frobnicate'" in err and out == ""
+    assert exit_code([]) == 2
+    assert "required: COMMAND" in capsys.readouterr().err
+
+
+def test_models_table_row(capsys):
+    assert main(["models", "tiny_patch16"]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split()[:2] == ["name", "img"]
+    # timm's vit_tiny_patch16_224 has 5,717,416 parameters
+    assert [row.split() for row in rows] == [
+        ["vit_tiny_patch16_224", "224", "16", "3", "192", "12", "3", "token", "learn", "5.72"]]
 
 
 def test_models_lists_presets_with_parameter_counts(capsys):
@@ -43,8 +89,6 @@ def test_models_lists_presets_with_parameter_counts(capsys):
 def test_usage_errors_exit_non_zero():
     r = run("convert", "x.pth", "--from", "onnx", "--out", "y")
     assert r.returncode == 2 and "invalid choice: 'onnx'" in r.stderr
-    r = run("frobnicate")
-    assert r.returncode == 2
 
 
 def test_data_verify_exits_non_zero_on_a_bad_file(tmp_path):
@@ -68,3 +112,80 @@ def test_data_list_and_unknown_name(tmp_path, monkeypatch):
     assert r.returncode == 0 and "cifar100" in r.stdout and "searched:" in r.stdout
     r = run("data", "verify", "imagenet", "--data-dir", str(tmp_path))
     assert r.returncode == 2 and "unknown dataset 'imagenet'" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- vitlab eval on a tiny model and a folder of IDX files ----------------------------------------
+def _idx(arr: np.ndarray) -> bytes:
+    return bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
+
+
+@pytest.fixture
+def eval_setup(tmp_path):
+    """A random 10-class grey 28-px model and an IDX folder with 20 test images."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "digits"
+    data.mkdir()
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        (data / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(rng.integers(0, 256, (n, 28, 28))))
+        (data / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(np.arange(n) % 10))
+    model = randomize(vitlab.create_model(tiny_config(img_size=28, patch_size=7, in_chans=1, num_classes=10)))
+    vitlab.save_model(model, tmp_path / "model")
+    # the expected numbers, from the raw bytes: normalised with the model's mean/std (0.5, 0.5)
+    raw = np.frombuffer((data / "t10k-images-idx3-ubyte").read_bytes()[16:], np.uint8).reshape(20, 1, 28, 28)
+    x = (torch.from_numpy(raw.copy()).float() / 255 - 0.5) / 0.5
+    y = torch.arange(20) % 10
+    rt = setup_runtime("cpu")  # bf16 autocast where this CPU runs bf16 fast, as `vitlab eval` does
+    with torch.no_grad(), rt.autocast():
+        probs = model.eval()(x).float().softmax(-1)
+    want = {"n": 20, "top1": (probs.argmax(-1) == y).float().mean().item(),
+            "top5": (probs.topk(5).indices == y[:, None]).any(-1).float().mean().item(), "top5_k": 5,
+            "loss": -probs[torch.arange(20), y].log().mean().item()}
+    return tmp_path, want
+
+
+def test_eval_prints_and_writes_the_metrics(eval_setup, capsys):
+    tmp_path, want = eval_setup
+    args = ["eval", str(tmp_path / "model"), "--data", str(tmp_path / "digits"), "--device", "cpu",
+            "--out", str(tmp_path / "ev")]
+    assert main(args + ["--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    for key, value in want.items():
+        assert printed[key] == pytest.approx(value, rel=1e-4), key
+    assert printed["split"] == "test" and printed["tta"] is False and len(printed["per_class"]) == 10
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == printed
+    assert not [p.name for p in (tmp_path / "ev").iterdir() if p.name.startswith(".")]  # no temp files
+    assert main(args) == 0
+    first = capsys.readouterr().out.splitlines()[0].split()
+    assert first[:4] == ["digits", "test:", "20", "images"]
+    assert first[4::2] == ["top-1", "top-5", "loss", "ECE"]
+    shown = dict(zip(("top1", "top5", "loss", "ece"), map(float, first[5::2])))
+    for key in ("top1", "top5", "loss"):
+        assert shown[key] == pytest.approx(want[key], abs=1.5e-4), key
+    assert shown["ece"] == pytest.approx(printed["ece"], abs=1e-4)
+
+
+def test_eval_top5_is_capped_at_the_class_count(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "three"
+    data.mkdir()
+    for prefix, n in (("train", 30), ("t10k", 9)):
+        (data / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(rng.integers(0, 256, (n, 28, 28))))
+        (data / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(np.arange(n) % 3))
+    vitlab.save_model(vitlab.create_model(tiny_config(img_size=28, patch_size=7, in_chans=1, num_classes=3)),
+                      tmp_path / "model")
+    assert main(["eval", str(tmp_path / "model"), "--data", str(data), "--device", "cpu"]) == 0
+    assert "top-3 1.0000" in capsys.readouterr().out  # every label is among all three classes
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--limit", "0"], "--limit 0 must be >= 1"),
+    (["--data", "DIGITS"], "has 10 classes but the model has 3 outputs"),
+])
+def test_eval_refuses_with_one_line(eval_setup, capsys, extra, message):
+    tmp_path, _ = eval_setup
+    vitlab.save_model(vitlab.create_model(tiny_config(img_size=28, patch_size=7, in_chans=1, num_classes=3)),
+                      tmp_path / "three")
+    extra = [str(tmp_path / "digits") if a == "DIGITS" else a for a in extra]
+    assert main(["eval", str(tmp_path / "three"), "--data", str(tmp_path / "digits"), "--device", "cpu", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

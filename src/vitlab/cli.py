@@ -124,7 +124,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data.loader import BatchLoader
     from .engine.runtime import setup_runtime
     from .evaluate import evaluate, save_confusion_png
+    from .util import atomic_write_text
     from .weights.modeldir import load_model, read_config
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit {args.limit} must be >= 1 (or left out to evaluate every image)")
     model_dir, run_dir = _resolve_model_dir(args.path)
     _, extra = read_config(model_dir)
     record = extra.get("dataset", {})
@@ -152,13 +155,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
     out = Path(args.out) if args.out else (run_dir or model_dir) / f"eval_{data.name}_{args.split}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     save_confusion_png(metrics["confusion"], data.classes, out / "confusion.png")
     if args.json:
-        print(json.dumps({k: v for k, v in metrics.items()}))
+        print(json.dumps(metrics))
         return 0
-    k5 = "top5" if "top5" in metrics else next(k for k in metrics if k.startswith("top") and k != "top1")
-    print(f"{data.name} {args.split}: {metrics['n']} images  top-1 {metrics['top1']:.4f}  {k5} {metrics[k5]:.4f}  "
+    print(f"{data.name} {args.split}: {metrics['n']} images  top-1 {metrics['top1']:.4f}  "
+          f"top-{metrics['top5_k']} {metrics['top5']:.4f}  "
           f"loss {metrics['loss']:.4f}  ECE {metrics['ece']:.4f}" + ("  (flip TTA)" if args.tta else ""))
     for cls, acc in zip(data.classes, metrics["per_class"]):
         print(f"  {cls:>16}  {acc:.4f}")
