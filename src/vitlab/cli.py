@@ -178,11 +178,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model_dir, _ = _resolve_model_dir(args.model)
     model = load_model(model_dir)
     rows, failed = predict(model, args.paths, topk=args.topk)
-    for f, problem in failed:
-        print(f"vitlab predict: skipped {f}: {problem}", file=sys.stderr)
-    if not rows:
-        print(f"vitlab predict: error: no readable images in {' '.join(args.paths)}", file=sys.stderr)
-        return 1
+    from .data.folders import printable
+    if not rows:  # one line: what each path was
+        from .errors import DataError
+        raise DataError("no image to predict: " + "; ".join(f"{printable(f)}: {p}" for f, p in failed[:5]) +
+                        (f"; and {len(failed) - 5} more" if len(failed) > 5 else ""))
+    for f, problem in failed:  # the others still get their predictions
+        print(f"vitlab predict: skipped {printable(f)}: {problem}", file=sys.stderr)
     print(format_rows(rows, args.format))
     return 0
 

@@ -43,3 +43,19 @@ class TrainingError(VitlabError, RuntimeError):
 
 class RunDirError(VitlabError, OSError):
     """A run directory that would be overwritten, or that cannot be resumed."""
+
+
+class ImageError(DataError):
+    """One image file that cannot be used (not a regular file, unreadable, not an image): `.path`, `.reason`.
+    Pickles with both, so it crosses process pools intact."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(str(path), reason)
+        self.path, self.reason = str(path), reason
+
+    def __str__(self) -> str:  # control characters in a file name must not fake lines
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in self.path) + f": {self.reason}"
+
+
+class ImageTooLargeError(ImageError):
+    """An image beyond the pixel-count or aspect-ratio limit (decompression bombs, 1-pixel-thin strips)."""

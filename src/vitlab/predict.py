@@ -1,36 +1,53 @@
 """`vitlab predict`: image files or folders -> top-k labels with probabilities.
 
-Preprocessing comes from the model's record: decode with Pillow, convert to the model's channels
-(greyscale <-> RGB), resize the shorter side and centre-crop to the model's size, normalise with
-its mean/std. Files that cannot be read are reported, not fatal.
+Preprocessing comes from the model's record: decode with the image-folder decoder (centre square,
+resized to the model's size and channels, bit depth and transparency handled, size limits checked
+before decoding: see vitlab.data.folders), normalise with its mean/std. Files that cannot be read
+are reported with the reason, not fatal; FIFOs and devices are never opened.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import stat
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .data.augment import EvalTransform
-from .data.folders import IMAGE_EXTENSIONS, decode_one
-from .errors import DataError
+from .data.folders import IMAGE_EXTENSIONS, decode_image, file_kind, printable, walk
+from .errors import DataError, ImageError
 from .model import VisionTransformer
 
 
 def collect_files(paths: list[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Files to predict (folders searched recursively for images) and paths that do not exist."""
-    files, missing = [], []
+    """Files to predict (folders searched for images, linked folders not followed) and [(path, problem)]
+    for paths that do not exist, are not regular files (a FIFO is never opened: it would block), or are
+    folders without images."""
+    files, failed = [], []
     for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-        elif p.is_file():
+        try:
+            mode = p.stat().st_mode
+        except FileNotFoundError:
+            failed.append((p, "a broken link" if p.is_symlink() else "no such file or folder"))
+            continue
+        except OSError as e:
+            failed.append((p, e.strerror or str(e)))
+            continue
+        if stat.S_ISDIR(mode):
+            found, skipped = walk(p)
+            images = [f for f in found if f.suffix.lower() in IMAGE_EXTENSIONS]
+            files += images
+            failed += skipped
+            if not images:
+                failed.append((p, f"a folder without image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"))
+        elif stat.S_ISREG(mode):
             files.append(p)
         else:
-            missing.append((p, "no such file or folder"))
-    return files, missing
+            failed.append((p, f"not a regular file ({file_kind(mode)})"))
+    return files, failed
 
 
 @torch.no_grad()
@@ -39,9 +56,12 @@ def predict(model: VisionTransformer, paths: list[str | Path], topk: int = 5, ba
     """([{"file", "top": [{"label", "index", "prob"}...]}], [(file, problem)])."""
     cfg = model.config
     files, failed = collect_files(paths)
-    decoded = [(f, decode_one((str(f), cfg.img_size, cfg.in_chans))) for f in files]
-    ok = [(f, a) for f, a in decoded if not isinstance(a, str)]
-    failed += [(f, a.replace("BOMB:", "image too large: ")) for f, a in decoded if isinstance(a, str)]
+    ok = []
+    for f in files:
+        try:
+            ok.append((f, decode_image(f, cfg.img_size, cfg.in_chans)))
+        except ImageError as e:
+            failed.append((f, e.reason))
     names = list(cfg.class_names or [str(i) for i in range(cfg.num_classes)])
     k = min(topk, cfg.num_classes)
     transform = EvalTransform(cfg)
@@ -58,7 +78,14 @@ def predict(model: VisionTransformer, paths: list[str | Path], topk: int = 5, ba
     return rows, failed
 
 
+def _utf8(text: str) -> str:
+    """`text` as it can be written as UTF-8: undecodable bytes of a file name (surrogates) as `\\udcff`."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def format_rows(rows: list[dict], fmt: str) -> str:
+    """A table (one line per file: names with newlines or control characters are escaped, `\\n`),
+    JSON (ASCII, escaped by JSON's rules) or CSV (quoted by CSV's rules)."""
     if fmt == "json":
         return json.dumps(rows, indent=2)
     if fmt == "csv":
@@ -67,12 +94,13 @@ def format_rows(rows: list[dict], fmt: str) -> str:
         w.writerow(["file", "rank", "label", "index", "prob"])
         for r in rows:
             for rank, t in enumerate(r["top"], 1):
-                w.writerow([r["file"], rank, t["label"], t["index"], f"{t['prob']:.6f}"])
+                w.writerow([_utf8(r["file"]), rank, _utf8(t["label"]), t["index"], f"{t['prob']:.6f}"])
         return buf.getvalue().rstrip("\n")
     if fmt != "table":
         raise DataError(f"unknown format {fmt!r}: table, json or csv")
-    width = max([len(r["file"]) for r in rows] + [4])
+    names = [printable(r["file"]) for r in rows]
+    width = max([len(n) for n in names] + [4])
     lines = [f"{'file':{width}}  top predictions"]
-    for r in rows:
-        lines.append(f"{r['file']:{width}}  " + "  ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"]))
+    for name, r in zip(names, rows):
+        lines.append(f"{name:{width}}  " + "  ".join(f"{printable(t['label'])} {t['prob']:.3f}" for t in r["top"]))
     return "\n".join(lines)

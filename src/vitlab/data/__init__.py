@@ -153,7 +153,8 @@ def _load_idx_folder(path: Path, files: dict, split: str, val_size) -> ImageSet:
 
 def _load_image_folder(path: Path, split: str, val_size, image_size: int, channels: int, strict: bool) -> ImageSet:
     if folders.has_split_dirs(path):
-        files, labels, classes = folders.scan(path / "train")
+        scanned = path / "train"
+        files, labels, classes = folders.scan(scanned, within=path)
         if split == "train" or (split == "val" and not (path / "val").is_dir()):
             if not (path / "val").is_dir():  # carve val from train
                 tr, va = stratified_split(np.array(labels), _val_count(val_size, 0.1, len(labels)))
@@ -162,10 +163,12 @@ def _load_image_folder(path: Path, split: str, val_size, image_size: int, channe
         else:
             if not (path / split).is_dir():
                 raise DataError(f"{path} has train/ but no {split}/ folder")
-            files, labels, split_classes = folders.scan(path / split)
+            scanned = path / split
+            files, labels, split_classes = folders.scan(scanned, within=path)
             if split_classes != classes:
                 raise DataError(f"{path / split} has classes {split_classes[:5]}... but train/ has {classes[:5]}...")
     else:  # one tree: a seeded stratified 80 / 10 / 10 split
+        scanned = path
         files, labels, classes = folders.scan(path)
         all_labels = np.array(labels)
         n_hold = _val_count(val_size, 0.1, len(labels))
@@ -173,7 +176,8 @@ def _load_image_folder(path: Path, split: str, val_size, image_size: int, channe
         train, val = stratified_split(all_labels[rest], n_hold, seed=SPLIT_SEED)
         keep = {"train": rest[train], "val": rest[val], "test": test}[split]
         files, labels = [files[i] for i in keep], [labels[i] for i in keep]
-    images, kept = folders.decode_files(files, image_size, channels, strict=strict)
+    images, kept = folders.decode_files(files, image_size, channels, strict=strict, labels=labels, classes=classes,
+                                        root=scanned)
     labels = np.asarray(labels)[kept]
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
     return _imageset(images, labels, classes, path.name, split, mean, std)

@@ -14,13 +14,16 @@ import gzip
 import hashlib
 import http.client
 import io
+import math
 import os
 import pickle
 import shutil
+import stat
 import struct
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -77,26 +80,56 @@ def data_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
 
 
 # ---- readers of the official formats ----------------------------------------------------------
-def _open_maybe_gzip(path: Path) -> bytes:
-    data = path.read_bytes()
-    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+IDX_MAX_DIMS = 4  # images are N x H x W (x C), labels N
+IDX_MAX_BYTES = 1 << 34  # 16 GiB: the whole dataset is held in memory
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (LeCun's MNIST format), gzipped or not, as a numpy array."""
+    """An IDX file (LeCun's MNIST format), gzipped or not, as a numpy array.
+
+    The header is checked before the body is read: 1 to IDX_MAX_DIMS dimensions, a size within
+    IDX_MAX_BYTES, and (uncompressed) a file size that matches. A gzipped body is read in chunks, so a
+    header that claims more than the file holds costs only what the file holds.
+    """
     try:
-        data = _open_maybe_gzip(path)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"{path} is not a readable gzip file ({e}); run `vitlab data fetch NAME --force`") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file (magic {data[:4].hex()})")
-    ndim = data[3]
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
-        raise DataError(f"{path} is truncated: header says {shape} = {int(np.prod(shape))} bytes, "
-                        f"file holds {body.size}")
-    return body.reshape(shape)
+        st = path.stat()
+    except OSError as e:
+        raise DataError(f"{path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read forever
+        raise DataError(f"{path} is not a regular file")
+    fix = "run `vitlab data fetch NAME --force` or replace the file"
+    try:
+        with open(path, "rb") as raw:
+            gz = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            f = gzip.GzipFile(fileobj=raw) if gz else raw
+            head = f.read(4)
+            if len(head) < 4 or head[:3] != b"\x00\x00\x08":
+                raise DataError(f"{path} is not an unsigned-byte IDX file (magic {head.hex() or 'empty'})")
+            ndim = head[3]
+            if not 1 <= ndim <= IDX_MAX_DIMS:
+                raise DataError(f"{path}: IDX header declares {ndim} dimensions; image and label files have 1 to "
+                                f"{IDX_MAX_DIMS}")
+            dims = f.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise DataError(f"{path} is truncated inside its header; {fix}")
+            shape = struct.unpack(f">{ndim}I", dims)
+            n = math.prod(shape)
+            if n > IDX_MAX_BYTES:
+                raise DataError(f"{path}: IDX header declares shape {shape} = {n:,} bytes, over the "
+                                f"{IDX_MAX_BYTES:,}-byte limit of an in-memory dataset")
+            if not gz and st.st_size != 4 + 4 * ndim + n:
+                raise DataError(f"{path} is truncated or has trailing bytes: header says {shape} = {n} bytes, file "
+                                f"holds {st.st_size - 4 - 4 * ndim}; {fix}")
+            body = bytearray()
+            while len(body) < n and (chunk := f.read(min(1 << 24, n - len(body)))):
+                body += chunk
+            if len(body) < n or f.read(1):
+                raise DataError(f"{path} is truncated or has trailing bytes: header says {shape} = {n} bytes, file "
+                                f"holds {len(body)}{'' if len(body) < n else ' or more'}; {fix}")
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+        raise DataError(f"{path} is not a readable (gzip) IDX file ({e}); {fix}") from None
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 
 def read_idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -268,13 +301,18 @@ def md5sum(path: Path) -> str:
 def verify_file(path: Path, spec: FileSpec, dataset: str) -> None:
     """Raise DataError naming the file, what was expected and what was found."""
     fix = f"run `vitlab data fetch {dataset} --force`"
-    if not path.is_file():  # e.g. an interrupted fetch: fetching again (without --force) completes it
+    if not path.exists():  # e.g. an interrupted fetch: fetching again (without --force) completes it
         raise DatasetNotFoundError(f"{path} is missing; run `vitlab data fetch {dataset}`")
+    if not path.is_file():  # a folder or a FIFO (reading a FIFO would block)
+        raise DataError(f"{path} is not a regular file; remove it and {fix}")
     if spec.size is not None and path.stat().st_size != spec.size:
         raise DataError(f"{path} has {path.stat().st_size} bytes, expected {spec.size}: truncated or "
                         f"corrupted; {fix}")
     if spec.md5 is not None:
-        got = md5sum(path)
+        try:
+            got = md5sum(path)
+        except OSError as e:
+            raise DataError(f"cannot read {path}: {e.strerror or e}") from None
         if got != spec.md5:
             raise DataError(f"{path} has md5 {got}, expected {spec.md5} ({path.stat().st_size} bytes): "
                             f"truncated or corrupted; {fix}")
@@ -347,16 +385,36 @@ def _download(urls: tuple[str, ...], dest: Path, md5: str, progress: bool) -> No
 
 
 def _safe_extract(tar: tarfile.TarFile, dest: Path) -> None:
-    """Extract regular files and folders only, never outside `dest` (no absolute paths, no '..',
-    no links or devices), on every Python version."""
-    for member in tar.getmembers():
-        target = (dest / member.name).resolve()
-        if not (member.isfile() or member.isdir()) or not str(target).startswith(str(dest.resolve())):
-            raise DataError(f"refusing to extract {member.name!r} from {tar.name}: not a plain file inside the archive")
+    """Extract regular files and folders only, never outside `dest` (no absolute paths, no '..', no
+    links, devices or FIFOs), on every Python version: every member is checked first, comparing
+    resolved paths (a string-prefix test lets `../unpacked_x/y` through); then tarfile's "data"
+    filter does the extraction where it exists (Python >= 3.11.4, 3.10.12), else each member is
+    written here, with default permissions and owner (never the archive's)."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    members = tar.getmembers()
+    for member in members:
+        target = (root / member.name).resolve()
+        if not (member.isfile() or member.isdir()) or not target.is_relative_to(root):
+            what = "a link" if member.issym() or member.islnk() else "not a plain file" if not (
+                member.isfile() or member.isdir()) else "a path outside the archive's folder"
+            raise DataError(f"refusing to extract {member.name!r} from {tar.name}: {what}; only plain files and "
+                            f"folders inside the archive are extracted")
     if hasattr(tarfile, "data_filter"):
-        tar.extractall(dest, filter="data")
-    else:
-        tar.extractall(dest)
+        try:
+            tar.extractall(root, members=members, filter="data")
+        except tarfile.FilterError as e:
+            raise DataError(f"refusing to extract from {tar.name}: {e}") from None
+        return
+    for member in members:
+        target = (root / member.name).resolve()
+        if member.isdir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tar.extractfile(member) as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out)
 
 
 def fetch(name: str, data_dir: str | os.PathLike | None = None, force: bool = False,
@@ -368,7 +426,12 @@ def fetch(name: str, data_dir: str | os.PathLike | None = None, force: bool = Fa
             return verify(source, data_dir)[0]
         except DatasetNotFoundError:
             pass  # not there: download it
-    target = data_roots(data_dir)[0] / source.name
+    first = data_roots(data_dir)[0]
+    if first.exists() and not first.is_dir():
+        raise DataError(f"data root {first} is not a folder; point --data-dir (or $VITLAB_DATA) at a folder")
+    target = first / source.name
+    if target.exists() and not target.is_dir():
+        raise DataError(f"{target} is not a folder; move it away so that {source.name} can be fetched there")
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target, prefix=".fetch.") as tmp:
         tmp = Path(tmp)
