@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -23,8 +24,10 @@ def test_json_round_trip_every_preset():
 
 
 def test_frozen():
-    with pytest.raises(Exception):
-        ViTConfig().depth = 3
+    cfg = ViTConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'depth'"):
+        cfg.depth = 3
+    assert cfg.depth == 12 and cfg.replace(depth=3).depth == 3 and cfg.depth == 12  # replace makes a copy
 
 
 @pytest.mark.parametrize("changes, words", [
