@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from .model import VisionTransformer
+from .util import unwrap_model
 
 
 @contextmanager
@@ -24,7 +25,7 @@ def capture_attention(model: VisionTransformer) -> Iterator[list[torch.Tensor]]:
             model(x)
         rollout = attention_rollout(maps)
     """
-    model = getattr(model, "_orig_mod", getattr(model, "module", model))
+    model = unwrap_model(model)
     maps: list[torch.Tensor] = []
     handles = [block.attn.probe.register_forward_hook(lambda mod, inp, out: maps.append(out.detach().float()))
                for block in model.blocks]

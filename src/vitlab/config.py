@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,37 @@ from .errors import ConfigError, UnknownModelError
 POOLS = ("token", "avg")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 POS_EMBEDS = ("learn", "sincos")
+
+# Upper bounds that no published ViT comes near, so that a corrupted or hostile config fails at once
+# instead of allocating for minutes. For scale: ViT-22B (arXiv 2302.05442), the largest published
+# ViT, has width 6144, depth 48, MLP ratio 4 and 21.7B parameters; SAM's encoder reads 1024 px
+# images as a 64x64 patch grid; ImageNet-21k has 21,843 classes.
+LIMITS: dict[str, float] = {
+    "img_size": 8192,
+    "patch_size": 8192,
+    "in_chans": 1024,
+    "embed_dim": 16384,
+    "depth": 1024,
+    "num_heads": 16384,
+    "num_classes": 1_000_000,
+    "mlp_ratio": 64.0,
+    "num_patches": 256 * 256,
+    "num_params": 30e9,
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_float(value: Any) -> bool:
+    """A finite real number (ints count; bools, strings, NaN and infinities do not)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)
@@ -106,6 +139,38 @@ class ViTConfig:
         return int(self.embed_dim * self.mlp_ratio)
 
     @property
+    def num_params(self) -> int:
+        """Parameter count, from the shapes alone (nothing is allocated)."""
+        return sum(math.prod(shape) for shape in self.state_shapes().values())
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{key: shape} of the state dict that a model with this config saves (timm names), derived
+        without building it: what a weights file is checked against before anything is allocated.
+        A test checks it against the real model's state dict for every layout."""
+        D, H = self.embed_dim, self.mlp_hidden_dim
+        shapes: dict[str, tuple[int, ...]] = {}
+        if self.class_token:
+            shapes["cls_token"] = (1, 1, D)
+        if self.pos_embed == "learn":
+            shapes["pos_embed"] = (1, self.seq_len, D)
+        shapes["patch_embed.proj.weight"] = (D, self.in_chans, self.patch_size, self.patch_size)
+        shapes["patch_embed.proj.bias"] = (D,)
+        block = {"norm1.weight": (D,), "norm1.bias": (D,), "attn.qkv.weight": (3 * D, D),
+                 **({"attn.qkv.bias": (3 * D,)} if self.qkv_bias else {}),
+                 "attn.proj.weight": (D, D), "attn.proj.bias": (D,),
+                 **({"ls1.gamma": (D,)} if self.init_values else {}),
+                 "norm2.weight": (D,), "norm2.bias": (D,), "mlp.fc1.weight": (H, D), "mlp.fc1.bias": (H,),
+                 "mlp.fc2.weight": (D, H), "mlp.fc2.bias": (D,),
+                 **({"ls2.gamma": (D,)} if self.init_values else {})}
+        for i in range(self.depth):
+            shapes.update({f"blocks.{i}.{key}": shape for key, shape in block.items()})
+        norm = "fc_norm" if self.use_fc_norm else "norm"
+        shapes.update({f"{norm}.weight": (D,), f"{norm}.bias": (D,)})
+        if self.num_classes:
+            shapes.update({"head.weight": (self.num_classes, D), "head.bias": (self.num_classes,)})
+        return shapes
+
+    @property
     def use_fc_norm(self) -> bool:
         return self.pool == "avg" if self.fc_norm is None else self.fc_norm
 
@@ -116,44 +181,69 @@ class ViTConfig:
 
     # ---- validation -----------------------------------------------------------------------
     def validate(self) -> None:
+        """Raise ConfigError naming every bad field and its value (types first, then ranges and
+        cross-field rules). NaN and infinities fail every float check."""
         problems = []
-        for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+        for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "num_classes"):
+            value, low, high = getattr(self, key), (0 if key == "num_classes" else 1), LIMITS.get(key)
+            if not _is_int(value):
+                problems.append(f"{key}={value!r} must be an integer")
+            elif value < low or (high is not None and value > high):
+                problems.append(f"{key}={value!r} must be in [{low}, {high if high is not None else 'inf'}]"
+                                + (" (see vitlab.config.LIMITS)" if high is not None and value > high else ""))
+        for key in ("qkv_bias", "class_token"):
+            if not isinstance(getattr(self, key), bool):
+                problems.append(f"{key}={getattr(self, key)!r} must be true or false")
+        if self.fc_norm is not None and not isinstance(self.fc_norm, bool):
+            problems.append(f"fc_norm={self.fc_norm!r} must be true, false or null")
+        for key, choices in (("pool", POOLS), ("pos_embed", POS_EMBEDS)):
+            if not isinstance(getattr(self, key), str) or getattr(self, key) not in choices:
+                problems.append(f"{key}={getattr(self, key)!r} must be one of {choices}")
+        if not _is_float(self.mlp_ratio) or not 0 < self.mlp_ratio <= LIMITS["mlp_ratio"]:
+            problems.append(f"mlp_ratio={self.mlp_ratio!r} must be a number in (0, {LIMITS['mlp_ratio']}]")
+        for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                problems.append(f"{key}={value!r} must be a positive integer")
-        if not isinstance(self.num_classes, int) or self.num_classes < 0:
-            problems.append(f"num_classes={self.num_classes!r} must be an integer >= 0")
-        if problems:  # the checks below need sane integers
+            if not _is_float(value) or not 0.0 <= value < 1.0:
+                problems.append(f"{key}={value!r} must be a number in [0, 1)")
+        if self.init_values is not None and (not _is_float(self.init_values) or not self.init_values > 0):
+            problems.append(f"init_values={self.init_values!r} must be a finite number > 0, or null")
+        if not _is_float(self.norm_eps) or not 0 < self.norm_eps < 1:
+            problems.append(f"norm_eps={self.norm_eps!r} must be a number in (0, 1)")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if not isinstance(value, tuple) or not all(_is_float(v) for v in value):
+                problems.append(f"{key}={value!r} must be a list of finite numbers, one per channel")
+            elif key == "std" and any(v <= 0 for v in value):
+                problems.append(f"std={value} must be > 0")
+        if self.class_names is not None and (not isinstance(self.class_names, tuple)
+                                             or not all(isinstance(n, str) for n in self.class_names)):
+            problems.append(f"class_names={_short(self.class_names)} must be a list of strings, or null")
+        if self.name is not None and not isinstance(self.name, str):
+            problems.append(f"name={self.name!r} must be a string or null")
+        if problems:  # the cross-field checks below need values of the right types and sizes
             raise ConfigError("invalid ViTConfig: " + "; ".join(problems))
         if self.img_size % self.patch_size:
             problems.append(f"img_size={self.img_size} is not divisible by patch_size={self.patch_size}")
+        elif self.num_patches > LIMITS["num_patches"]:
+            problems.append(f"img_size={self.img_size} with patch_size={self.patch_size} gives {self.num_patches} "
+                            f"patches, more than {LIMITS['num_patches']} (see vitlab.config.LIMITS)")
         if self.embed_dim % self.num_heads:
             problems.append(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
-        if self.pool not in POOLS:
-            problems.append(f"pool={self.pool!r} must be one of {POOLS}")
+        if self.mlp_hidden_dim < 1:
+            problems.append(f"mlp_ratio={self.mlp_ratio} gives an MLP of width {self.mlp_hidden_dim} "
+                            f"(embed_dim={self.embed_dim})")
         if self.pool == "token" and not self.class_token:
             problems.append("pool='token' needs class_token=True")
-        if self.pos_embed not in POS_EMBEDS:
-            problems.append(f"pos_embed={self.pos_embed!r} must be one of {POS_EMBEDS}")
         if self.pos_embed == "sincos" and self.embed_dim % 4:
             problems.append(f"pos_embed='sincos' needs embed_dim divisible by 4, got embed_dim={self.embed_dim}")
-        if not self.mlp_ratio > 0:
-            problems.append(f"mlp_ratio={self.mlp_ratio!r} must be > 0")
-        for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
-            value = getattr(self, key)
-            if not 0.0 <= value < 1.0:
-                problems.append(f"{key}={value!r} must be in [0, 1)")
-        if self.init_values is not None and not self.init_values > 0:
-            problems.append(f"init_values={self.init_values!r} must be > 0 or None")
-        if not self.norm_eps > 0:
-            problems.append(f"norm_eps={self.norm_eps!r} must be > 0")
         for key in ("mean", "std"):
             if len(getattr(self, key)) != self.in_chans:
                 problems.append(f"{key} has {len(getattr(self, key))} values but in_chans={self.in_chans}")
-        if any(s <= 0 for s in self.std):
-            problems.append(f"std={self.std} must be > 0")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             problems.append(f"class_names has {len(self.class_names)} names but num_classes={self.num_classes}")
+        if not problems and self.num_params > LIMITS["num_params"]:
+            problems.append(f"this config has {self.num_params / 1e9:.1f}B parameters, more than "
+                            f"{LIMITS['num_params'] / 1e9:.0f}B (see vitlab.config.LIMITS)")
         if problems:
             raise ConfigError("invalid ViTConfig: " + "; ".join(problems))
 
@@ -167,6 +257,9 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"a ViTConfig is a mapping of field names to values, got {type(d).__name__} "
+                              f"{_short(d)}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -178,7 +271,11 @@ class ViTConfig:
 
     @classmethod
     def from_json(cls, text: str) -> ViTConfig:
-        return cls.from_dict(json.loads(text))
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"a ViTConfig must be JSON: {e}") from None
+        return cls.from_dict(d)
 
     def replace(self, **changes: Any) -> ViTConfig:
         """A copy with some fields changed (validated; unknown names are an error)."""
@@ -269,4 +366,4 @@ def list_models() -> list[str]:
     return list(PRESETS)
 
 
-__all__ = ["ViTConfig", "PRESETS", "SIZES", "get_config", "parse_variant", "list_models"]
+__all__ = ["ViTConfig", "PRESETS", "LIMITS", "SIZES", "get_config", "parse_variant", "list_models"]

@@ -8,6 +8,7 @@ but whose files keep this layout); vitlab packs them into timm's fused `qkv`.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ import torch
 
 from ..config import ViTConfig
 from ..errors import ConversionError, ModelFileError
-from .keymap import rename
-from .modeldir import _atomic_write, read_state_dict
+from ..util import atomic_write, atomic_write_text
+from .keymap import block_count, rename
+from .modeldir import MAX_CONFIG_BYTES, _regular_file, read_state_dict
 from .timm import infer_config
 from .torchvision import classic_vit_problems
 
@@ -51,64 +53,172 @@ TABLE: list[tuple[str, str]] = [
 ]
 
 
+def _read_json(file: Path, what: str) -> dict[str, Any]:
+    """A JSON object from `file`, or one clear error naming the file."""
+    _regular_file(file, what)
+    if file.stat().st_size > MAX_CONFIG_BYTES:
+        raise ModelFileError(f"{file} is {file.stat().st_size:,} bytes; too large for {what}")
+    try:
+        doc = json.loads(file.read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise ModelFileError(f"{file} is not valid JSON ({str(e)[:120]})") from None
+    if not isinstance(doc, dict):
+        raise ModelFileError(f"{file} must hold a JSON object, not a {type(doc).__name__}")
+    return doc
+
+
+def _shard_path(folder: Path, index: Path, shard: Any) -> Path:
+    """A shard named by an index file, refused unless it is a plain file name inside `folder`."""
+    if not isinstance(shard, str) or not shard:
+        raise ModelFileError(f"{index}: shard name {shard!r} is not a file name")
+    if os.path.isabs(shard) or ".." in Path(shard).parts:
+        raise ModelFileError(f"{index} names shard {shard!r} outside {folder}; refusing to read it")
+    file = folder / shard
+    if not file.resolve().is_relative_to(folder.resolve()):  # e.g. a symlinked subfolder
+        raise ModelFileError(f"{index} names shard {shard!r}, which resolves outside {folder}; refusing to read it")
+    return file
+
+
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     for name in ("model.safetensors", "pytorch_model.bin"):
-        if (path / name).is_file():
+        if (path / name).exists():
             return read_state_dict(path / name)
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (path / index).is_file():
-            shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
-            state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(read_state_dict(path / shard))
-            return state
+    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / name
+        if not index.exists():
+            continue
+        weight_map = _read_json(index, "a sharded-weights index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelFileError(f"{index} has no 'weight_map' object (tensor name -> shard file)")
+        files = {shard: _shard_path(path, index, shard) for shard in set(weight_map.values())}
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(files):
+            part = read_state_dict(files[shard])
+            twice = sorted(set(part) & set(state))
+            if twice:
+                raise ModelFileError(f"{index}: tensor(s) {twice[:3]} appear in more than one shard")
+            state.update(part)
+        absent = [k for k in weight_map if k not in state]
+        if absent:
+            raise ModelFileError(f"{index} lists {len(absent)} tensor(s) that no shard holds, e.g. {absent[:3]}")
+        return state
     raise ModelFileError(f"{path} has no model.safetensors or pytorch_model.bin (nor a sharded index)")
 
 
-def _size(value: Any, field: str) -> int:
-    if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
-            raise ConversionError(f"non-square {field} {value} is not supported")
+def _hf_int(hf: dict[str, Any], field: str, file: Path, default: Any = None) -> int:
+    """An integer field of a Hugging Face config (a square [n, n] pair counts as n)."""
+    value = hf.get(field, default)
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        if value[0] != value[1]:
+            raise ConversionError(f"{file}: non-square {field} {value} is not supported")
         value = value[0]
-    return int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        shown = "missing" if field not in hf else f"{value!r}"
+        raise ConversionError(f"{file}: {field} is {shown}; expected a positive integer")
+    return value
+
+
+def _hf_float(hf: dict[str, Any], field: str, file: Path, default: float) -> float:
+    value = hf.get(field, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConversionError(f"{file}: {field}={value!r} must be a finite number")
+    return float(value)
+
+
+def _class_names(hf: dict[str, Any], file: Path) -> tuple[str, ...] | None:
+    """Class names from id2label ({"0": "cat", ...}), or None for transformers' LABEL_i defaults."""
+    id2label = hf.get("id2label") or {}
+    if not isinstance(id2label, dict):
+        raise ConversionError(f"{file}: id2label must be an object {{\"0\": \"name\", ...}}, "
+                              f"not a {type(id2label).__name__}")
+    bad = {k: v for k, v in id2label.items() if not isinstance(v, str)}
+    if bad:
+        raise ConversionError(f"{file}: id2label values must be strings, got {dict(list(bad.items())[:3])}")
+    names = [id2label.get(str(i)) for i in range(len(id2label))]  # keys other than 0..n-1: no names
+    return tuple(names) if names and all(n and not n.startswith("LABEL_") for n in names) else None
+
+
+def _preprocessing(path: Path, channels: int) -> dict[str, tuple[float, ...]]:
+    """mean/std from preprocessor_config.json, if present (a single number applies to every channel)."""
+    file = path / "preprocessor_config.json"
+    if not file.exists():
+        return {}
+    p = _read_json(file, "the image preprocessing settings")
+    if "image_mean" not in p or "image_std" not in p:
+        return {}
+    out = {}
+    for field, key in (("image_mean", "mean"), ("image_std", "std")):
+        value = p[field]
+        value = [value] * channels if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if (not isinstance(value, list) or len(value) != channels
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                           for v in value)):
+            raise ConversionError(f"{file}: {field}={value!r} must be {channels} finite numbers "
+                                  f"(one per input channel)")
+        out[key] = tuple(float(v) for v in value)
+    return out
+
+
+def _fuse_qkv(state: dict[str, torch.Tensor], depth: int, source: str) -> None:
+    """q, k, v -> timm's fused qkv, in that order (in place)."""
+    for i in range(depth):
+        for kind in ("weight", "bias"):
+            names = [f"blocks.{i}.attn.{c}.{kind}" for c in "qkv"]
+            present = [n for n in names if n in state]
+            if not present:
+                continue
+            if len(present) != 3:
+                raise ConversionError(f"{source}: layer {i} has attention {kind}(s) "
+                                      f"{[n.split('.')[-2] for n in present]} but not all of query, key, value")
+            shapes = {tuple(state[n].shape) for n in names}
+            if len(shapes) != 1 or len(next(iter(shapes))) not in (1, 2):
+                raise ConversionError(f"{source}: layer {i} query/key/value {kind}s have shapes {sorted(shapes)}; "
+                                      f"expected three equal matrices (or vectors)")
+            state[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([state.pop(n) for n in names])
 
 
 def from_hf(path: str | os.PathLike, base: ViTConfig | None = None, **known: Any) -> tuple[ViTConfig, dict]:
-    """(config, timm-named state) from a Hugging Face ViT directory."""
+    """(config, timm-named state) from a Hugging Face ViT directory.
+
+    Every size in config.json is checked against the weights before it is used."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ModelFileError(f"{path / 'config.json'} is missing: not a Hugging Face save_pretrained directory")
-    hf = json.loads((path / "config.json").read_text())
+    file = path / "config.json"
+    if not file.exists():
+        raise ModelFileError(f"{file} is missing: not a Hugging Face save_pretrained directory")
+    hf = _read_json(file, "a Hugging Face save_pretrained directory holds config.json")
     if hf.get("model_type") != "vit":
-        raise ConversionError(f"{path / 'config.json'} has model_type={hf.get('model_type')!r}, expected 'vit'")
+        raise ConversionError(f"{file} has model_type={hf.get('model_type')!r}, expected 'vit'")
     if hf.get("hidden_act", "gelu") != "gelu":
-        raise ConversionError(f"hidden_act={hf['hidden_act']!r} is not supported (vitlab uses exact GELU)")
+        raise ConversionError(f"{file}: hidden_act={hf['hidden_act']!r} is not supported (vitlab uses exact GELU)")
+    layers = _hf_int(hf, "num_hidden_layers", file)
+    heads = _hf_int(hf, "num_attention_heads", file)
     raw = _read_hf_weights(path)
     raw = {k.removeprefix("vit."): v for k, v in raw.items()
            if not k.startswith(("pooler.", "vit.pooler.", "embeddings.mask_token", "vit.embeddings.mask_token"))}
     state = rename(raw, TABLE, str(path))
-    for i in range(int(hf["num_hidden_layers"])):  # q, k, v -> timm's fused qkv, in that order
-        for kind in ("weight", "bias"):
-            parts = [state.pop(f"blocks.{i}.attn.{c}.{kind}", None) for c in "qkv"]
-            if all(p is not None for p in parts):
-                state[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(parts)
-    id2label = hf.get("id2label") or {}
-    names = [id2label.get(str(i), id2label.get(i)) for i in range(len(id2label))]
-    if names and all(n and not n.startswith("LABEL_") for n in names):
-        known.setdefault("class_names", tuple(names))
-    proc = path / "preprocessor_config.json"
-    if proc.is_file():
-        p = json.loads(proc.read_text())
-        if "image_mean" in p and "image_std" in p:
-            known.setdefault("mean", tuple(p["image_mean"]))
-            known.setdefault("std", tuple(p["image_std"]))
-    known.setdefault("num_heads", int(hf["num_attention_heads"]))
-    known.setdefault("norm_eps", float(hf.get("layer_norm_eps", 1e-12)))
-    known.setdefault("drop_rate", float(hf.get("hidden_dropout_prob", 0.0)))
-    known.setdefault("attn_drop_rate", float(hf.get("attention_probs_dropout_prob", 0.0)))
+    depth = block_count(state)
+    if depth != layers:
+        raise ConversionError(f"{file} says num_hidden_layers={layers} but the weights hold {depth} layers")
+    _fuse_qkv(state, depth, str(path))
+    names = _class_names(hf, file)
+    if names is not None:
+        known.setdefault("class_names", names)
+    channels = state["patch_embed.proj.weight"].shape[1] if state.get("patch_embed.proj.weight") is not None \
+        and state["patch_embed.proj.weight"].ndim == 4 else _hf_int(hf, "num_channels", file, 3)
+    for key, value in _preprocessing(path, channels).items():
+        known.setdefault(key, value)
+    known.setdefault("num_heads", heads)
+    known.setdefault("norm_eps", _hf_float(hf, "layer_norm_eps", file, 1e-12))
+    known.setdefault("drop_rate", _hf_float(hf, "hidden_dropout_prob", file, 0.0))
+    known.setdefault("attn_drop_rate", _hf_float(hf, "attention_probs_dropout_prob", file, 0.0))
     cfg = infer_config(state, base=base, source=str(path), **known)
-    if cfg.img_size != _size(hf.get("image_size", cfg.img_size), "image_size"):
-        raise ConversionError(f"{path}: config.json says image_size={hf['image_size']} but the position "
+    for field, ours in (("hidden_size", cfg.embed_dim), ("patch_size", cfg.patch_size),
+                        ("num_channels", cfg.in_chans), ("intermediate_size", cfg.mlp_hidden_dim)):
+        if field in hf and _hf_int(hf, field, file) != ours:
+            raise ConversionError(f"{file} says {field}={hf[field]} but the weights have {ours}")
+    image_size = _hf_int(hf, "image_size", file, cfg.img_size)
+    if cfg.img_size != image_size:
+        raise ConversionError(f"{path}: config.json says image_size={image_size} but the position "
                               f"embedding is for {cfg.img_size} px")
     return cfg, state
 
@@ -150,7 +260,7 @@ def to_hf(model, out: str | os.PathLike) -> Path:
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "model.safetensors", lambda tmp: save_file(hf_state, tmp, metadata={"format": "pt"}))
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(hf_state, tmp, metadata={"format": "pt"}))
     for name, doc in (("config.json", hf_config), ("preprocessor_config.json", processor)):
-        _atomic_write(out / name, lambda tmp, doc=doc: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
+        atomic_write_text(out / name, json.dumps(doc, indent=2) + "\n")
     return out

@@ -2,60 +2,76 @@
 
 Both files are written to temporary names and renamed into place, so an interrupted save never
 leaves a half-written model where a good one was. Loading never unpickles: safetensors for our
-own files, `torch.load(weights_only=True)` for foreign `.pth` files.
+own files, `torch.load(weights_only=True)` for foreign `.pth` files. Loading trusts no size in
+config.json: the config is checked against the weights file's header (shapes only, no data)
+before the model is built, so a config that says depth=10**9 fails at once.
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import stat
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import ViTConfig
 from ..errors import ConfigError, ModelFileError
 from ..model import VisionTransformer
 from ..pos_embed import resample_pos_embed
+from ..util import atomic_write, atomic_write_text, unwrap_model
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "vitlab.model/1"
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename tmp over path (same directory, so the rename is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+MAX_CONFIG_BYTES = 64 << 20  # a config with a million class names is ~20 MB
+FLOAT_DTYPES = {"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"}
 
 
 def save_model(model: VisionTransformer, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
     """Write `model` to directory `path` (created if needed); returns the directory.
 
     `extra` (JSON-serialisable, e.g. measured metrics) is stored beside the config in config.json.
-    Accepts DDP- or torch.compile-wrapped models and saves the module underneath.
+    Accepts DDP- or torch.compile-wrapped models and saves the module underneath. Files get the
+    mode a plain `open()` would give them (the umask applies).
     """
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    model = getattr(model, "_orig_mod", model)  # torch.compile
+    model = unwrap_model(model)
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"save_model expects a vitlab VisionTransformer, got {type(model).__name__}")
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if out.exists() and not out.is_dir():
+        raise ModelFileError(f"{out} exists and is not a directory; a model is saved as a directory")
+    # Serialise everything before writing anything: a bad `extra` must not leave new weights
+    # beside the old config.
     doc = {"format": FORMAT, "config": model.config.to_dict(), **({"extra": extra} if extra else {})}
+    try:
+        text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"save_model: extra={extra!r} is not plain JSON ({e})") from None
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    out.mkdir(parents=True, exist_ok=True)
     # Weights first: a config.json only ever sits beside weights that were fully written.
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write_text(out / CONFIG_NAME, text)
     return out
+
+
+def _regular_file(file: Path, what: str) -> Path:
+    """`file` if it is a regular file (after symlinks); a clear error for missing files, folders,
+    devices (a link to /dev/zero) and FIFOs, which would otherwise be read forever."""
+    try:
+        mode = file.stat().st_mode
+    except FileNotFoundError:
+        raise ModelFileError(f"{file} is missing; {what}") from None
+    except OSError as e:
+        raise ModelFileError(f"{file} cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a device, FIFO or socket)"
+        raise ModelFileError(f"{file} is {kind}; {what}")
+    return file
 
 
 def read_config(path: str | os.PathLike) -> tuple[ViTConfig, dict[str, Any]]:
@@ -63,26 +79,80 @@ def read_config(path: str | os.PathLike) -> tuple[ViTConfig, dict[str, Any]]:
     file = Path(path) / CONFIG_NAME
     if not Path(path).is_dir():
         raise ModelFileError(f"{path} is not a model directory (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
-    if not file.is_file():
-        raise ModelFileError(f"{file} is missing; a model directory holds {CONFIG_NAME} + {WEIGHTS_NAME}")
+    _regular_file(file, f"a model directory holds {CONFIG_NAME} + {WEIGHTS_NAME}")
+    if file.stat().st_size > MAX_CONFIG_BYTES:
+        raise ModelFileError(f"{file} is {file.stat().st_size:,} bytes, more than a model config can be "
+                             f"({MAX_CONFIG_BYTES:,}); it is not a vitlab config")
     try:
-        doc = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelFileError(f"{file} is not valid JSON ({e}); the file is truncated or corrupted") from None
+        doc = json.loads(file.read_bytes())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ModelFileError(f"{file} is not valid JSON ({str(e)[:120]}); the file is truncated or "
+                             f"corrupted") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or "config" not in doc:
         found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise ModelFileError(f"{file} is not a vitlab model config (format {found!r}, expected {FORMAT!r})")
+    extra = doc.get("extra", {})
+    if not isinstance(extra, dict):
+        raise ModelFileError(f"{file}: 'extra' must be a mapping, got {type(extra).__name__}")
     try:
-        return ViTConfig.from_dict(doc["config"]), doc.get("extra", {})
+        return ViTConfig.from_dict(doc["config"]), extra
     except (ConfigError, TypeError) as e:
         raise ModelFileError(f"{file} holds an invalid config: {e}") from None
 
 
+def read_shapes(file: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of a .safetensors file from its header alone (no tensor data is read)."""
+    file = _regular_file(Path(file), "the weights file is needed")
+    if file.stat().st_size == 0:
+        raise ModelFileError(f"{file} is empty (0 bytes)")
+    try:
+        with safe_open(file, "pt") as f:
+            shapes, dtypes = {}, {}
+            for key in f.keys():
+                piece = f.get_slice(key)
+                shapes[key], dtypes[key] = tuple(piece.get_shape()), piece.get_dtype()
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelFileError(f"{file} cannot be read as safetensors ({e}); the file is truncated "
+                             f"or corrupted") from None
+    odd = {k: d for k, d in dtypes.items() if d not in FLOAT_DTYPES}
+    if odd:
+        raise ModelFileError(f"{file} holds non-float tensors {dict(list(odd.items())[:3])}; model weights "
+                             f"are float")
+    return shapes
+
+
+def check_shapes(cfg: ViTConfig, shapes: dict[str, tuple[int, ...]], source: str,
+                 resample_pos: bool = False) -> None:
+    """Raise ModelFileError unless `shapes` (a weights file's {key: shape}) are exactly the tensors
+    of a model built from `cfg`. Cheap, so it runs before the model is built: a config that lies
+    about its sizes fails here instead of allocating. With `resample_pos`, a learned position
+    embedding may be for another patch grid (load_state_into resamples it)."""
+    want = cfg.state_shapes()
+    missing = [k for k in want if k not in shapes]
+    unexpected = [k for k in shapes if k not in want]
+    wrong = []
+    for k in want:
+        if k not in shapes or shapes[k] == want[k]:
+            continue
+        if k == "pos_embed" and resample_pos and len(shapes[k]) == 3 and shapes[k][0] == 1 \
+                and shapes[k][2] == want[k][2] and shapes[k][1] > cfg.num_prefix_tokens:
+            continue
+        wrong.append(f"{k}: file {shapes[k]} vs config {want[k]}")
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s) e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s) e.g. {unexpected[:3]}")
+        if wrong:
+            parts.append(f"shape mismatch {wrong[:3]}")
+        raise ModelFileError(f"{source} does not match the config: " + "; ".join(parts)
+                             + f" (config: depth={cfg.depth}, embed_dim={cfg.embed_dim}, img_size={cfg.img_size})")
+
+
 def read_state_dict(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors from a .safetensors file or a .pth/.pt/.bin state dict, without running pickled code."""
-    file = Path(file)
-    if not file.is_file():
-        raise ModelFileError(f"{file} is missing")
+    file = _regular_file(Path(file), "pass a weights file (.safetensors, .pth, .pt or .bin)")
     if file.stat().st_size == 0:
         raise ModelFileError(f"{file} is empty (0 bytes)")
     if file.suffix == ".safetensors":
@@ -100,8 +170,13 @@ def read_state_dict(file: str | os.PathLike) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelFileError(f"{file} does not hold a state dict of tensors")
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                       for k, v in obj.items()):
+        raise ModelFileError(f"{file} does not hold a state dict of tensors (names -> tensors)")
+    odd = {k: str(v.dtype) for k, v in obj.items() if not v.is_floating_point()}
+    if odd:
+        raise ModelFileError(f"{file} holds non-float tensors {dict(list(odd.items())[:3])}; model weights "
+                             f"are float")
     return obj
 
 
@@ -138,10 +213,14 @@ def load_model(path: str | os.PathLike, img_size: int | None = None, attn_impl: 
     the weights' shapes (e.g. `drop_path_rate`).
     """
     cfg, _ = read_config(path)
+    weights = Path(path) / WEIGHTS_NAME
+    shapes = read_shapes(weights)
+    check_shapes(cfg, shapes, str(weights))  # before anything is built: sizes come from the file
     if img_size is not None:
         overrides["img_size"] = img_size
     if overrides:
         cfg = cfg.replace(**overrides)
+        check_shapes(cfg, shapes, f"{weights} (with overrides {overrides})", resample_pos=True)
     model = VisionTransformer(cfg, attn_impl=attn_impl)
-    load_state_into(model, read_state_dict(Path(path) / WEIGHTS_NAME), str(Path(path) / WEIGHTS_NAME))
+    load_state_into(model, read_state_dict(weights), str(weights))
     return model

@@ -6,6 +6,7 @@ or the ViT-paper rule of 64-wide heads (true for Ti/S/B/L, not for H, which has 
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -25,15 +26,26 @@ def infer_config(state: dict[str, torch.Tensor], base: ViTConfig | None = None, 
     if "patch_embed.proj.weight" not in state:
         raise ConversionError(f"{source} has no 'patch_embed.proj.weight': not a ViT state dict in timm "
                               f"layout (first keys: {list(state)[:4]})")
-    D, C, p, p2 = state["patch_embed.proj.weight"].shape
+    def shape(key: str, ndim: int) -> tuple[int, ...]:
+        value = state[key]
+        if not isinstance(value, torch.Tensor) or value.ndim != ndim or 0 in value.shape:
+            found = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ConversionError(f"{source}: {key!r} has shape {found}; expected a non-empty {ndim}-D tensor")
+        return tuple(value.shape)
+
+    D, C, p, p2 = shape("patch_embed.proj.weight", 4)
     if p != p2:
         raise ConversionError(f"{source}: non-square patches {p}x{p2} are not supported")
     class_token = "cls_token" in state
     prefix = 1 if class_token else 0
     fields: dict[str, Any] = {}
     if "pos_embed" in state:
-        n_grid = state["pos_embed"].shape[1] - prefix
-        grid = int(round(n_grid**0.5))
+        one, n_tokens, width = shape("pos_embed", 3)
+        if one != 1 or width != D or n_tokens <= prefix:
+            raise ConversionError(f"{source}: pos_embed has shape {(one, n_tokens, width)}; expected "
+                                  f"(1, {prefix} + patches, {D})")
+        n_grid = n_tokens - prefix
+        grid = math.isqrt(n_grid)
         if grid * grid != n_grid:
             raise ConversionError(f"{source}: pos_embed has {n_grid} patch positions, not a square grid")
         fields.update(pos_embed="learn", img_size=grid * p)
@@ -46,14 +58,17 @@ def infer_config(state: dict[str, torch.Tensor], base: ViTConfig | None = None, 
     else:
         raise ConversionError(f"{source} has neither 'norm.weight' nor 'fc_norm.weight'")
     fields.update(pool=pool, fc_norm=None if fc_norm == (pool == "avg") else fc_norm)  # None: the default
-    fc1 = state.get("blocks.0.mlp.fc1.weight")
     depth = block_count(state)
-    if depth == 0 or fc1 is None:
+    if depth == 0 or "blocks.0.mlp.fc1.weight" not in state:
         raise ConversionError(f"{source} has no transformer blocks ('blocks.0.mlp.fc1.weight' is missing)")
+    hidden, fc1_in = shape("blocks.0.mlp.fc1.weight", 2)
+    if fc1_in != D:
+        raise ConversionError(f"{source}: blocks.0.mlp.fc1.weight has shape {(hidden, fc1_in)} but the patch "
+                              f"embedding is {D} wide")
     fields.update(
         patch_size=p, in_chans=C, embed_dim=D, depth=depth, class_token=class_token,
-        mlp_ratio=fc1.shape[0] / D, qkv_bias="blocks.0.attn.qkv.bias" in state,
-        num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
+        mlp_ratio=hidden / D, qkv_bias="blocks.0.attn.qkv.bias" in state,
+        num_classes=shape("head.weight", 2)[0] if "head.weight" in state else 0,
         # The stored gamma overwrites this start value; only its presence matters.
         init_values=1e-5 if "blocks.0.ls1.gamma" in state else None,
     )
@@ -69,8 +84,8 @@ def infer_config(state: dict[str, torch.Tensor], base: ViTConfig | None = None, 
     merged = {**(base.to_dict() if base else {}), **fields, **known}
     if merged.get("class_names") is not None and len(merged["class_names"]) != fields["num_classes"]:
         merged["class_names"] = None  # the base's names describe another head
-    if len(merged.get("mean", ())) != C:
-        merged["mean"], merged["std"] = (0.5,) * C, (0.5,) * C
+    if "mean" not in known and "std" not in known and len(merged.get("mean", ())) != C:
+        merged["mean"], merged["std"] = (0.5,) * C, (0.5,) * C  # the base's statistics are for other channels
     if merged.get("img_size") is None:
         raise ConversionError(f"{source} has fixed position embeddings; give the image size")
     try:
