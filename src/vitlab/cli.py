@@ -46,13 +46,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """Convert a timm / torchvision / Hugging Face checkpoint into a vitlab model directory."""
     from .weights.convert import convert
     known = {}
-    if args.num_heads:
+    if args.num_heads is not None:  # 0 is a value to reject, not "unset"
         known["num_heads"] = args.num_heads
-    if args.img_size:
+    if args.img_size is not None:
         known["img_size"] = args.img_size
     if args.pool:
         known["pool"] = args.pool
-    model = convert(args.src, args.source, args.out, preset=args.preset, **known)
+    model = convert(args.src, args.source, args.out, preset=args.preset, force=args.force, **known)
     cfg = model.config
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out}: {cfg.img_size}px patch {cfg.patch_size}, {cfg.depth}x{cfg.embed_dim} "
@@ -220,7 +220,10 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
                    "save_pretrained directory for hf")
     p.add_argument("--from", dest="source", required=True, choices=["timm", "torchvision", "hf"],
                    help="layout of SRC")
-    p.add_argument("--out", required=True, help="model directory to write (config.json + model.safetensors)")
+    p.add_argument("--out", required=True, help="model directory to write (config.json + model.safetensors); "
+                   "must not exist or be empty")
+    p.add_argument("--force", action="store_true", help="replace --out if it is a vitlab model directory "
+                   "(never the source)")
     p.add_argument("--preset", help="preset whose head count, eps and mean/std apply (e.g. vit_base_patch16_224)")
     p.add_argument("--num-heads", type=int, help="attention heads, if not width/64 and no preset")
     p.add_argument("--img-size", type=int, help="input size, for checkpoints with fixed position embeddings")
