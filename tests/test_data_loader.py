@@ -96,8 +96,10 @@ def test_rand_augment_stays_in_range_and_changes_images():
         # an image stays as it was only where every op drawn was "identity" (1 in 13 per op): 1/169
         # of the images with two ops (~0.4 of 64), 1/13 with TrivialAugment's one (~5 of 64)
         assert changed >= (60 if not trivial else 48), changed
-    grey = rand_augment(torch.rand(8, 1, 16, 16), 2, 9.0, False, torch.Generator().manual_seed(1))
-    assert grey.shape == (8, 1, 16, 16)
+    x = torch.rand(8, 1, 16, 16)
+    grey = rand_augment(x.clone(), 2, 9.0, False, torch.Generator().manual_seed(1))
+    assert grey.shape == (8, 1, 16, 16) and grey.min() >= 0 and grey.max() <= 1
+    assert ((grey - x).abs().flatten(1).amax(1) > 1e-4).sum() >= 7  # one-channel images are augmented too
 
 
 def test_augmentation_is_seeded():
@@ -137,9 +139,11 @@ def test_eval_transform_follows_the_model_record():
     out = EvalTransform(cfg)(grey)
     assert out.shape == (2, 3, 16, 16)
     torch.testing.assert_close(out, torch.ones(2, 3, 16, 16))  # (1 - 0.5) / 0.5
-    rgb = torch.zeros((2, 3, 16, 16), dtype=torch.uint8)
+    red = torch.zeros((2, 3, 16, 16), dtype=torch.uint8)
+    red[:, 0] = 255
     g1 = cfg.replace(in_chans=1, mean=(0.0,), std=(1.0,))
-    assert EvalTransform(g1)(rgb).shape == (2, 1, 16, 16)
+    # RGB -> grey with the ITU-R BT.601 luma weights (as Pillow's "L" mode): pure red is 0.299
+    torch.testing.assert_close(EvalTransform(g1)(red), torch.full((2, 1, 16, 16), 0.299))
 
 
 def test_augment_config_validation():

@@ -42,6 +42,14 @@ def test_load_at_another_resolution(tmp_path):
     big = vitlab.load_model(tmp_path / "m", img_size=32).eval()
     assert big.config.img_size == 32 and big.pos_embed.shape == (1, 1 + 64, 32)
     assert torch.isfinite(big(torch.randn(2, 3, 32, 32))).all()
+    # only the patch positions are resampled: every other tensor, the class token's position included
+    want, got = model.state_dict(), big.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        assert k == "pos_embed" or torch.equal(got[k], want[k]), k
+    assert torch.equal(got["pos_embed"][:, 0], want["pos_embed"][:, 0])
+    # a 4x4 grid resampled to 8x8: the mean of the patch positions is kept (up to interpolation)
+    torch.testing.assert_close(got["pos_embed"][:, 1:].mean(1), want["pos_embed"][:, 1:].mean(1), atol=0.01, rtol=0)
     # at the original size the resampled model is the original
     same = vitlab.load_model(tmp_path / "m", img_size=16).eval()
     x = torch.randn(2, 3, 16, 16)
