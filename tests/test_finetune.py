@@ -1,0 +1,92 @@
+"""One end-to-end fine-tuning run from `model.pretrained`: a 10-class 16-px model fine-tuned on a
+3-class 24-px image folder with layer-wise lr decay. The run's starting point (new head, resampled
+position embedding, pretrained body) and its parameter groups' lrs are checked exactly."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vitlab
+import vitlab.train as train_mod
+from vitlab.config import ViTConfig
+from vitlab.engine.args import load_run_config
+from vitlab.pos_embed import resample_pos_embed
+from vitlab.weights.modeldir import save_model
+
+
+def _pretrained(path: Path) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    cfg = ViTConfig(img_size=16, patch_size=4, num_classes=10, embed_dim=16, depth=3, num_heads=2, pool="token",
+                    class_token=True, pos_embed="learn", mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6),
+                    class_names=tuple(str(i) for i in range(10)))
+    model = vitlab.VisionTransformer(cfg)
+    with torch.no_grad():  # a position embedding with structure, as if it had been trained
+        model.pos_embed.normal_(0, 1.0)
+        model.head.weight.normal_(0, 1.0)
+    save_model(model, path)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _folder(root: Path, classes=("fox", "cat", "dog"), n: int = 12, size: int = 24) -> Path:
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            img = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+            img[:, :, c] += 150
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    return root
+
+
+def test_finetune_from_pretrained_with_layer_decay(tmp_path, monkeypatch):
+    original = _pretrained(tmp_path / "pre")
+    data = _folder(tmp_path / "data")
+    seen = {}
+    real_fit = train_mod.fit
+
+    def inspecting_fit(trainer, *args, **kw):  # the trainer exactly as training begins
+        seen["start"] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        name_of = {id(p): n for n, p in trainer.model.named_parameters()}
+        seen["lr"] = {name_of[id(p)]: g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+        return real_fit(trainer, *args, **kw)
+    monkeypatch.setattr(train_mod, "fit", inspecting_fit)
+    cfg = load_run_config(None, [f"data.name={data}", "data.val_size=6", f"model.pretrained={tmp_path / 'pre'}",
+                                 "model.img_size=24", "optim.layer_decay=0.75", "optim.lr=0.01",
+                                 "optim.warmup_epochs=0", "train.batch_size=6", "train.epochs=2",
+                                 "augment.crop_pad=0", "augment.flip=false", "runtime.progress=false",
+                                 "runtime.precision=fp32", "train.test_at_end=false"])
+    results = train_mod.train(cfg, tmp_path / "run")
+    start = seen["start"]
+
+    # a new, zero-initialised head for the folder's 3 classes (sorted folder names)
+    assert start["head.weight"].shape == (3, 16) and start["head.bias"].shape == (3,)
+    assert not start["head.weight"].any() and not start["head.bias"].any()
+    # the learned position embedding resampled from the 4x4 grid to 6x6, class-token slot kept
+    assert original["pos_embed"].shape == (1, 1 + 16, 16) and start["pos_embed"].shape == (1, 1 + 36, 16)
+    assert torch.equal(start["pos_embed"], resample_pos_embed(original["pos_embed"], 6, 1))
+    assert torch.equal(start["pos_embed"][:, 0], original["pos_embed"][:, 0])
+    # everything else starts from the pretrained weights
+    body = [k for k in original if not k.startswith(("head.", "pos_embed"))]
+    assert len(body) > 30 and set(start) == set(original)
+    for k in body:
+        assert torch.equal(start[k], original[k]), k
+    # layer decay over depth 3: embeddings 0.75^4, block i 0.75^(3 - i), final norm and head 0.75^0
+    for name, lr in seen["lr"].items():
+        if name.startswith(("patch_embed", "cls_token", "pos_embed")):
+            scale = 0.75 ** 4
+        elif name.startswith("blocks."):
+            scale = 0.75 ** (3 - int(name.split(".")[1]))
+        else:
+            scale = 1.0
+        assert lr == pytest.approx(0.01 * scale, rel=1e-12), name
+    assert seen["lr"]["head.weight"] == pytest.approx(0.01) and seen["lr"]["blocks.0.mlp.fc1.weight"] == \
+        pytest.approx(0.01 * 0.421875) and seen["lr"]["pos_embed"] == pytest.approx(0.01 * 0.31640625)
+
+    # the fine-tuned model: the folder's classes at 24 px, the pretrained preprocessing kept
+    model = vitlab.load_model(tmp_path / "run" / "model")
+    assert model.config.class_names == ("cat", "dog", "fox") and model.config.num_classes == 3
+    assert model.config.img_size == 24 and model.config.mean == (0.1, 0.2, 0.3) and model.config.std == (0.4, 0.5, 0.6)
+    assert results["steps"] == 8  # 24 train images (6 carved for val, 6 for test) / 6 x 2 epochs
+    assert model.head.weight.abs().sum() > 0  # the new head trained
