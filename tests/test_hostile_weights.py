@@ -176,6 +176,23 @@ def test_convert_writes_the_directory_whole_or_not_at_all(tmp_path, ckpt, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]
 
 
+def test_convert_never_replaces_an_out_filled_while_it_ran(tmp_path, ckpt, monkeypatch):
+    """--out was empty when checked, then another process wrote into it: without --force, the
+    final rename refuses instead of replacing the other process's files."""
+    import vitlab.weights.convert as conv
+    real_save = conv.save_model
+
+    def save_then_race(model, path, extra=None):
+        real_save(model, path, extra=extra)
+        (tmp_path / "out").mkdir(exist_ok=True)
+        (tmp_path / "out" / "theirs.txt").write_text("theirs")
+    monkeypatch.setattr(conv, "save_model", save_then_race)
+    with pytest.raises(ModelFileError, match="Nothing was replaced"):
+        convert(ckpt, "timm", tmp_path / "out")
+    assert tree(tmp_path / "out") == {"theirs.txt": b"theirs"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors", "out"]
+
+
 # ---- item 3: sizes in config.json are checked against the weights before anything is built -----
 @pytest.mark.parametrize("changes", [
     dict(depth=10**9), dict(embed_dim=2**40, num_heads=1), dict(img_size=2**31, patch_size=1),
@@ -653,3 +670,46 @@ def test_save_unwraps_compile_around_a_ddp_like_wrapper(tmp_path, model):
     vitlab.save_model(Wrapper(torch.compile(model)), tmp_path / "b")
     for d in ("a", "b"):
         assert set(vitlab.load_model(tmp_path / d).state_dict()) == set(model.state_dict())
+
+
+# ---- more odd files and arguments ---------------------------------------------------------------
+def test_hf_config_json_that_is_a_directory(capsys, hf_dir, tmp_path):
+    (hf_dir / "config.json").unlink()
+    (hf_dir / "config.json").mkdir()
+    assert "config.json is a directory" in cli(capsys, "convert", hf_dir, "--from", "hf", "--out", tmp_path / "o")
+
+
+def test_hf_weights_symlinked_to_dev_zero(capsys, hf_dir, tmp_path):
+    (hf_dir / "model.safetensors").unlink()
+    (hf_dir / "model.safetensors").symlink_to("/dev/zero")
+    assert "not a regular file" in cli(capsys, "convert", hf_dir, "--from", "hf", "--out", tmp_path / "o")
+
+
+def test_load_model_at_a_huge_image_size_fails_fast(saved):
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="img_size=1000000"):
+        vitlab.load_model(saved, img_size=10**6)
+    assert time.perf_counter() - start < FAST_S
+
+
+def test_create_model_with_a_huge_depth_fails_fast():
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="depth=1000000000"):
+        vitlab.create_model("S/16", depth=10**9)
+    assert time.perf_counter() - start < FAST_S
+
+
+def test_weights_with_integer_tensors(saved, model):
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["head.bias"] = torch.zeros(5, dtype=torch.int64)
+    save_file(state, saved / "model.safetensors")
+    with pytest.raises(ModelFileError, match="non-float tensors.*head.bias"):
+        vitlab.load_model(saved)
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100_000, b"\xff\xfe\x00garbage", b'{"format": "vitlab.model/1"'],
+                         ids=["deeply-nested", "not-utf8", "truncated"])
+def test_config_json_that_is_not_json(saved, raw):
+    (saved / "config.json").write_bytes(raw)
+    with pytest.raises(ModelFileError, match="config.json is not valid JSON"):
+        vitlab.load_model(saved)

@@ -56,16 +56,22 @@ def check_out(src: Path, out: Path, force: bool = False) -> None:
         raise ModelFileError(f"--force replaces only a vitlab model directory, and {e}") from None
 
 
-def _write_dir(model: VisionTransformer, out: Path, extra: dict[str, Any]) -> None:
-    """save_model into a temporary sibling, then rename it to `out`; an existing `out` is moved
-    aside first and deleted last, so at every moment either the old or the new directory is there."""
+def _write_dir(model: VisionTransformer, out: Path, extra: dict[str, Any], replace: bool) -> None:
+    """save_model into a temporary sibling, then rename it to `out`. With `replace`, an existing
+    `out` is moved aside first and deleted last, so at every moment either the old or the new
+    directory is there; without it, the rename itself refuses an `out` that is not empty (one that
+    another process filled since check_out looked)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}{TMP_SUFFIX}"
     os.mkdir(tmp)  # a plain mkdir, so the directory gets the umask's mode (mkdtemp would give 0700)
     try:
         save_model(model, tmp, extra=extra)
-        if not os.path.lexists(out):
-            os.rename(tmp, out)
+        if not (replace and os.path.lexists(out)):
+            try:
+                os.rename(tmp, out)  # atomic; replaces nothing but an empty directory
+            except OSError as e:
+                raise ModelFileError(f"--out {out} cannot be written ({e.strerror}); was it created or "
+                                     f"filled while converting? Nothing was replaced") from None
             return
         aside = out.parent / f".{out.name}.old-{secrets.token_hex(6)}{TMP_SUFFIX}"
         os.rename(out, aside)
@@ -117,5 +123,5 @@ def convert(src: str | os.PathLike, source: str, out: str | os.PathLike, preset:
     check_shapes(cfg, {k: tuple(v.shape) for k, v in state.items()}, str(src), resample_pos=True)
     model = VisionTransformer(cfg)
     load_state_into(model, state, str(src))
-    _write_dir(model, out, extra={"converted_from": {"format": source, "path": str(src)}})
+    _write_dir(model, out, extra={"converted_from": {"format": source, "path": str(src)}}, replace=force)
     return model
