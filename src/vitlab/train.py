@@ -192,27 +192,57 @@ def claim_run_dir(out: Path, resume: bool, rank: int) -> RunLock | None:
     """Rank 0 takes the run directory's lock (creating the directory for a fresh run); returns it."""
     if rank != 0:
         return None
+    if resume and not (out / "config.yaml").is_file():
+        raise RunDirError(f"cannot resume {out}: no config.yaml there (is it a vitlab run directory?)")
+    try:
+        if not resume:
+            out.mkdir(parents=True, exist_ok=True)
+        return RunLock(out)
+    except OSError as e:
+        if isinstance(e, RunDirError):
+            raise
+        raise RunDirError(f"cannot create the run directory {out}: {e.strerror or e}; choose another --out") from None
+
+
+def start_writing(out: Path, settings: RunConfig, rt: Runtime, resume: bool, resuming_from_checkpoint: bool,
+                  lock: RunLock | None) -> RunLock | None:
+    """Everything is checked: from here on the run directory is written (by rank 0, holding the
+    lock). Returns the lock, which a fresh run takes only now."""
     if not resume:
-        out.mkdir(parents=True, exist_ok=True)
-    return RunLock(out)
+        barrier(rt)  # every rank has checked before rank 0 creates anything
+        lock = claim_run_dir(out, False, rt.rank)
+        if rt.is_main:
+            if check_fresh_out(out):  # again, now under the lock
+                reset_dead_start(out)
+                print(f"taking over {out}: it holds a run that stopped before its first checkpoint "
+                      f"(no checkpoint, no model); starting it afresh with the new settings", flush=True)
+            write_run_files(out, settings, rt)
+    elif rt.is_main:
+        stale = remove_stale_temporaries(out)
+        if not resuming_from_checkpoint:
+            reset_dead_start(out)
+            print(f"resuming {out}: it stopped before its first checkpoint; starting again from step 0 "
+                  f"with its config.yaml", flush=True)
+        elif stale:
+            print(f"removed {len(stale)} unfinished checkpoint write(s) in {out / 'checkpoints'}", flush=True)
+    barrier(rt)
+    return lock
 
 
 # ---- the run --------------------------------------------------------------------------------
 def run_training(settings: RunConfig, out: Path, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) training; returns the results record. Only rank 0 writes."""
+    """Run (or resume) training; returns the results record. Only rank 0 writes, and only once
+    the settings, the data, the model and the checkpoint to resume from have all been checked."""
     out = Path(out)
     base = resolve(settings)
     rank = dist_env()[0]
     lock = None
     try:
         if resume:
-            if not (out / "config.yaml").is_file():
-                raise RunDirError(f"cannot resume {out}: no config.yaml there (is it a vitlab run directory?)")
             lock = claim_run_dir(out, True, rank)
             found = find_resume_point(out, settings)
-            takeover = False
         else:
-            takeover = check_fresh_out(out)  # reads only: a refusal leaves nothing behind
+            check_fresh_out(out)  # reads only: a refusal leaves nothing behind
             found = None
         rt = setup_runtime(settings.runtime.device, settings.runtime.precision, settings.runtime.threads)
         torch.manual_seed(settings.train.seed)
@@ -234,25 +264,7 @@ def run_training(settings: RunConfig, out: Path, resume: bool = False) -> dict[s
                               f"{settings.train.accum_steps}")
         trainer = Trainer(model, settings, rt, len(train_loader) // settings.train.accum_steps)
         pos = restore(trainer, found) if found else Position()
-        # Everything is checked: from here on the run directory is written.
-        if not resume:
-            barrier(rt)  # every rank has checked before rank 0 creates anything
-            lock = claim_run_dir(out, False, rank)
-            if rt.is_main:
-                takeover = check_fresh_out(out)  # again, now under the lock
-                if takeover:
-                    reset_dead_start(out)
-                    print(f"taking over {out}: it holds a run that stopped before its first checkpoint "
-                          f"(no checkpoint, no model); starting it afresh with the new settings", flush=True)
-                write_run_files(out, settings, rt)
-        elif rt.is_main:
-            stale = remove_stale_temporaries(out)
-            if found is None:
-                reset_dead_start(out)
-                print(f"resuming {out}: it stopped before its first checkpoint; starting again from step 0 "
-                      f"with its config.yaml", flush=True)
-            elif stale:
-                print(f"removed {len(stale)} unfinished checkpoint write(s) in {out / 'checkpoints'}", flush=True)
+        lock = start_writing(out, settings, rt, resume, found is not None, lock)
         barrier(rt)
         logger = RunLogger(out, rt.is_main, settings.runtime.progress, resume_step=pos.step if resume else None)
         n_params = sum(p.numel() for p in model.parameters())
