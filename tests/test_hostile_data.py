@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import multiprocessing
 import os
 import pickle
 import signal
@@ -12,7 +13,7 @@ import struct
 import sys
 import tarfile
 import time
-import warnings
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -253,6 +254,22 @@ def test_permission_denied_is_a_reason(tmp_path):
         decode(f)
 
 
+def test_permission_denied_is_skipped_with_its_reason(tmp_path, monkeypatch):
+    """The same as above where the suite runs as root: the open itself is refused."""
+    root = make_classes(tmp_path / "d")
+    real_open = os.open
+
+    def deny(path, *a, **k):
+        if str(path).endswith("secret.png"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+    png(root / "a" / "secret.png", np.zeros((8, 8), np.uint8))
+    monkeypatch.setattr(os, "open", deny)
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable file\(s\): .*secret.png \(Permission denied\)"):
+        arr, kept = folders.decode_files(folders.scan(root)[0], 8, 1, workers=1)
+    assert len(arr) == 10
+
+
 def test_image_errors_pickle_with_path_and_reason():
     for cls in (ImageError, ImageTooLargeError):
         e = pickle.loads(pickle.dumps(cls("/x/a\nb.png", "why")))
@@ -275,6 +292,40 @@ def test_process_pool_carries_typed_errors(tmp_path, monkeypatch):
     files, labels, classes = folders.scan(root)
     with pytest.raises(ImageTooLargeError, match=r"thin.png: image of 500x1 .* refusing to decode it"):
         folders.decode_files(files, 8, 1, workers=2)
+
+
+def _die(job):
+    os._exit(3)  # a worker killed mid-decode (e.g. by the out-of-memory killer)
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the patched worker needs fork")
+def test_a_dead_worker_is_one_data_error(tmp_path, monkeypatch):
+    root = make_classes(tmp_path / "d", n=40)
+    files, _, _ = folders.scan(root)
+    monkeypatch.setattr(folders, "_decode_or_error", _die)
+    with pytest.raises(DataError, match="a process decoding images died .* 80 files under .*/d"):
+        folders.decode_files(files, 8, 1, workers=2)
+
+
+def png_header(w: int, h: int) -> bytes:
+    """A PNG that declares w x h and holds no pixels: what a decompression bomb's header looks like."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("w,h,match", [(20000, 20000, "exceeds"), (9000, 9000, "81,000,000 pixels exceeds")])
+def test_bomb_header_is_refused_before_decoding(tmp_path, w, h, match):
+    f = tmp_path / "bomb.png"
+    f.write_bytes(png_header(w, h))
+    with pytest.raises(ImageTooLargeError, match=match):
+        decode(f)
+
+
+def test_animated_gif_gives_its_first_frame(tmp_path):
+    frames = [Image.new("L", (20, 20), v) for v in (200, 10, 10)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    assert abs(int(decode(tmp_path / "a.gif", channels=1).mean()) - 200) <= 2
 
 
 # ---- predict on the command line ------------------------------------------------------------------
@@ -339,7 +390,7 @@ def make_classes(root: Path, classes=("a", "b"), n=5) -> Path:
     for c in classes:
         (root / c).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            png(root / c / f"{i}.png", np.full((10, 10, 3), 20 * i, np.uint8))
+            png(root / c / f"{i}.png", np.full((10, 10, 3), 20 * i % 256, np.uint8))
     return root
 
 
@@ -402,7 +453,7 @@ def test_fifo_inside_a_class_is_skipped_not_read(tmp_path):
     assert len(ds) > 0
 
 
-def test_dataset_path_that_is_a_file(tmp_path, capsys):
+def test_dataset_path_that_is_a_file(tmp_path):
     f = tmp_path / "data.png"
     f.write_text("x")
     with pytest.raises(DataError, match="is not a folder"):
