@@ -38,7 +38,8 @@ def main() -> None:
     data = load_dataset(args.dataset, "train", data_dir=args.data_dir)
     aug = AugmentConfig(crop_pad=4, flip=True, randaug_ops=2, randaug_magnitude=9, erase_prob=0.25,
                         mixup_alpha=0.8, cutmix_alpha=1.0)
-    loader = BatchLoader(data, args.batch_size, True, TrainTransform(aug, data.mean, data.std, len(data.classes)))
+    model = vitlab.create_model(args.model, num_classes=len(data.classes), mean=data.mean, std=data.std).train()
+    loader = BatchLoader(data, args.batch_size, True, TrainTransform(aug, model.config))
     it = iter(loader)
     next(it)  # warm-up
     t = time.perf_counter()
@@ -46,7 +47,6 @@ def main() -> None:
         x, y = next(it)
     loader_rate = args.batches / (time.perf_counter() - t)
 
-    model = vitlab.create_model(args.model, num_classes=len(data.classes)).train()
     step = make_step(model, fast_bf16_available("cpu"))
     step(x, y)
     t = time.perf_counter()

@@ -20,6 +20,13 @@ def plain(x, y, gen):
     return x, y
 
 
+def record(data, **kw):
+    """The preprocessing record a model trained on `data` would carry (8-px images, its stats)."""
+    c = data.images.shape[1]
+    return ViTConfig(img_size=data.images.shape[-1], patch_size=4, in_chans=c, embed_dim=32, depth=1, num_heads=2,
+                     num_classes=len(data.classes), mean=data.mean, std=data.std, **kw)
+
+
 def test_each_epoch_is_a_permutation_and_reproducible():
     data = fake_set(100, classes=100)  # label i is image i: the labels name the images
     loader = BatchLoader(data, 10, train=True, transform=plain, seed=3)
@@ -39,7 +46,7 @@ def test_drop_last_and_eval_keeps_everything():
     data = fake_set(95, classes=95)
     train = list(BatchLoader(data, 10, True, plain))
     assert len(BatchLoader(data, 10, True, plain)) == len(train) == 9 and all(len(y) == 10 for _, y in train)
-    ev = BatchLoader(data, 10, False, lambda x: x)
+    ev = BatchLoader(data, 10, False, plain)
     assert len(ev) == 10
     assert torch.cat([y for _, y in ev]).tolist() == list(range(95))  # in order, the last batch short
 
@@ -53,13 +60,13 @@ def test_ranks_get_disjoint_equal_shards():
         assert len(idx) == 50 and len(loader) == 5
         seen.append(set(idx.tolist()))
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 100  # one image left out: 101 is odd
-    ev = [set(BatchLoader(data, 10, False, lambda x: x, rank=r, world_size=2)._indices().tolist()) for r in range(2)]
+    ev = [set(BatchLoader(data, 10, False, plain, rank=r, world_size=2)._indices().tolist()) for r in range(2)]
     assert ev[0] | ev[1] == set(range(101)) and not ev[0] & ev[1]
 
 
 def test_resume_mid_epoch_gives_the_same_batches():
     data = fake_set(100)
-    tf = TrainTransform(AugmentConfig(randaug_ops=2, erase_prob=0.5), data.mean, data.std, 10)
+    tf = TrainTransform(AugmentConfig(randaug_ops=2, erase_prob=0.5), record(data))
     full = list(BatchLoader(data, 10, True, tf, seed=5))
     resumed = BatchLoader(data, 10, True, tf, seed=5)
     resumed.set_epoch(0, start_batch=6)
@@ -105,7 +112,7 @@ def test_rand_augment_stays_in_range_and_changes_images():
 def test_augmentation_is_seeded():
     data = fake_set(32)
     tf = TrainTransform(AugmentConfig(randaug_ops=2, mixup_alpha=0.8, cutmix_alpha=1.0, erase_prob=0.25),
-                        data.mean, data.std, 10)
+                        record(data))
     a = tf(data.images, data.labels, torch.Generator().manual_seed(7))
     b = tf(data.images, data.labels, torch.Generator().manual_seed(7))
     c = tf(data.images, data.labels, torch.Generator().manual_seed(8))
@@ -136,14 +143,15 @@ def test_eval_transform_follows_the_model_record():
     cfg = ViTConfig(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=1, num_heads=2,
                     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     grey = torch.full((2, 1, 8, 8), 255, dtype=torch.uint8)
-    out = EvalTransform(cfg)(grey)
+    out, labels = EvalTransform(cfg)(grey, torch.tensor([4, 7]))
+    assert labels.tolist() == [4, 7]  # the same call as TrainTransform; labels pass through
     assert out.shape == (2, 3, 16, 16)
     torch.testing.assert_close(out, torch.ones(2, 3, 16, 16))  # (1 - 0.5) / 0.5
     red = torch.zeros((2, 3, 16, 16), dtype=torch.uint8)
     red[:, 0] = 255
     g1 = cfg.replace(in_chans=1, mean=(0.0,), std=(1.0,))
     # RGB -> grey with the ITU-R BT.601 luma weights (as Pillow's "L" mode): pure red is 0.299
-    torch.testing.assert_close(EvalTransform(g1)(red), torch.full((2, 1, 16, 16), 0.299))
+    torch.testing.assert_close(EvalTransform(g1)(red)[0], torch.full((2, 1, 16, 16), 0.299))
 
 
 def test_augment_config_validation():

@@ -70,7 +70,8 @@ def predict(model: VisionTransformer, paths: list[str | Path], topk: int = 5, ba
     rows = []
     for start in range(0, len(ok), batch_size):
         chunk = ok[start:start + batch_size]
-        x = transform(torch.from_numpy(np.stack([a for _, a in chunk]))).to(device)
+        x, _ = transform(torch.from_numpy(np.stack([a for _, a in chunk])))
+        x = x.to(device)
         probs = model(x).float().softmax(-1).cpu()
         values, indices = probs.topk(k, dim=-1)
         for (f, _), v, i in zip(chunk, values.tolist(), indices.tolist()):

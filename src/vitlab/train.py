@@ -253,7 +253,7 @@ def run_training(settings: RunConfig, out: Path, resume: bool = False) -> dict[s
         model.to(rt.device)
         num_classes = model.config.num_classes
         micro = micro_batch(settings, rt.world_size)
-        train_tf = TrainTransform(settings.augment, model.config.mean, model.config.std, num_classes, model.config)
+        train_tf = TrainTransform(settings.augment, model.config)
         train_loader = BatchLoader(train_set, micro, True, train_tf, seed=settings.train.seed, rank=rt.rank,
                                    world_size=rt.world_size)
         eval_tf = EvalTransform(model.config)

@@ -211,16 +211,16 @@ def _beta(alpha: float, gen: torch.Generator) -> float:
     return float(np.random.default_rng(seed).beta(alpha, alpha))
 
 
-def mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: AugmentConfig,
+def mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, aug: AugmentConfig,
         gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """mixup or cutmix between each image and its partner in the reversed batch; soft targets."""
     target = F.one_hot(y, num_classes).float()
-    if _uniform(gen, 1).item() >= cfg.mix_prob:
+    if _uniform(gen, 1).item() >= aug.mix_prob:
         return x, target
-    use_cutmix = cfg.cutmix_alpha > 0 and (cfg.mixup_alpha == 0 or _uniform(gen, 1).item() < 0.5)
+    use_cutmix = aug.cutmix_alpha > 0 and (aug.mixup_alpha == 0 or _uniform(gen, 1).item() < 0.5)
     partner = x.flip(0)
     if use_cutmix:
-        lam = _beta(cfg.cutmix_alpha, gen)
+        lam = _beta(aug.cutmix_alpha, gen)
         H, W = x.shape[-2:]
         cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
         cy, cx = int(_uniform(gen, 1).item() * H), int(_uniform(gen, 1).item() * W)
@@ -230,36 +230,36 @@ def mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: AugmentConfig,
         x[:, :, y0:y1, x0:x1] = partner[:, :, y0:y1, x0:x1]
         lam = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)  # the area actually pasted
     else:
-        lam = _beta(cfg.mixup_alpha, gen)
+        lam = _beta(aug.mixup_alpha, gen)
         x = lam * x + (1 - lam) * partner
     return x, lam * target + (1 - lam) * target.flip(0)
 
 
 class TrainTransform:
     """uint8 batch + labels -> normalised float batch + targets (class indices, or soft targets
-    when mixing), all randomness from `gen`. With `model_config`, images are first brought to the
-    model's channels and size (e.g. 32-px CIFAR for a 224-px model)."""
+    when mixing), all randomness from `gen`. The model's preprocessing record (`model_cfg`: channels,
+    size, mean/std, class count) says what the model expects; `aug` says how to perturb it. Images
+    are first brought to the model's channels and size (e.g. 32-px CIFAR for a 224-px model)."""
 
-    def __init__(self, cfg: AugmentConfig, mean, std, num_classes: int, model_config=None):
-        self.cfg, self.mean, self.std, self.num_classes = cfg, tuple(mean), tuple(std), num_classes
-        self.target = (model_config.in_chans, model_config.img_size) if model_config is not None else None
+    def __init__(self, aug: AugmentConfig, model_cfg):
+        self.aug = aug
+        self.in_chans, self.size = model_cfg.in_chans, model_cfg.img_size
+        self.mean, self.std, self.num_classes = tuple(model_cfg.mean), tuple(model_cfg.std), model_cfg.num_classes
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
-        cfg = self.cfg
-        x = to_float(images)
-        if self.target is not None:
-            x = to_model_input(x, *self.target)
-        if cfg.crop_pad:
-            x = pad_crop(x, cfg.crop_pad, gen)
-        if cfg.flip:
+        aug = self.aug
+        x = to_model_input(to_float(images), self.in_chans, self.size)
+        if aug.crop_pad:
+            x = pad_crop(x, aug.crop_pad, gen)
+        if aug.flip:
             x = hflip(x, gen)
-        if cfg.randaug_ops or cfg.trivial:
-            x = rand_augment(x, cfg.randaug_ops, cfg.randaug_magnitude, cfg.trivial, gen)
+        if aug.randaug_ops or aug.trivial:
+            x = rand_augment(x, aug.randaug_ops, aug.randaug_magnitude, aug.trivial, gen)
         x = normalize(x, self.mean, self.std)
-        if cfg.erase_prob:
-            x = random_erase(x, cfg.erase_prob, gen)
-        if cfg.mixes:
-            return mix(x, labels, self.num_classes, cfg, gen)
+        if aug.erase_prob:
+            x = random_erase(x, aug.erase_prob, gen)
+        if aug.mixes:
+            return mix(x, labels, self.num_classes, aug, gen)
         return x, labels
 
 
@@ -280,13 +280,16 @@ def to_model_input(x: torch.Tensor, in_chans: int, size: int) -> torch.Tensor:
 
 
 class EvalTransform:
-    """uint8 batch -> what a model expects, from its preprocessing record (ViTConfig): channel
-    conversion (grey <-> RGB), resize to img_size, normalisation with the model's mean/std."""
+    """uint8 batch -> what a model expects, from its preprocessing record (`model_cfg`): channel
+    conversion (grey <-> RGB), resize to img_size, normalisation with the model's mean/std.
 
-    def __init__(self, model_config):
-        self.in_chans = model_config.in_chans
-        self.size = model_config.img_size
-        self.mean, self.std = model_config.mean, model_config.std
+    Same call as TrainTransform, `(images, labels, gen) -> (inputs, labels)`, so a loader treats
+    both alike; labels pass through unchanged and `gen` is unused (nothing here is random)."""
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return normalize(to_model_input(to_float(images), self.in_chans, self.size), self.mean, self.std)
+    def __init__(self, model_cfg):
+        self.in_chans, self.size = model_cfg.in_chans, model_cfg.img_size
+        self.mean, self.std = tuple(model_cfg.mean), tuple(model_cfg.std)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                 gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return normalize(to_model_input(to_float(images), self.in_chans, self.size), self.mean, self.std), labels

@@ -26,8 +26,8 @@ class BatchLoader:
 
     Training (`train=True`): reshuffled every epoch, every rank gets an equal share
     (`rank::world_size` of the permutation), incomplete last batch dropped. Evaluation: in order,
-    sharded the same way, nothing dropped. `transform(images_u8, labels, gen)` for training or
-    `transform(images_u8)` for evaluation turns a uint8 batch into model inputs.
+    sharded the same way, nothing dropped. One transform signature for both:
+    `transform(images_u8, labels, gen) -> (inputs, targets)`; `gen` is None when evaluating.
     """
 
     def __init__(self, data: ImageSet, batch_size: int, train: bool, transform: Callable, seed: int = 0,
@@ -71,5 +71,5 @@ class BatchLoader:
                 gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, i, self.rank))
                 yield self.transform(x, y, gen)
             else:
-                yield self.transform(x), y
+                yield self.transform(x, y, None)
         self.start_batch = 0
