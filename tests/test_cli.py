@@ -190,3 +190,21 @@ def test_eval_refuses_with_one_line(eval_setup, capsys, extra, message):
     assert main(["eval", str(tmp_path / "three"), "--data", str(tmp_path / "digits"), "--device", "cpu", *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_warnings_are_one_line_on_stderr(tmp_path):
+    """A skipped file is a warning, printed as one line, not Python's file:line + source line."""
+    from PIL import Image
+    model = vitlab.create_model("vit_micro_patch4_32", num_classes=2, class_names=("a", "b"))
+    vitlab.save_model(model, tmp_path / "model")
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "data" / cls / f"{i}.png")
+    (tmp_path / "data" / "a" / "broken.png").write_bytes(b"not an image")
+    proc = run("eval", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--split", "train", "--json")
+    assert proc.returncode == 0, proc.stderr
+    warning_lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(warning_lines) == 1, proc.stderr
+    assert warning_lines[0].startswith("vitlab eval: warning: ") and "broken.png" in warning_lines[0]

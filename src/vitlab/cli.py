@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable
 
 import yaml
@@ -272,17 +273,27 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    prefix = f"vitlab {args.command}"
+
+    def one_line_warning(message, category, filename, lineno, line=None) -> str:
+        # Python's default is two lines (file:line + the source line), which reads like a traceback.
+        return f"{prefix}: warning: {message}".replace("\n", " ") + "\n"
+
+    saved_format = warnings.formatwarning
+    warnings.formatwarning = one_line_warning
     try:
         return args.func(args)
     except VitlabError as e:
-        print(f"vitlab {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prefix}: error: {e}".replace("\n", " "), file=sys.stderr)
         return 2
     except (OSError, yaml.YAMLError) as e:  # unwritable --out, a damaged YAML file, ...
-        print(f"vitlab {args.command}: error: {e}".replace("\n", " "), file=sys.stderr)
+        print(f"{prefix}: error: {e}".replace("\n", " "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"vitlab {args.command}: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = saved_format
 
 
 if __name__ == "__main__":
