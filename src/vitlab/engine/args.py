@@ -117,7 +117,8 @@ class OptimArgs:
     beta2: float = 0.999
     """AdamW second-moment decay, in [0, 1)."""
     warmup_epochs: float = 1.0
-    """Linear warmup from 0 to lr over this many epochs (fractions allowed)."""
+    """Linear warmup from 0 to lr over this many epochs (fractions allowed), capped at 10% of the
+    run's optimizer steps so that a short run still reaches lr and decays (the cap is printed)."""
     min_lr: float = 0.0
     """Cosine decay ends here at the last step."""
     layer_decay: float | None = None
@@ -157,7 +158,8 @@ class TrainArgs:
     seed: int = 0
     """Seeds initialisation, shuffling, augmentation and dropout (0 .. 2**63-1)."""
     ema_decay: float | None = None
-    """Keep an exponential moving average of the weights (e.g. 0.999); evaluated beside the raw model."""
+    """Keep an exponential moving average of the weights (e.g. 0.999); evaluated beside the raw model.
+    Capped so that its horizon 1/(1-decay) is at most 10% of the run's optimizer steps (printed)."""
     eval_every: int = 1
     """Evaluate on the validation split every this many epochs (and always after the last)."""
     log_every: int = 50
