@@ -38,7 +38,9 @@ def main() -> None:
     data = load_dataset(args.dataset, "train", data_dir=args.data_dir)
     aug = AugmentConfig(crop_pad=4, flip=True, randaug_ops=2, randaug_magnitude=9, erase_prob=0.25,
                         mixup_alpha=0.8, cutmix_alpha=1.0)
-    model = vitlab.create_model(args.model, num_classes=len(data.classes), mean=data.mean, std=data.std).train()
+    # The model takes the data's channels (MNIST is 1, CIFAR 3) and its statistics.
+    model = vitlab.create_model(args.model, num_classes=len(data.classes), in_chans=data.images.shape[1],
+                                mean=data.mean, std=data.std).train()
     loader = BatchLoader(data, args.batch_size, True, TrainTransform(aug, model.config))
     it = iter(loader)
     next(it)  # warm-up

@@ -208,3 +208,17 @@ def test_warnings_are_one_line_on_stderr(tmp_path):
     warning_lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(warning_lines) == 1, proc.stderr
     assert warning_lines[0].startswith("vitlab eval: warning: ") and "broken.png" in warning_lines[0]
+
+
+@pytest.mark.parametrize("record", ["cifar10", ["mnist"], {"name": 5}, {"name": "x", "val_size": "abc"}])
+def test_eval_of_a_model_with_a_malformed_dataset_record(eval_setup, capsys, record):
+    """config.json's extra.dataset is the user's file too: a wrong type is not a traceback."""
+    tmp_path, _ = eval_setup
+    cfg = tmp_path / "model" / "config.json"
+    doc = json.loads(cfg.read_text())
+    doc["extra"] = {"dataset": record}
+    cfg.write_text(json.dumps(doc))
+    rc = main(["eval", str(tmp_path / "model"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "does not record its dataset" in err or "'x'" in err

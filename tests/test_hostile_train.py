@@ -158,7 +158,8 @@ def dead_start(images, run: Path) -> Path:
     settings = load_run_config("cifar10", tiny(images)[1::2])
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(settings.to_dict(), sort_keys=False))
-    (run / "env.json").write_text("{}\n")
+    (run / ".lock").write_text("pid 1 on host gone, started 2026-01-01T00:00:00\n")  # taken before any write
+    (run / "env.json").write_text('{"vitlab": "0.1.0"}\n')
     (run / "metrics.jsonl").write_text('{"kind": "step", "step": 1}\n{"kind": "st')
     (run / "checkpoints" / ".ckpt-00000002.pt.x8a1.tmp").write_bytes(b"torn")
     return run
@@ -238,11 +239,15 @@ def _break(state, how):
         state["run_config"] = [1, 2]
     elif how == "model not tensors":
         state["model"] = {"w": 1.0}
+    elif how == "ema not tensors":
+        state["ema"] = {"module": {"w": "x"}, "updates": 1}
+    elif how == "best val_top1 a string":
+        state["best"] = {"val_top1": "high", "weights": "raw", "epoch": 1}
     return state
 
 
 @pytest.mark.parametrize("how", ["missing optimizer", "negative step", "step not an int", "run_config a list",
-                                 "model not tensors"])
+                                 "model not tensors", "ema not tensors", "best val_top1 a string"])
 def test_malformed_checkpoint_is_one_line_naming_the_file(run_copy, capsys, how):
     ckpt = next((run_copy / "checkpoints").glob("ckpt-*.pt"))
     torch.save(_break(torch.load(ckpt, weights_only=True), how), ckpt)
@@ -310,3 +315,90 @@ def test_every_setting_has_help():
         assert not missing, f"{group.name}: no help for {missing}"
     assert "Each field left at null" in " ".join(RunConfig.__dataclass_fields__["model"].default_factory.__doc__.split())
     assert "null" not in _field_docs(RunConfig.__dataclass_fields__["model"].default_factory)["drop_rate"]
+
+
+# ---- found in review: kills between writes, folders vitlab did not make, odd values ---------
+def test_a_hand_written_config_folder_is_never_taken_over(images, tmp_path, capsys):
+    mine = tmp_path / "exp"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("# my notes\ntrain: {epochs: 1}\n")
+    (mine / "metrics.jsonl").write_text('{"from": "another tool"}\n')
+    before = snapshot(mine)
+    assert train_cli("--recipe", "cifar10", *tiny(images), "--out", mine) == 2
+    assert "already holds a run" in one_line_error(capsys) and snapshot(mine) == before
+
+
+def test_a_dead_start_with_a_torn_run_file_write_is_taken_over(images, tmp_path, capsys):
+    run = dead_start(images, tmp_path / "run")
+    (run / ".env.json.k2j4.tmp").write_text("{")  # a kill while env.json was being written
+    assert train_cli("--recipe", "cifar10", *tiny(images), "--out", run) == 0
+    assert f"taking over {run}" in capsys.readouterr().out and not (run / ".env.json.k2j4.tmp").exists()
+
+
+def test_best_is_written_before_the_checkpoint_that_names_it(tmp_path, monkeypatch):
+    """A kill between the two writes must leave the previous checkpoint as the newest, never a
+    checkpoint whose best.pt is missing."""
+    import vitlab.engine.checkpoint as ckpt_mod
+    written = []
+    real = ckpt_mod.atomic_write
+    monkeypatch.setattr(ckpt_mod, "atomic_write", lambda path, write: (written.append(Path(path).name), real(path, write))[1])
+    state = {"step": 7, "model": {}, "history": []}
+    save_checkpoint(state, tmp_path, keep_last=2, best=True)
+    assert written == ["best.pt", "ckpt-00000007.pt"]
+
+
+def test_pruning_never_drops_the_checkpoint_just_written(tmp_path):
+    """After a resume past a damaged newer checkpoint, keep_last=1 must keep the new good one."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "ckpt-00000300.pt").write_bytes(b"damaged")
+    (tmp_path / "checkpoints" / "ckpt-00000100.pt").write_bytes(b"old")
+    save_checkpoint({"step": 250, "model": {}}, tmp_path, keep_last=1, best=False)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["ckpt-00000250.pt", "ckpt-00000300.pt"]
+    save_checkpoint({"step": 300, "model": {}}, tmp_path, keep_last=1, best=False)  # overwrites the damaged one
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["ckpt-00000300.pt"]
+    assert torch.load(tmp_path / "checkpoints" / "ckpt-00000300.pt", weights_only=True)["step"] == 300
+
+
+def test_the_lock_is_released_when_writing_the_run_files_fails(images, tmp_path, monkeypatch):
+    """In-process callers (notebooks, tests) keep a failed call's traceback alive: the lock must
+    not live on in it, or a retry in the same process finds the run dir "in use"."""
+    import vitlab.train as train_mod
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train_mod, "write_run_files", disk_full)
+    settings = load_run_config("cifar10", tiny(images)[1::2])
+    with pytest.raises(OSError, match="No space left") as first:
+        train_mod.run_training(settings, tmp_path / "run")
+    with pytest.raises(OSError, match="No space left"):  # not RunDirError "in use by another process"
+        train_mod.run_training(settings, tmp_path / "run")
+    assert first.value is not None  # the first traceback is still alive here
+
+
+def test_a_lock_file_that_is_a_symlink_is_not_followed(tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").symlink_to(precious)
+    from vitlab.errors import RunDirError
+    with pytest.raises(RunDirError, match="symbolic link"):
+        RunLock(run)
+    assert precious.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("value", ["{[]: 1}", "9" * 5000, "[" * 200 + "]" * 200])
+def test_odd_set_values_are_one_line(images, tmp_path, capsys, value):
+    assert train_cli("--recipe", "cifar10", *tiny(images), "--set", f"train.seed={value}", "--out", tmp_path / "r") == 2
+    assert "train.seed" in one_line_error(capsys) and not (tmp_path / "r").exists()
+
+
+def test_resume_may_point_at_a_moved_dataset(run_copy, images, tmp_path, capsys):
+    moved = tmp_path / "moved"
+    shutil.copytree(images, moved)
+    config = yaml.safe_load((run_copy / "config.yaml").read_text())
+    config["data"]["name"] = str(images)  # unchanged; data_dir and keep_last may differ
+    config["train"]["keep_last"] = 3
+    (run_copy / "config.yaml").write_text(yaml.safe_dump(config))
+    assert train_cli("--resume", run_copy, "--set", "data.download=false") == 0, capsys.readouterr().err

@@ -131,7 +131,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--limit {args.limit} must be >= 1 (or left out to evaluate every image)")
     model_dir, run_dir = _resolve_model_dir(args.path)
     _, extra = read_config(model_dir)
-    record = extra.get("dataset", {})
+    record = extra.get("dataset") if isinstance(extra, dict) else None
+    # What the model's config.json says it was trained on; values of the wrong type are ignored.
+    record = {k: v for k, v in (record.items() if isinstance(record, dict) else ())
+              if (k in ("name", "data_dir") and isinstance(v, str))
+              or (k == "val_size" and isinstance(v, (int, float)) and not isinstance(v, bool))}
     name = args.data or record.get("name")
     if not name:
         raise ConfigError(f"{model_dir} does not record its dataset; give --data NAME_OR_FOLDER")

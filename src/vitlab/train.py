@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,18 @@ from .model import VisionTransformer
 from .util import atomic_write_text
 from .weights.modeldir import load_model, read_config, save_model
 
-# Settings a resumed run may change: how it runs, never what it computes. (A precision that
-# resolves differently is refused when the checkpoint is restored.)
+# Settings a resumed run may change: how it runs and what it keeps, never what it computes. (A
+# precision that resolves differently is refused when the checkpoint is restored; a moved dataset
+# is md5-checked wherever it is found.)
 RESUMABLE_SECTIONS = ("runtime",)
+RESUMABLE_KEYS = ("data.data_dir", "data.download", "train.log_every", "train.keep_last", "train.test_at_end",
+                  "train.eval_batch_size")
+
+
+def resumable(key: str) -> bool:
+    """May `section.name` differ between a checkpoint and the run resuming it?"""
+    key = key.strip()
+    return key.split(".", 1)[0] in RESUMABLE_SECTIONS or key in RESUMABLE_KEYS
 
 
 # ---- settings -------------------------------------------------------------------------------
@@ -90,15 +100,12 @@ def resume_settings(run_dir: Path, sets: list[str] | None = None) -> RunConfig:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise RunDirError(f"cannot resume {run_dir}: no config.yaml there (is it a vitlab run directory?)")
-    bad = [s for s in sets or [] if s.split(".", 1)[0].strip() not in RESUMABLE_SECTIONS]
+    bad = [s for s in sets or [] if not resumable(s.partition("=")[0])]
     if bad:
-        raise ConfigError(f"a resumed run keeps its settings; cannot --set {bad} (only runtime.*); to change "
-                          f"them start a new run: --recipe {path} --out NEW_DIR")
+        raise ConfigError(f"a resumed run keeps its settings; cannot --set {bad} (only runtime.* and "
+                          f"{', '.join(RESUMABLE_KEYS)}); to change them start a new run: --recipe {path} "
+                          f"--out NEW_DIR")
     return merge_sets(read_settings_file(path), sets, str(path))
-
-
-def run_config_of(run_dir: Path) -> RunConfig:
-    return resume_settings(run_dir)
 
 
 def _flat(d: dict[str, Any]) -> dict[str, Any]:
@@ -114,7 +121,7 @@ def check_same_settings(settings: RunConfig, state: dict[str, Any], ckpt: Path, 
         raise ModelFileError(f"checkpoint {ckpt} holds settings this version cannot read ({e})") from None
     old, new = _flat(saved), _flat(settings.to_dict())
     diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if k.split(".")[0] not in RESUMABLE_SECTIONS and old.get(k) != new.get(k)]
+            if not resumable(k) and old.get(k) != new.get(k)]
     if diff:
         shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
         raise RunDirError(f"cannot resume {run_dir}: {run_dir / 'config.yaml'} differs from the settings "
@@ -175,7 +182,7 @@ def find_resume_point(run_dir: Path, settings: RunConfig) -> tuple[Path, dict[st
                               f"and it holds {', '.join(saved_results(run_dir)) or 'files a run does not write'}")
         return None
     for problem in damaged:
-        print(f"warning: skipping damaged checkpoint: {problem}", file=sys.stderr, flush=True)
+        warnings.warn(f"skipping damaged checkpoint: {problem}", stacklevel=2)
     ckpt, state = found
     check_same_settings(settings, state, ckpt, run_dir)
     return found
@@ -211,12 +218,17 @@ def start_writing(out: Path, settings: RunConfig, rt: Runtime, resume: bool, res
     if not resume:
         barrier(rt)  # every rank has checked before rank 0 creates anything
         lock = claim_run_dir(out, False, rt.rank)
-        if rt.is_main:
-            if check_fresh_out(out):  # again, now under the lock
-                reset_dead_start(out)
-                print(f"taking over {out}: it holds a run that stopped before its first checkpoint "
-                      f"(no checkpoint, no model); starting it afresh with the new settings", flush=True)
-            write_run_files(out, settings, rt)
+        try:
+            if rt.is_main:
+                if check_fresh_out(out):  # again, now under the lock
+                    reset_dead_start(out)
+                    print(f"taking over {out}: it holds a run that stopped before its first checkpoint "
+                          f"(no checkpoint, no model); starting it afresh with the new settings", flush=True)
+                write_run_files(out, settings, rt)
+        except BaseException:  # the caller never sees this lock: let it go here
+            if lock is not None:
+                lock.release()
+            raise
     elif rt.is_main:
         stale = remove_stale_temporaries(out)
         if not resuming_from_checkpoint:

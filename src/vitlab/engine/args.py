@@ -296,13 +296,13 @@ def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. optim.lr=1e-3")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an int of > 4300 digits
             value = raw
         if isinstance(value, str):
             try:  # YAML reads 1e-3 as a string; Python's literal parser reads it as a float
                 value = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                pass
+            except Exception:  # SyntaxError, ValueError, TypeError ({[]: 1}), RecursionError, ...
+                pass  # left a string: the setting's type check names it
         out.setdefault(section, {})[name] = value
     return out
 
@@ -322,8 +322,8 @@ def read_settings_file(path: Path) -> dict[str, Any]:
     """The raw mapping of a recipe or RUN/config.yaml (not yet checked against the setting groups)."""
     try:
         d = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an int of > 4300 digits
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())[:300]}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read {path}: {e}") from None
     if not isinstance(d, dict):

@@ -69,11 +69,14 @@ def _structure_problem(state: dict[str, Any]) -> str | None:
     if not isinstance(state["rng"].get("torch"), torch.Tensor) or state["rng"]["torch"].dtype != torch.uint8:
         return "rng has no torch generator state"
     ema = state["ema"]
-    if ema is not None and not (isinstance(ema, dict) and isinstance(ema.get("module"), dict)):
-        return "ema is neither null nor an EMA state with a module"
-    if state["best"] is not None and not (isinstance(state["best"], dict) and
-                                          {"val_top1", "weights", "epoch"} <= set(state["best"])):
-        return "best is neither null nor a record with val_top1, weights, epoch"
+    if ema is not None and not (isinstance(ema, dict) and isinstance(ema.get("module"), dict) and
+                                all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                    for k, v in ema["module"].items())):
+        return "ema is neither null nor an EMA state with a module of tensors"
+    best = state["best"]
+    if best is not None and not (isinstance(best, dict) and {"val_top1", "weights", "epoch"} <= set(best)
+                                 and isinstance(best["val_top1"], (int, float)) and best["weights"] in ("raw", "ema")):
+        return "best is neither null nor a record with a numeric val_top1, weights raw|ema, epoch"
     if not isinstance(state["history"], list):
         return "history is not a list"
     return None
@@ -156,12 +159,21 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(state: dict[str, Any], run_dir: Path, keep_last: int, best: bool) -> Path:
-    """Write ckpt-<step>.pt (and best.pt when `best`), then prune to the newest `keep_last`."""
+    """Write best.pt (when `best`), then ckpt-<step>.pt, then prune older checkpoints to `keep_last`.
+
+    best.pt comes first: a kill between the two writes leaves the previous ckpt as the newest, so a
+    resume repeats this epoch (bit for bit), improves again and rewrites best.pt. The other order
+    could leave a resumable ckpt whose best.pt was never written. Pruning removes only checkpoints
+    older than this one: a newer, damaged one that a resume skipped is overwritten when the run
+    reaches its step, and never pushes the good one just written out of the kept set.
+    """
     state = {"format": FORMAT, **state}
-    path = run_dir / "checkpoints" / f"ckpt-{state['step']:08d}.pt"
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    step = state["step"]
+    path = run_dir / "checkpoints" / f"ckpt-{step:08d}.pt"
     if best:
         atomic_write(run_dir / "checkpoints" / "best.pt", lambda tmp: torch.save(state, tmp))
-    for _, old in list_checkpoints(run_dir)[:-max(1, keep_last)]:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    older = [p for s, p in list_checkpoints(run_dir) if s < step]
+    for old in older[:max(0, len(older) - (max(1, keep_last) - 1))]:
         old.unlink(missing_ok=True)
     return path

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import datetime
 import errno
+import json
 import os
 import socket
 from pathlib import Path
 from typing import IO
 
 from ..errors import RunDirError
+from ..util import TMP_SUFFIX
 from .checkpoint import remove_stale_temporaries
 
 LOCK_NAME = ".lock"
@@ -32,7 +34,11 @@ class RunLock:
     def __init__(self, run_dir: Path):
         import fcntl
         self.path = run_dir / LOCK_NAME
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:  # O_NOFOLLOW: a .lock that is a symlink must not truncate the file it points at
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError as e:
+            raise RunDirError(f"cannot open the lock file {self.path}: {e.strerror}"
+                              + (" (it is a symbolic link)" if self.path.is_symlink() else "")) from None
         self.file: IO[str] | None = os.fdopen(fd, "r+")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -62,12 +68,28 @@ def saved_results(run_dir: Path) -> list[str]:
     return found
 
 
-def is_dead_start(run_dir: Path) -> bool:
-    """A vitlab run directory (config.yaml) holding nothing but what a run writes before its
-    first checkpoint."""
-    if not (run_dir / "config.yaml").is_file() or saved_results(run_dir):
+def _written_by_vitlab(run_dir: Path) -> bool:
+    """RUN/.lock (taken before a run writes anything) or an env.json that vitlab wrote: a
+    hand-written config.yaml in a user's folder is not a run to take over."""
+    if (run_dir / LOCK_NAME).is_file():
+        return True
+    try:
+        env = json.loads((run_dir / "env.json").read_text())
+    except (OSError, ValueError):
         return False
-    return {p.name for p in run_dir.iterdir()} <= _EARLY_FILES
+    return isinstance(env, dict) and "vitlab" in env
+
+
+def _is_temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith(TMP_SUFFIX)  # util.atomic_write's, left by a kill
+
+
+def is_dead_start(run_dir: Path) -> bool:
+    """A vitlab run directory (config.yaml, and .lock or vitlab's env.json) holding nothing but
+    what a run writes before its first checkpoint."""
+    if not (run_dir / "config.yaml").is_file() or saved_results(run_dir) or not _written_by_vitlab(run_dir):
+        return False
+    return all(p.name in _EARLY_FILES or _is_temporary(p.name) for p in run_dir.iterdir())
 
 
 def check_fresh_out(out: Path) -> bool:
@@ -93,6 +115,9 @@ def reset_dead_start(run_dir: Path) -> None:
         for p in tb.glob("events.out.tfevents.*"):
             p.unlink(missing_ok=True)
     remove_stale_temporaries(run_dir)
+    for p in run_dir.iterdir():
+        if _is_temporary(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
 
 
 __all__ = ["RunLock", "check_fresh_out", "is_dead_start", "reset_dead_start", "saved_results"]
