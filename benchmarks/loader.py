@@ -17,7 +17,7 @@ from pathlib import Path
 
 import vitlab
 from vitlab.data import load_dataset
-from vitlab.data.augment import AugmentConfig, TrainTransform
+from vitlab.data.augment import AugmentArgs, TrainTransform
 from vitlab.data.loader import BatchLoader
 from vitlab.engine.runtime import describe_machine, fast_bf16_available
 
@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
 
     data = load_dataset(args.dataset, "train", data_dir=args.data_dir)
-    aug = AugmentConfig(crop_pad=4, flip=True, randaug_ops=2, randaug_magnitude=9, erase_prob=0.25,
+    aug = AugmentArgs(crop_pad=4, flip=True, randaug_ops=2, randaug_magnitude=9, erase_prob=0.25,
                         mixup_alpha=0.8, cutmix_alpha=1.0)
     # The model takes the data's channels (MNIST is 1, CIFAR 3) and its statistics.
     model = vitlab.create_model(args.model, num_classes=len(data.classes), in_chans=data.images.shape[1],

@@ -4,7 +4,7 @@ import torch
 
 from vitlab import ConfigError, ViTConfig
 from vitlab.data import ImageSet
-from vitlab.data.augment import (AugmentConfig, EvalTransform, TrainTransform, mix, pad_crop, rand_augment,
+from vitlab.data.augment import (AugmentArgs, EvalTransform, TrainTransform, mix, pad_crop, rand_augment,
                                  random_erase)
 from vitlab.data.loader import BatchLoader
 
@@ -66,7 +66,7 @@ def test_ranks_get_disjoint_equal_shards():
 
 def test_resume_mid_epoch_gives_the_same_batches():
     data = fake_set(100)
-    tf = TrainTransform(AugmentConfig(randaug_ops=2, erase_prob=0.5), record(data))
+    tf = TrainTransform(AugmentArgs(randaug_ops=2, erase_prob=0.5), record(data))
     full = list(BatchLoader(data, 10, True, tf, seed=5))
     resumed = BatchLoader(data, 10, True, tf, seed=5)
     resumed.set_epoch(0, start_batch=6)
@@ -111,7 +111,7 @@ def test_rand_augment_stays_in_range_and_changes_images():
 
 def test_augmentation_is_seeded():
     data = fake_set(32)
-    tf = TrainTransform(AugmentConfig(randaug_ops=2, mixup_alpha=0.8, cutmix_alpha=1.0, erase_prob=0.25),
+    tf = TrainTransform(AugmentArgs(randaug_ops=2, mixup_alpha=0.8, cutmix_alpha=1.0, erase_prob=0.25),
                         record(data))
     a = tf(data.images, data.labels, torch.Generator().manual_seed(7))
     b = tf(data.images, data.labels, torch.Generator().manual_seed(7))
@@ -123,7 +123,7 @@ def test_mixup_and_cutmix_targets_sum_to_one_and_match_the_mix():
     x = torch.zeros(4, 1, 10, 10)
     x[2:] = 1.0  # images 0, 1 black; 2, 3 white; partners are the reversed batch
     y = torch.tensor([0, 1, 2, 3])
-    for cfg in (AugmentConfig(mixup_alpha=1.0), AugmentConfig(cutmix_alpha=1.0)):
+    for cfg in (AugmentArgs(mixup_alpha=1.0), AugmentArgs(cutmix_alpha=1.0)):
         mixed, target = mix(x, y, 4, cfg, torch.Generator().manual_seed(3))
         torch.testing.assert_close(target.sum(1), torch.ones(4))
         # the white fraction of image 0 is exactly the weight of its white partner (class 3)
@@ -156,6 +156,6 @@ def test_eval_transform_follows_the_model_record():
 
 def test_augment_config_validation():
     with pytest.raises(ConfigError, match="erase_prob=1.5"):
-        AugmentConfig(erase_prob=1.5)
+        AugmentArgs(erase_prob=1.5)
     with pytest.raises(ConfigError, match="randaug_magnitude=11"):
-        AugmentConfig(randaug_magnitude=11)
+        AugmentArgs(randaug_magnitude=11)

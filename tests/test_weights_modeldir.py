@@ -134,9 +134,11 @@ def test_loading_never_unpickles_code(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned_by_pickle").exists()
     raw = tmp_path / "raw.bin"
     raw.write_bytes(pickle.dumps(_Boom()))
-    with pytest.raises(ModelFileError, match="raw.bin cannot be read as a weights-only"):
+    with pytest.raises(ModelFileError, match="raw.bin cannot be read as a weights-only") as e:
         read_state_dict(raw)
     assert not (tmp_path / "pwned_by_pickle").exists()
+    # torch's own message advises retrying with weights_only=False, which would run the pickle
+    assert "weights_only=False" not in str(e.value) and "could run code" in str(e.value)
 
 
 def test_a_failed_save_keeps_the_previous_model(saved, monkeypatch):

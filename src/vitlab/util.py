@@ -1,7 +1,9 @@
-"""Small helpers shared by the engine and the weight code: atomic file writes and model unwrapping."""
+"""Small helpers shared by the engine and the weight code: atomic file writes, model unwrapping, and
+torch.load errors in one safe line."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +45,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def why_unloadable(e: Exception) -> str:
+    """torch.load's complaint in one line, without its advice to retry with weights_only=False
+    (which would run whatever the file's pickle asks for)."""
+    text = " ".join(str(e).split())
+    if "Weights only load failed" in text:
+        m = re.search(r"(Unsupported|unsupported)[^.]*", text)
+        detail = f": {m.group(0)}" if m else ""
+        return (f"it holds pickled objects other than tensors and plain values{detail}; refused, since "
+                f"loading them could run code")
+    return f"{type(e).__name__}: {text[:200]}"
+
+
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module under DistributedDataParallel and torch.compile wrappers, in either order
     (DDP(compile(m)) as vitlab builds it, or compile(DDP(m)))."""
@@ -53,4 +67,4 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-__all__ = ["atomic_write", "atomic_write_text", "unwrap_model", "TMP_SUFFIX"]
+__all__ = ["atomic_write", "atomic_write_text", "unwrap_model", "why_unloadable", "TMP_SUFFIX"]

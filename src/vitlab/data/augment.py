@@ -28,7 +28,7 @@ MAX_CROP_PAD = 1024  # pixels; `vitlab train` also holds it to at most the model
 
 
 @dataclass(frozen=True)
-class AugmentConfig:
+class AugmentArgs:
     """Training-time augmentation, applied a whole batch at a time; evaluation never augments."""
     crop_pad: int = 4
     """Zero-pad by this many pixels, then crop back at a random offset (0 disables; at most the image side)."""
@@ -211,7 +211,7 @@ def _beta(alpha: float, gen: torch.Generator) -> float:
     return float(np.random.default_rng(seed).beta(alpha, alpha))
 
 
-def mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, aug: AugmentConfig,
+def mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, aug: AugmentArgs,
         gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """mixup or cutmix between each image and its partner in the reversed batch; soft targets."""
     target = F.one_hot(y, num_classes).float()
@@ -241,7 +241,7 @@ class TrainTransform:
     size, mean/std, class count) says what the model expects; `aug` says how to perturb it. Images
     are first brought to the model's channels and size (e.g. 32-px CIFAR for a 224-px model)."""
 
-    def __init__(self, aug: AugmentConfig, model_cfg):
+    def __init__(self, aug: AugmentArgs, model_cfg):
         self.aug = aug
         self.in_chans, self.size = model_cfg.in_chans, model_cfg.img_size
         self.mean, self.std, self.num_classes = tuple(model_cfg.mean), tuple(model_cfg.std), model_cfg.num_classes

@@ -19,7 +19,9 @@ from typing import Any
 
 import yaml
 
-from ..data.augment import AugmentConfig
+# AugmentArgs is the sixth group; it is defined beside the batch ops it configures, so that data/
+# never imports from engine/.
+from ..data.augment import AugmentArgs
 from ..errors import ConfigError
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -215,7 +217,7 @@ class RunConfig:
     """All settings of a run; saved as RUN/config.yaml and inside every checkpoint."""
     data: DataArgs = field(default_factory=DataArgs)
     model: ModelArgs = field(default_factory=ModelArgs)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: AugmentArgs = field(default_factory=AugmentArgs)
     optim: OptimArgs = field(default_factory=OptimArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     runtime: RuntimeArgs = field(default_factory=RuntimeArgs)

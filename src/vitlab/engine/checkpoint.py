@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelFileError
-from ..util import TMP_SUFFIX, atomic_write
+from ..util import TMP_SUFFIX, atomic_write, why_unloadable
 
 FORMAT = "vitlab.ckpt/1"
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
@@ -38,18 +38,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _why_unloadable(e: Exception) -> str:
-    """torch.load's complaint in one line, without its advice to retry with weights_only=False
-    (which would run whatever the file's pickle asks for)."""
-    text = " ".join(str(e).split())
-    if "Weights only load failed" in text:
-        m = re.search(r"(Unsupported|unsupported)[^.]*", text)
-        detail = f": {m.group(0)}" if m else ""
-        return (f"it holds pickled objects other than tensors and plain values{detail}; refused, since "
-                f"loading them could run code")
-    return f"{type(e).__name__}: {text[:200]}"
 
 
 def _structure_problem(state: dict[str, Any]) -> str | None:
@@ -91,7 +79,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, ... all mean "not a safe checkpoint"
-        raise ModelFileError(f"checkpoint {path} cannot be loaded safely ({_why_unloadable(e)})") from None
+        raise ModelFileError(f"checkpoint {path} cannot be loaded safely ({why_unloadable(e)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not a vitlab training checkpoint (format "
                              f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r})")

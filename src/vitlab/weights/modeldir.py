@@ -22,7 +22,7 @@ from ..config import ViTConfig
 from ..errors import ConfigError, ModelFileError
 from ..model import VisionTransformer
 from ..pos_embed import resample_pos_embed
-from ..util import atomic_write, atomic_write_text, unwrap_model
+from ..util import atomic_write, atomic_write_text, unwrap_model, why_unloadable
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -139,15 +139,19 @@ def check_shapes(cfg: ViTConfig, shapes: dict[str, tuple[int, ...]], source: str
             continue
         wrong.append(f"{k}: file {shapes[k]} vs config {want[k]}")
     if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s) e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensor(s) e.g. {unexpected[:3]}")
-        if wrong:
-            parts.append(f"shape mismatch {wrong[:3]}")
-        raise ModelFileError(f"{source} does not match the config: " + "; ".join(parts)
-                             + f" (config: depth={cfg.depth}, embed_dim={cfg.embed_dim}, img_size={cfg.img_size})")
+        raise ModelFileError(f"{source} does not match the config: {_mismatch(missing, unexpected, wrong)} "
+                             f"(config: depth={cfg.depth}, embed_dim={cfg.embed_dim}, img_size={cfg.img_size})")
+
+
+def _mismatch(missing: list[str], unexpected: list[str], wrong: list[str]) -> str:
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} tensor(s) e.g. {missing[:3]}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} tensor(s) e.g. {unexpected[:3]}")
+    if wrong:
+        parts.append(f"shape mismatch {wrong[:3]}")
+    return "; ".join(parts)
 
 
 def read_state_dict(file: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -164,8 +168,7 @@ def read_state_dict(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle/zip errors come in many types; all mean the same here
-        raise ModelFileError(f"{file} cannot be read as a weights-only PyTorch checkpoint "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ModelFileError(f"{file} cannot be read as a weights-only PyTorch checkpoint ({why_unloadable(e)})") from None
     for key in ("state_dict", "model", "model_state"):  # common training-checkpoint wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -193,14 +196,7 @@ def load_state_into(model: VisionTransformer, state: dict[str, torch.Tensor], so
     wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
              for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s) e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensor(s) e.g. {unexpected[:3]}")
-        if wrong:
-            parts.append(f"shape mismatch {wrong[:3]}")
-        raise ModelFileError(f"{source} does not match the config: " + "; ".join(parts))
+        raise ModelFileError(f"{source} does not match the config: {_mismatch(missing, unexpected, wrong)}")
     model.load_state_dict(state, strict=True)
 
 
