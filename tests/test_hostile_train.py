@@ -402,3 +402,39 @@ def test_resume_may_point_at_a_moved_dataset(run_copy, images, tmp_path, capsys)
     config["train"]["keep_last"] = 3
     (run_copy / "config.yaml").write_text(yaml.safe_dump(config))
     assert train_cli("--resume", run_copy, "--set", "data.download=false") == 0, capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="two ranks started by hand (gloo) need a POSIX system")
+def test_when_rank_0_cannot_take_the_run_dir_every_rank_stops(images, tmp_path):
+    """Under launchers without torchrun's agent (srun, mpirun), a rank-0-only error must stop the
+    other ranks too, not leave them waiting in a barrier until the process-group timeout."""
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = RunLock(out)  # held by this test: rank 0 of the run below is refused
+    try:
+        port = 29600 + os.getpid() % 300
+        procs = []
+        for rank in range(2):
+            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                   "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "OMP_NUM_THREADS": "1"}
+            procs.append(subprocess.Popen([sys.executable, "-m", "vitlab", "train", "--recipe", "cifar10",
+                                           *tiny(images, **{"runtime.device": "cpu"}), "--out", str(out)],
+                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        results = []
+        for p in procs:
+            try:
+                _, err = p.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                pytest.fail("a rank was left waiting after rank 0 stopped")
+            results.append((p.returncode, err))
+    finally:
+        lock.release()
+    (rc0, err0), (rc1, err1) = results
+    assert rc0 == 2 and "in use by another vitlab process" in err0, err0
+    assert rc1 == 2 and "rank 0 stopped" in err1, err1
+    assert "Traceback" not in err0 + err1

@@ -33,8 +33,8 @@ from .engine.checkpoint import (check_weights_fit, load_checkpoint, newest_check
 from .engine.log import RunLogger, plot_curves
 from .engine.loop import Position, Trainer, fit
 from .engine.rundir import RunLock, check_fresh_out, is_dead_start, reset_dead_start, saved_results
-from .engine.runtime import (Runtime, barrier, describe_machine, dist_env, resolve_device, resolve_precision,
-                             setup_runtime)
+from .engine.runtime import (Runtime, barrier, describe_machine, dist_env, on_main, resolve_device,
+                             resolve_precision, setup_runtime)
 from .errors import ConfigError, DataError, DatasetNotFoundError, ModelFileError, RunDirError, VitlabError
 from .evaluate import evaluate, save_confusion_png
 from .model import VisionTransformer
@@ -215,21 +215,21 @@ def start_writing(out: Path, settings: RunConfig, rt: Runtime, resume: bool, res
                   lock: RunLock | None) -> RunLock | None:
     """Everything is checked: from here on the run directory is written (by rank 0, holding the
     lock). Returns the lock, which a fresh run takes only now."""
-    if not resume:
-        barrier(rt)  # every rank has checked before rank 0 creates anything
-        lock = claim_run_dir(out, False, rt.rank)
+    def fresh() -> RunLock | None:
+        new_lock = claim_run_dir(out, False, 0)
         try:
-            if rt.is_main:
-                if check_fresh_out(out):  # again, now under the lock
-                    reset_dead_start(out)
-                    print(f"taking over {out}: it holds a run that stopped before its first checkpoint "
-                          f"(no checkpoint, no model); starting it afresh with the new settings", flush=True)
-                write_run_files(out, settings, rt)
+            if check_fresh_out(out):  # again, now under the lock
+                reset_dead_start(out)
+                print(f"taking over {out}: it holds a run that stopped before its first checkpoint "
+                      f"(no checkpoint, no model); starting it afresh with the new settings", flush=True)
+            write_run_files(out, settings, rt)
         except BaseException:  # the caller never sees this lock: let it go here
-            if lock is not None:
-                lock.release()
+            if new_lock is not None:
+                new_lock.release()
             raise
-    elif rt.is_main:
+        return new_lock
+
+    def resumed() -> None:
         stale = remove_stale_temporaries(out)
         if not resuming_from_checkpoint:
             reset_dead_start(out)
@@ -237,6 +237,12 @@ def start_writing(out: Path, settings: RunConfig, rt: Runtime, resume: bool, res
                   f"with its config.yaml", flush=True)
         elif stale:
             print(f"removed {len(stale)} unfinished checkpoint write(s) in {out / 'checkpoints'}", flush=True)
+
+    if not resume:
+        barrier(rt)  # every rank has checked before rank 0 creates anything
+        lock = on_main(rt, fresh)  # an error on rank 0 stops every rank, none is left in a barrier
+    else:
+        on_main(rt, resumed)
     barrier(rt)
     return lock
 
@@ -247,16 +253,16 @@ def run_training(settings: RunConfig, out: Path, resume: bool = False) -> dict[s
     the settings, the data, the model and the checkpoint to resume from have all been checked."""
     out = Path(out)
     base = resolve(settings)
-    rank = dist_env()[0]
     lock = None
     try:
+        if not resume:
+            check_fresh_out(out)  # reads only: a refusal leaves nothing behind, before any process group
+        rt = setup_runtime(settings.runtime.device, settings.runtime.precision, settings.runtime.threads)
         if resume:
-            lock = claim_run_dir(out, True, rank)
+            lock = on_main(rt, lambda: claim_run_dir(out, True, 0))  # every rank stops if rank 0 cannot
             found = find_resume_point(out, settings)
         else:
-            check_fresh_out(out)  # reads only: a refusal leaves nothing behind
             found = None
-        rt = setup_runtime(settings.runtime.device, settings.runtime.precision, settings.runtime.threads)
         torch.manual_seed(settings.train.seed)
         started = time.time()
         train_set = load_split(settings, "train", base, rt)

@@ -164,6 +164,26 @@ def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
     return t
 
 
+def on_main(rt: Runtime, fn):
+    """`fn()` on rank 0 only, then agree: if it raised, every rank raises (rank 0 its own error,
+    the others one naming it), so no rank is left waiting in a collective for a rank that gave up.
+    Returns fn's result on rank 0, None elsewhere."""
+    error, result = None, None
+    if rt.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below, after the other ranks have heard of it
+            error = e
+    if rt.distributed:
+        flag = torch.tensor([0.0 if error is None else 1.0], device=rt.device)
+        if all_reduce_sum(flag, rt).item() > 0 and error is None:
+            from ..errors import VitlabError
+            raise VitlabError(f"rank 0 stopped (its message says why); rank {rt.rank} stops with it")
+    if error is not None:
+        raise error
+    return result
+
+
 def barrier(rt: Runtime) -> None:
     if rt.distributed:
         import torch.distributed as dist
