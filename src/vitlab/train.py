@@ -300,6 +300,10 @@ def run_training(settings: RunConfig, out: Path, resume: bool = False) -> dict[s
     finally:
         if lock is not None:
             lock.release()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # gloo's threads outliving the process group abort the interpreter at exit
+            # ("terminate called without an active exception") and turn exit 2 into a crash
+            torch.distributed.destroy_process_group()
 
 
 def restore(trainer: Trainer, found: tuple[Path, dict[str, Any]]) -> Position:
@@ -352,7 +356,7 @@ def finish(out: Path, settings: RunConfig, rt: Runtime, pos: Position, wall_s: f
         test = evaluate(model, loader, model_cfg.num_classes, rt)
         results["test"] = {k: v for k, v in test.items() if k not in ("confusion", "per_class")}
         results["test_per_class"] = test["per_class"]
-    if rt.is_main:
+    def write_outputs() -> None:
         save_model(model, out / "model", extra={
             "dataset": {"name": settings.data.name, "data_dir": settings.data.data_dir,
                         "val_size": settings.data.val_size},
@@ -366,9 +370,9 @@ def finish(out: Path, settings: RunConfig, rt: Runtime, pos: Position, wall_s: f
         if "test" in results:
             line += f", test top-1 {results['test']['top1']:.4f}"
         print(line + f"; model saved to {out / 'model'}", flush=True)
-    if rt.distributed:
-        import torch.distributed as dist
-        dist.barrier()
+
+    on_main(rt, write_outputs)  # a full disk on rank 0 stops every rank, none waits in a barrier
+    barrier(rt)
     return results
 
 
