@@ -254,6 +254,9 @@ def run_training(settings: RunConfig, out: Path, resume: bool = False) -> dict[s
     out = Path(out)
     base = resolve(settings)
     lock = None
+    dist_ok = torch.distributed.is_available()
+    group_was_ours = dist_ok and not torch.distributed.is_initialized()  # a caller's group is left alone
+    trainer = None
     try:
         if not resume:
             check_fresh_out(out)  # reads only: a refusal leaves nothing behind, before any process group
@@ -300,9 +303,13 @@ def run_training(settings: RunConfig, out: Path, resume: bool = False) -> dict[s
     finally:
         if lock is not None:
             lock.release()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if group_was_ours and torch.distributed.is_initialized():
             # gloo's threads outliving the process group abort the interpreter at exit
-            # ("terminate called without an active exception") and turn exit 2 into a crash
+            # ("terminate called without an active exception") and turn exit 2 into a crash. The
+            # DDP wrapper must go first: an exception's traceback keeps this frame (and it) alive.
+            trainer = None  # noqa: F841
+            import gc
+            gc.collect()
             torch.distributed.destroy_process_group()
 
 

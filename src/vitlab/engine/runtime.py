@@ -176,7 +176,10 @@ def on_main(rt: Runtime, fn):
             error = e
     if rt.distributed:
         flag = torch.tensor([0.0 if error is None else 1.0], device=rt.device)
-        if all_reduce_sum(flag, rt).item() > 0 and error is None:
+        failed = all_reduce_sum(flag, rt).item() > 0
+        if failed:
+            barrier(rt)  # no rank leaves (and tears down its sockets) while another still reads the flag
+        if failed and error is None:
             from ..errors import VitlabError
             raise VitlabError(f"rank 0 stopped (its message says why); rank {rt.rank} stops with it")
     if error is not None:
