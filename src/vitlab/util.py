@@ -14,7 +14,16 @@ TMP_SUFFIX = ".tmp"
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it: set, then restore at once
+    """The process umask, read without changing it where Linux tells it (/proc, kernel >= 4.7):
+    setting and restoring it would race with files other threads create meanwhile."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)  # elsewhere the only way to read it: set, then restore at once
     os.umask(mask)
     return mask
 
