@@ -1,5 +1,9 @@
+import gzip
 import os
+import struct
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -45,3 +49,21 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     return model
+
+
+def idx_bytes(arr: np.ndarray) -> bytes:
+    """An array as an uint8 IDX file (MNIST's format): magic, dims, data."""
+    return bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
+
+
+def write_mnist_like(folder, n_train=60, n_test=20, gz=True, prefix_test="t10k", classes=10):
+    """An MNIST-layout folder of random 28-px images, label i % classes (seeded: same bytes each call)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), (prefix_test, n_test)):
+        imgs = rng.integers(0, 256, (n, 28, 28))
+        labs = np.arange(n) % classes
+        for kind, arr in (("images-idx3", imgs), ("labels-idx1", labs)):
+            data = idx_bytes(arr)
+            name = f"{prefix}-{kind}-ubyte" + (".gz" if gz else "")
+            (folder / name).write_bytes(gzip.compress(data) if gz else data)

@@ -1,5 +1,4 @@
 import json
-import struct
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import vitlab
 from vitlab.cli import build_parser, main
 from vitlab.engine.runtime import setup_runtime
 
-from conftest import randomize, tiny_config
+from conftest import randomize, tiny_config, write_mnist_like
 
 
 def run(*args):
@@ -116,19 +115,11 @@ def test_data_list_and_unknown_name(tmp_path, monkeypatch):
 
 
 # ---- vitlab eval on a tiny model and a folder of IDX files ----------------------------------------
-def _idx(arr: np.ndarray) -> bytes:
-    return bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
-
-
 @pytest.fixture
 def eval_setup(tmp_path):
     """A random 10-class grey 28-px model and an IDX folder with 20 test images."""
-    rng = np.random.default_rng(0)
     data = tmp_path / "digits"
-    data.mkdir()
-    for prefix, n in (("train", 40), ("t10k", 20)):
-        (data / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(rng.integers(0, 256, (n, 28, 28))))
-        (data / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(np.arange(n) % 10))
+    write_mnist_like(data, n_train=40, n_test=20, gz=False)
     model = randomize(vitlab.create_model(tiny_config(img_size=28, patch_size=7, in_chans=1, num_classes=10)))
     vitlab.save_model(model, tmp_path / "model")
     # the expected numbers, from the raw bytes: normalised with the model's mean/std (0.5, 0.5)
@@ -166,12 +157,8 @@ def test_eval_prints_and_writes_the_metrics(eval_setup, capsys):
 
 
 def test_eval_top5_is_capped_at_the_class_count(tmp_path, capsys):
-    rng = np.random.default_rng(0)
     data = tmp_path / "three"
-    data.mkdir()
-    for prefix, n in (("train", 30), ("t10k", 9)):
-        (data / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(rng.integers(0, 256, (n, 28, 28))))
-        (data / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(np.arange(n) % 3))
+    write_mnist_like(data, n_train=30, n_test=9, gz=False, classes=3)
     vitlab.save_model(vitlab.create_model(tiny_config(img_size=28, patch_size=7, in_chans=1, num_classes=3)),
                       tmp_path / "model")
     assert main(["eval", str(tmp_path / "model"), "--data", str(data), "--device", "cpu"]) == 0

@@ -1,11 +1,9 @@
 """Dataset finding, verifying, reading and splitting. Tests marked `shared` read the real MNIST and
 CIFAR-10 copies in ../shared/datasets and are skipped where that folder is absent."""
-import gzip
 import hashlib
 import io
 import pickle
 import shutil
-import struct
 import tarfile
 from collections import Counter
 
@@ -17,7 +15,7 @@ from vitlab.data import load_dataset, stratified_split
 from vitlab.data import sources
 from vitlab.errors import DataError, DatasetNotFoundError
 
-from conftest import SHARED
+from conftest import SHARED, idx_bytes, write_mnist_like
 
 SHARED_DATA = SHARED / "datasets"
 shared = pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason="../shared/datasets not present")
@@ -84,22 +82,6 @@ def test_split_is_deterministic_stratified_and_disjoint():
 
 
 # ---- a fake data root in the official formats --------------------------------------------------
-def _idx(arr: np.ndarray) -> bytes:
-    return bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
-
-
-def write_mnist_like(folder, n_train=60, n_test=20, gz=True, prefix_test="t10k"):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), (prefix_test, n_test)):
-        imgs = rng.integers(0, 256, (n, 28, 28))
-        labs = np.arange(n) % 10
-        for kind, arr in (("images-idx3", imgs), ("labels-idx1", labs)):
-            data = _idx(arr)
-            name = f"{prefix}-{kind}-ubyte" + (".gz" if gz else "")
-            (folder / name).write_bytes(gzip.compress(data) if gz else data)
-
-
 def test_any_idx_folder_by_path(tmp_path):
     write_mnist_like(tmp_path / "fashion", gz=False)
     train = load_dataset(tmp_path / "fashion", "train", val_size=10)
@@ -112,7 +94,7 @@ def test_any_idx_folder_by_path(tmp_path):
     assert train.std == pytest.approx((raw.std(ddof=1),), abs=1e-4)
 
 
-def write_numbered_idx(folder, n_train, n_test):
+def write_numberedidx_bytes(folder, n_train, n_test):
     """IDX files whose image i carries its number i in its first two pixels (every image unique);
     the label of training image i is a function of i, so a pair torn apart shows."""
     folder.mkdir(parents=True)
@@ -120,8 +102,8 @@ def write_numbered_idx(folder, n_train, n_test):
     for prefix, n in (("train", n_train), ("t10k", n_test)):
         imgs = rng.integers(0, 256, (n, 28, 28))
         imgs[:, 0, 0], imgs[:, 0, 1] = np.arange(n) // 256, np.arange(n) % 256
-        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(imgs))
-        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(numbered_label(np.arange(n))))
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(idx_bytes(imgs))
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(numbered_label(np.arange(n))))
 
 
 def numbered_label(i):
@@ -134,7 +116,7 @@ def image_numbers(data) -> np.ndarray:
 
 @pytest.mark.parametrize("val_size", [None, 37, 0.25])
 def test_train_and_val_partition_the_training_set(tmp_path, val_size):
-    write_numbered_idx(tmp_path / "d", 300, 40)
+    write_numberedidx_bytes(tmp_path / "d", 300, 40)
     train = load_dataset(tmp_path / "d", "train", val_size=val_size)
     val = load_dataset(tmp_path / "d", "val", val_size=val_size)
     test = load_dataset(tmp_path / "d", "test", val_size=val_size)
@@ -154,12 +136,12 @@ def test_train_and_val_partition_the_training_set(tmp_path, val_size):
 
 def test_idx_image_label_count_mismatch(tmp_path):
     write_mnist_like(tmp_path / "d", gz=False)
-    (tmp_path / "d" / "train-labels-idx1-ubyte").write_bytes(_idx(np.zeros(59)))
+    (tmp_path / "d" / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(59)))
     with pytest.raises(DataError, match="holds 60 images but .* holds 59 labels"):
         load_dataset(tmp_path / "d", "train")
 
 
-def test_truncated_idx(tmp_path):
+def test_truncatedidx_bytes(tmp_path):
     write_mnist_like(tmp_path / "d", gz=False)
     f = tmp_path / "d" / "train-images-idx3-ubyte"
     f.write_bytes(f.read_bytes()[:-5])
