@@ -183,7 +183,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model_dir, _ = _resolve_model_dir(args.model)
     model = load_model(model_dir)
     rows, failed = predict(model, args.paths, topk=args.topk)
-    from .data.folders import printable
+    from .util import printable
     if not rows:  # one line: what each path was
         from .errors import DataError
         raise DataError("no image to predict: " + "; ".join(f"{printable(f)}: {p}" for f, p in failed[:5]) +

@@ -54,7 +54,8 @@ class ImageError(DataError):
         self.path, self.reason = str(path), reason
 
     def __str__(self) -> str:  # control characters in a file name must not fake lines
-        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in self.path) + f": {self.reason}"
+        from .util import printable
+        return f"{printable(self.path)}: {self.reason}"
 
 
 class ImageTooLargeError(ImageError):

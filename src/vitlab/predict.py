@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from .data.augment import EvalTransform
-from .data.folders import IMAGE_EXTENSIONS, decode_image, file_kind, printable, walk
+from .data.folders import IMAGE_EXTENSIONS, decode_image, file_kind, walk
 from .errors import DataError, ImageError
+from .util import printable
 from .model import VisionTransformer
 
 

@@ -285,8 +285,7 @@ def run_training(settings: RunConfig, out: Path, resume: bool = False) -> dict[s
                               f"{settings.train.accum_steps}")
         trainer = Trainer(model, settings, rt, len(train_loader) // settings.train.accum_steps)
         pos = restore(trainer, found) if found else Position()
-        lock = start_writing(out, settings, rt, resume, found is not None, lock)
-        barrier(rt)
+        lock = start_writing(out, settings, rt, resume, found is not None, lock)  # ends in a barrier
         logger = RunLogger(out, rt.is_main, settings.runtime.progress, resume_step=pos.step if resume else None)
         n_params = sum(p.numel() for p in model.parameters())
         logger.info(f"{'resuming' if found else 'training'} {model.config.name or settings.model.preset} "

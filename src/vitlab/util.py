@@ -66,6 +66,12 @@ def why_unloadable(e: Exception) -> str:
     return f"{type(e).__name__}: {text[:200]}"
 
 
+def printable(text: str | os.PathLike) -> str:
+    """`text` with control and undecodable characters escaped (`\\n`, `\\x1b`, `\\udcff`): one line, always
+    encodable, so a file name cannot fake rows of a table or lines of a message."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module under DistributedDataParallel and torch.compile wrappers, in either order
     (DDP(compile(m)) as vitlab builds it, or compile(DDP(m)))."""
@@ -76,4 +82,4 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-__all__ = ["atomic_write", "atomic_write_text", "unwrap_model", "why_unloadable", "TMP_SUFFIX"]
+__all__ = ["atomic_write", "atomic_write_text", "printable", "unwrap_model", "why_unloadable", "TMP_SUFFIX"]

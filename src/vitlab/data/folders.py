@@ -34,16 +34,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, ImageError, ImageTooLargeError
+from ..util import printable
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 MAX_PIXELS = 64_000_000  # larger images are refused before decoding (decompression bombs)
 MAX_ASPECT = 50  # longer side / shorter side; beyond it the centre square is a sliver of the image
-
-
-def printable(text: str | os.PathLike) -> str:
-    """`text` with control and undecodable characters escaped (`\\n`, `\\x1b`, `\\udcff`): one line, always
-    encodable, so a file name cannot fake rows of a table or lines of a message."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def file_kind(mode: int) -> str:
@@ -270,16 +265,12 @@ def decode_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarra
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
 
 
-def decode_one(args: tuple[str, int, int]) -> np.ndarray:
-    """decode_image((path, size, channels)): one argument, for `pool.map`."""
-    return decode_image(*args)
-
-
 def _decode_or_error(args: tuple[str, int, int]) -> np.ndarray | ImageError:
-    """A worker's result: the array, or the ImageError as a value (one bad file must not stop
-    `pool.map` for the others; ImageError pickles with its path and reason)."""
+    """A worker's result for decode_image(path, size, channels): the array, or the ImageError as a
+    value (one bad file must not stop `pool.map` for the others; ImageError pickles with its path
+    and reason)."""
     try:
-        return decode_one(args)
+        return decode_image(*args)
     except ImageError as e:
         return e
 
