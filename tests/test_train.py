@@ -117,7 +117,7 @@ def test_eval_and_predict_from_the_command_line(shapes, tmp_path):
     metrics = json.loads(ev.stdout)
     assert {"top1", "top5", "loss", "ece", "per_class", "confusion"} <= set(metrics) and metrics["top5_k"] == 3
     assert metrics["n"] == 18 and sum(map(sum, metrics["confusion"])) == 18
-    assert (tmp_path / "run" / f"eval_shapes_test" / "confusion.png").is_file()
+    assert (tmp_path / "run" / "eval_shapes_test" / "confusion.png").is_file()
     tta = json.loads(cli("eval", str(tmp_path / "run"), "--json", "--tta", "--split", "val").stdout)
     assert tta["tta"] is True and tta["split"] == "val"
     # predict: a file, a folder, a greyscale image of another size, and an unreadable file
