@@ -192,3 +192,21 @@ def test_stochastic_depth_rule_and_layerscale():
     model = vitlab.create_model(tiny_config(depth=3, drop_path_rate=0.2, init_values=1e-4))
     assert [b.drop_path1.drop_prob for b in model.blocks] == pytest.approx([0.0, 0.1, 0.2])
     assert torch.equal(model.blocks[0].ls1.gamma, torch.full((32,), 1e-4))
+
+
+def test_weight_init_modes():
+    """xavier scales each linear layer by its width; trunc_normal is timm's fixed std 0.02. The patch
+    embedding (LeCun normal) and the zero head are the same in both."""
+    model = VisionTransformer(tiny_config(embed_dim=64, depth=2, num_heads=2))
+    fc1 = model.blocks[0].mlp.fc1.weight  # (256, 64)
+    assert fc1.std().item() == pytest.approx(0.02, rel=0.1)
+    torch.manual_seed(0)
+    model.init_weights("xavier")
+    out_f, in_f = fc1.shape
+    assert fc1.std().item() == pytest.approx(math.sqrt(2.0 / (in_f + out_f)), rel=0.1)
+    assert fc1.abs().max().item() <= math.sqrt(6.0 / (in_f + out_f)) + 1e-6  # uniform, not normal
+    assert torch.count_nonzero(model.head.weight) == 0
+    fan_in = model.patch_embed.proj.weight[0].numel()
+    assert model.patch_embed.proj.weight.std().item() == pytest.approx(fan_in ** -0.5, rel=0.15)
+    with pytest.raises(vitlab.errors.ConfigError, match="'he'"):
+        model.init_weights("he")

@@ -279,3 +279,18 @@ def test_max_steps_ends_the_schedule_and_the_run(shapes, tmp_path):
     r = cli("eval", str(tmp_path / "run"), "--json", "--limit", "9")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["n"] == 9
+
+
+def test_model_weight_init_setting_reaches_the_model():
+    from types import SimpleNamespace
+    from vitlab.train import build_model
+    data = SimpleNamespace(classes=[str(i) for i in range(10)], mean=(0.13,), std=(0.31,))
+    fc1 = {}
+    for mode in ("trunc_normal", "xavier"):
+        settings = load_run_config("mnist", [f"model.weight_init={mode}"])
+        fc1[mode] = build_model(settings, data).blocks[0].mlp.fc1.weight
+    assert fc1["trunc_normal"].std().item() == pytest.approx(0.02, rel=0.1)
+    out_f, in_f = fc1["xavier"].shape
+    assert fc1["xavier"].std().item() == pytest.approx((2.0 / (in_f + out_f)) ** 0.5, rel=0.1)
+    with pytest.raises(ConfigError, match="model.weight_init='lecun'"):
+        load_run_config("mnist", ["model.weight_init=lecun"])

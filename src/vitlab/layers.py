@@ -34,10 +34,17 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-def init_weights(module: nn.Module) -> None:
-    """timm's default ViT init: truncated normal (std 0.02) linear weights, zero biases, unit norms."""
+WEIGHT_INITS = ("trunc_normal", "xavier")
+
+
+def init_weights(module: nn.Module, mode: str = "trunc_normal") -> None:
+    """Linear weights: truncated normal, std 0.02 (timm's default), or Xavier-uniform (big_vision's
+    plain ViT, timm's "jax" mode), which scales with the layer's width; zero biases, unit norms."""
     if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
+        if mode == "xavier":
+            nn.init.xavier_uniform_(module.weight)
+        else:
+            nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):

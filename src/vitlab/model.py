@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import ViTConfig
 from .errors import ConfigError, InputShapeError
-from .layers import DropPath, LayerScale, init_weights
+from .layers import WEIGHT_INITS, DropPath, LayerScale, init_weights
 from .pos_embed import sincos_2d
 
 ATTN_IMPLS = ("auto", "sdpa", "math")
@@ -153,10 +153,14 @@ class VisionTransformer(nn.Module):
         self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.use_fc_norm else nn.Identity()
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.set_attn_impl(attn_impl)
-        self._init_weights()
+        self.init_weights()
 
-    def _init_weights(self) -> None:
-        self.apply(init_weights)
+    def init_weights(self, mode: str = "trunc_normal") -> None:
+        """Fresh weights. `mode` picks the linear layers' init (layers.WEIGHT_INITS); the patch
+        embedding is LeCun normal and the head zero either way."""
+        if mode not in WEIGHT_INITS:
+            raise ConfigError(f"weight init {mode!r} must be one of {WEIGHT_INITS}")
+        self.apply(lambda module: init_weights(module, mode))
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:

@@ -164,7 +164,9 @@ def build_model(settings: RunConfig, train_set: ImageSet) -> VisionTransformer:
     mean = train_set.mean if len(train_set.mean) == C else (sum(train_set.mean) / len(train_set.mean),) * C
     std = train_set.std if len(train_set.std) == C else (sum(train_set.std) / len(train_set.std),) * C
     model_cfg = model_cfg.replace(num_classes=len(classes), class_names=classes, mean=mean, std=std)
-    return VisionTransformer(model_cfg, attn_impl=attn_impl)
+    model = VisionTransformer(model_cfg, attn_impl=attn_impl)
+    model.init_weights(settings.model.weight_init)
+    return model
 
 
 # ---- the run directory ----------------------------------------------------------------------

@@ -23,6 +23,7 @@ import yaml
 # never imports from engine/.
 from ..data.augment import AugmentArgs
 from ..errors import ConfigError
+from ..layers import WEIGHT_INITS
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -97,12 +98,17 @@ class ModelArgs:
     """Stochastic depth, rising linearly to this rate at the last block."""
     init_values: float | None = None
     """LayerScale initial value (e.g. 1e-4); null in the preset disables LayerScale."""
+    weight_init: str = "trunc_normal"
+    """Init of a from-scratch model's linear layers: trunc_normal (std 0.02, timm's default) or
+    xavier (uniform, scaled by each layer's width; big_vision's plain ViT)."""
 
     def __post_init__(self) -> None:
         _raise_if(_finite_floats(self, "model"))
+        if self.weight_init not in WEIGHT_INITS:
+            raise ConfigError(f"model.weight_init={self.weight_init!r} must be one of {WEIGHT_INITS}")
 
     def overrides(self) -> dict[str, Any]:
-        skip = {"preset", "pretrained"}
+        skip = {"preset", "pretrained", "weight_init"}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name not in skip and getattr(self, f.name) is not None}
 
