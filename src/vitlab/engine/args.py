@@ -98,6 +98,12 @@ class ModelArgs:
     """Stochastic depth, rising linearly to this rate at the last block."""
     init_values: float | None = None
     """LayerScale initial value (e.g. 1e-4); null in the preset disables LayerScale."""
+    patch_drop_rate: float | None = None
+    """Training only: the fraction of each image's patch tokens dropped at random (PatchDropout,
+    arXiv 2208.07220); the class token is kept and evaluation sees every token. 0 disables."""
+    drop_path_skip: bool | None = None
+    """Stochastic depth skips the computation for the samples it drops (DINOv2), with the same
+    expectation as masking; true is faster at the same model.drop_path_rate."""
     weight_init: str = "trunc_normal"
     """Init of a from-scratch model's linear layers: trunc_normal (std 0.02, timm's default) or
     xavier (uniform, scaled by each layer's width; big_vision's plain ViT)."""
@@ -183,6 +189,13 @@ class TrainArgs:
     null: train.epochs full epochs."""
     test_at_end: bool = True
     """Evaluate the selected weights on the test split once at the end."""
+    time_budget: float | None = None
+    """Minutes of training (evaluation not counted): the whole schedule (warmup, decay, resolution
+    stages) is laid over this budget using step times measured during the run; null: train.epochs."""
+    resolution_schedule: str | None = None
+    """Progressive resolution: "SIZE:FRACTION,..." in order, e.g. "16:0.4,24:0.3,32:0.3" trains the
+    first 40% of the run at 16 px; fractions sum to 1 and the last size is the model's img_size.
+    Evaluation is always at full size. null: full size throughout."""
 
     def __post_init__(self) -> None:
         bad = [f"train.{k}={getattr(self, k)} must be >= {low}" for k, low in
