@@ -1,0 +1,145 @@
+"""Accuracy at a fixed wall-clock budget (issue 9): CIFAR-10 test top-1 of the validation-selected
+weights after `vitlab train --set train.time_budget=MIN`, for several setups on this machine.
+
+    python benchmarks/budget.py --minutes 15,30 --variants plain,fast --data-dir ../shared/datasets
+    python benchmarks/budget.py --minutes 30 --variants fast-no-patch-drop,fast-no-progressive
+    python benchmarks/budget.py --render          # the table (+ budget.png) from every recorded row
+
+Variants (VARIANTS below): `plain` is the `cifar10` recipe as it is, every speedup off; `fast` is the
+`cifar10-fast` recipe (vitlab's fastest settings); `fast-no-X` switches one speedup off (the ablation);
+`seed` is the original write-up's ViT-B/16 (`seed` recipe), tested on a stratified subset of
+--seed-test-limit images because it evaluates at a few images per second on a CPU.
+
+The budget counts training steps only (`train.time_budget`); evaluation comes on top and is
+reported separately. Every finished run is appended to benchmarks/results/budget.json with the
+machine it ran on, so rows from different sessions accumulate; `--render` groups them per machine.
+Run one measurement at a time: two runs side by side would share the cores and halve each budget.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "budget.json"
+
+# name: (recipe, extra --set values)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "plain": ("cifar10", []),
+    "fast": ("cifar10-fast", []),
+    "fast-no-patch-drop": ("cifar10-fast", ["model.patch_drop_rate=0"]),
+    "fast-no-progressive": ("cifar10-fast", ["train.resolution_schedule=null"]),
+    "fast-no-skip-depth": ("cifar10-fast", ["model.drop_path_skip=false"]),
+    "fast-fp32": ("cifar10-fast", ["runtime.precision=fp32"]),
+    "seed": ("seed", ["data.val_size=500", "train.eval_batch_size=50"]),
+}
+
+
+def cli(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vitlab", *args], check=True, text=True,
+                          capture_output=capture)
+
+
+def measure(variant: str, minutes: float, seed: int, data_dir: str | None, out_root: Path,
+            seed_test_limit: int) -> dict:
+    recipe, extra = VARIANTS[variant]
+    out = out_root / f"{variant}-{minutes:g}min-s{seed}"
+    sets = [f"train.time_budget={minutes}", f"train.seed={seed}", "runtime.progress=false",
+            "train.test_at_end=false", *extra]
+    if data_dir:
+        sets.append(f"data.data_dir={data_dir}")
+    t = time.time()
+    cli("train", "--recipe", recipe, "--out", str(out), *[a for s in sets for a in ("--set", s)])
+    wall_s = time.time() - t
+    limit = ["--limit", str(seed_test_limit)] if variant == "seed" else []
+    test = json.loads(cli("eval", str(out), "--json", *limit, capture=True).stdout)
+    results = json.loads((out / "results.json").read_text())
+    env = json.loads((out / "env.json").read_text())
+    return {
+        "variant": variant, "recipe": recipe, "sets": extra, "budget_min": minutes, "seed": seed,
+        "train_s": results.get("train_s"), "wall_s": round(wall_s, 1),
+        "images_seen": results.get("images_seen"), "epochs_equivalent": results.get("epochs_equivalent"),
+        "steps": results.get("steps"), "params": results.get("params"),
+        "val_top1": results["best"]["val_top1"], "test_top1": test["top1"], "test_images": test["n"],
+        "machine": {k: env.get(k) for k in ("cpu", "cpu_capability", "fast_bf16_cpu", "threads", "torch")},
+        "precision": env.get("precision"), "autotune": env.get("autotune"), "run_dir": str(out),
+    }
+
+
+def append(row: dict) -> None:
+    doc = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": []}
+    doc["rows"].append(row)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def machine_key(row: dict) -> str:
+    m = row["machine"]
+    return f"{m['cpu']} ({m['cpu_capability']}{', bf16' if m.get('fast_bf16_cpu') else ''}), torch {m['torch']}"
+
+
+def render() -> str:
+    rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else []
+    lines = []
+    for machine in sorted({machine_key(r) for r in rows}):
+        lines += [f"Machine: {machine}", "",
+                  "| variant | budget (min) | test top-1 % | val top-1 % | images seen | epochs-equivalent | "
+                  "precision | test images |", "|---|---|---|---|---|---|---|---|"]
+        for r in sorted((r for r in rows if machine_key(r) == machine), key=lambda r: (r["budget_min"], r["variant"])):
+            ep = r.get("epochs_equivalent")
+            lines.append(f"| {r['variant']} | {r['budget_min']:g} | {100 * r['test_top1']:.1f} | "
+                         f"{100 * r['val_top1']:.1f} | {r.get('images_seen') or '-'} | "
+                         f"{f'{ep:.1f}' if ep is not None else '-'} | {r.get('precision')} | {r['test_images']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for machine in sorted({machine_key(r) for r in rows}):
+        for variant in sorted({r["variant"] for r in rows if machine_key(r) == machine}):
+            pts = sorted((r["budget_min"], 100 * r["test_top1"]) for r in rows
+                         if machine_key(r) == machine and r["variant"] == variant)
+            ax.plot(*zip(*pts), marker="o", label=f"{variant} ({machine.split(',')[0]})")
+    ax.set_xlabel("training budget (minutes)")
+    ax.set_ylabel("CIFAR-10 test top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", default="15,30", help="comma-separated budgets")
+    ap.add_argument("--variants", default="plain,fast", help=f"comma-separated, from {sorted(VARIANTS)}")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--data-dir")
+    ap.add_argument("--out-root", default="runs/budget")
+    ap.add_argument("--seed-test-limit", type=int, default=1000)
+    ap.add_argument("--render", action="store_true", help="print the table and write results/budget.png")
+    args = ap.parse_args()
+    if args.render:
+        print(render())
+        plot(RESULTS.with_suffix(".png"))
+        return
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {sorted(unknown)}; known: {sorted(VARIANTS)}")
+    for minutes in (float(m) for m in args.minutes.split(",")):
+        for variant in args.variants.split(","):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                row = measure(variant, minutes, seed, args.data_dir, Path(args.out_root), args.seed_test_limit)
+                append(row)
+                print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
