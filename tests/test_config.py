@@ -89,3 +89,22 @@ def test_unknown_model_suggests_names():
     assert "vit_tiny" in str(err.value) and "did you mean" in str(err.value)
     with pytest.raises(UnknownModelError, match="vitlab models"):
         get_config("resnet50")
+
+
+@pytest.mark.parametrize("field, value", [("patch_drop_rate", 1.5), ("patch_drop_rate", "x"),
+                                          ("patch_drop_rate", float("nan")), ("patch_drop_rate", 1.0),
+                                          ("patch_drop_rate", -0.1), ("drop_path_skip", "yes")])
+def test_training_speedup_fields_are_checked(field, value):
+    with pytest.raises(ConfigError, match=f"{field}={value!r}"):
+        ViTConfig(**{field: value})
+
+
+def test_config_written_before_the_speedup_fields_still_loads():
+    cfg = ViTConfig(patch_drop_rate=0.25, drop_path_skip=True, drop_path_rate=0.1)
+    assert ViTConfig.from_json(cfg.to_json()) == cfg
+    old = {k: v for k, v in PRESETS["vit_tiny_patch4_32"].to_dict().items()
+           if k not in ("patch_drop_rate", "drop_path_skip")}
+    loaded = ViTConfig.from_dict(old)
+    assert (loaded.patch_drop_rate, loaded.drop_path_skip) == (0.0, False)
+    assert loaded == PRESETS["vit_tiny_patch4_32"]
+    assert cfg.state_shapes() == ViTConfig().state_shapes()  # no new weights

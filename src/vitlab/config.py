@@ -90,6 +90,12 @@ class ViTConfig:
     """Dropout on the attention probabilities."""
     drop_path_rate: float = 0.0
     """Stochastic depth rate, rising linearly from 0 at the first block to this at the last."""
+    drop_path_skip: bool = False
+    """Training only: stochastic depth runs each residual branch on the kept samples alone and adds
+    it back scaled (DINOv2), instead of computing it for all and masking; same expectation."""
+    patch_drop_rate: float = 0.0
+    """Training only: the fraction of each image's patch tokens dropped at random after the position
+    embedding (PatchDropout, arXiv 2208.07220); prefix tokens are kept, evaluation sees every token."""
     init_values: float | None = None
     """LayerScale initial value (CaiT, arXiv 2103.17239); None disables LayerScale."""
     norm_eps: float = 1e-6
@@ -191,7 +197,7 @@ class ViTConfig:
             elif value < low or (high is not None and value > high):
                 problems.append(f"{key}={value!r} must be in [{low}, {high if high is not None else 'inf'}]"
                                 + (" (see vitlab.config.LIMITS)" if high is not None and value > high else ""))
-        for key in ("qkv_bias", "class_token"):
+        for key in ("qkv_bias", "class_token", "drop_path_skip"):
             if not isinstance(getattr(self, key), bool):
                 problems.append(f"{key}={getattr(self, key)!r} must be true or false")
         if self.fc_norm is not None and not isinstance(self.fc_norm, bool):
@@ -201,7 +207,7 @@ class ViTConfig:
                 problems.append(f"{key}={getattr(self, key)!r} must be one of {choices}")
         if not _is_float(self.mlp_ratio) or not 0 < self.mlp_ratio <= LIMITS["mlp_ratio"]:
             problems.append(f"mlp_ratio={self.mlp_ratio!r} must be a number in (0, {LIMITS['mlp_ratio']}]")
-        for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+        for key in ("drop_rate", "attn_drop_rate", "drop_path_rate", "patch_drop_rate"):
             value = getattr(self, key)
             if not _is_float(value) or not 0.0 <= value < 1.0:
                 problems.append(f"{key}={value!r} must be a number in [0, 1)")

@@ -1,5 +1,8 @@
-"""Small building blocks shared by the model: stochastic depth, LayerScale, weight init."""
+"""Small building blocks shared by the model: stochastic depth (masking, or skipping the dropped
+samples' computation as DINOv2 does, arXiv 2304.07193), patch dropout, LayerScale, weight init."""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -21,6 +24,48 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
+
+
+def drop_add_residual(x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor],
+                      drop_prob: float) -> torch.Tensor:
+    """x + branch(x) under stochastic depth that skips the work: the branch sees only a random
+    subset of max(1, int(B * (1 - drop_prob))) samples, and its output is added back to those rows
+    scaled by B / subset. Each sample is in the subset with probability subset / B, so the
+    expectation is x + branch(x), as with DropPath; the branch must treat samples independently."""
+    B = x.shape[0]
+    keep = max(1, int(B * (1 - drop_prob)))
+    rows = torch.randperm(B, device=x.device)[:keep]  # torch's global RNG: exact resume reseeds it
+    out = branch(x[rows])  # (keep, N, D)
+    return torch.index_add(x, 0, rows, out.to(x.dtype), alpha=B / keep)
+
+
+class PatchDropout(nn.Module):
+    """Training on a random subset of each image's patch tokens (Liu et al., "PatchDropout",
+    arXiv 2208.07220; timm's patch_drop_rate). Prefix tokens (the class token) are always kept.
+
+    Kept tokens stay in random order (not re-sorted): their positions are already added, and
+    attention and average pooling do not depend on token order, so a sort would be wasted work.
+    """
+
+    def __init__(self, prob: float, num_prefix_tokens: int):
+        super().__init__()
+        self.prob = prob
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.prob == 0.0:
+            return x
+        B, N, D = x.shape
+        n = N - self.num_prefix_tokens
+        keep = max(1, round(n * (1 - self.prob)))
+        if keep == n:
+            return x
+        idx = torch.rand(B, n, device=x.device).topk(keep, dim=1).indices  # (B, keep), per image
+        patches = x[:, self.num_prefix_tokens:].gather(1, idx[..., None].expand(-1, -1, D))  # -> (B, keep, D)
+        return torch.cat([x[:, :self.num_prefix_tokens], patches], dim=1)  # (B, prefix + keep, D)
+
+    def extra_repr(self) -> str:
+        return f"prob={self.prob}, num_prefix_tokens={self.num_prefix_tokens}"
 
 
 class LayerScale(nn.Module):

@@ -18,8 +18,8 @@ from torch import nn
 
 from .config import ViTConfig
 from .errors import ConfigError, InputShapeError
-from .layers import WEIGHT_INITS, DropPath, LayerScale, init_weights
-from .pos_embed import sincos_2d
+from .layers import WEIGHT_INITS, DropPath, LayerScale, PatchDropout, drop_add_residual, init_weights
+from .pos_embed import resample_pos_embed, sincos_pos_embed
 
 ATTN_IMPLS = ("auto", "sdpa", "math")
 
@@ -108,7 +108,11 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With `cfg.drop_path_skip`, stochastic depth in training runs each branch on the kept samples
+    only (layers.drop_add_residual) instead of computing it for the whole batch and masking.
+    """
 
     def __init__(self, cfg: ViTConfig, drop_path: float, attn_impl: str):
         super().__init__()
@@ -121,19 +125,33 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, cfg.mlp_hidden_dim, cfg.drop_rate)
         self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
+        self.drop_path_skip = cfg.drop_path_skip
+
+    def attn_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls1(self.attn(self.norm1(x)))
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls2(self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        p = self.drop_path1.drop_prob
+        if self.drop_path_skip and self.training and p > 0:
+            x = drop_add_residual(x, self.attn_branch, p)
+            return drop_add_residual(x, self.mlp_branch, p)
+        x = x + self.drop_path1(self.attn_branch(x))
+        return x + self.drop_path2(self.mlp_branch(x))
 
 
 class VisionTransformer(nn.Module):
     """ViT classifier with timm's API: forward_features / forward_head / reset_classifier."""
 
-    def __init__(self, config: ViTConfig | None = None, attn_impl: str = "auto"):
+    def __init__(self, config: ViTConfig | None = None, attn_impl: str = "auto", dynamic_img_size: bool = False):
         super().__init__()
         cfg = config or ViTConfig()
         self.config = cfg
+        # Accept other input sizes (multiples of the patch size), e.g. for progressive resizing;
+        # a run setting, not part of the architecture, so not in the config.
+        self.dynamic_img_size = dynamic_img_size
         self.num_classes = cfg.num_classes
         self.num_features = self.embed_dim = cfg.embed_dim
         self.num_prefix_tokens = cfg.num_prefix_tokens
@@ -143,10 +161,13 @@ class VisionTransformer(nn.Module):
         if cfg.pos_embed == "learn":
             self.pos_embed = nn.Parameter(torch.zeros(1, cfg.seq_len, cfg.embed_dim))
         else:  # fixed: recomputed from the config, so not saved; the class token's row is zero
-            table = torch.cat([torch.zeros(cfg.num_prefix_tokens, cfg.embed_dim),
-                               sincos_2d(cfg.grid_size, cfg.embed_dim)])
-            self.register_buffer("pos_embed", table[None], persistent=False)
+            table = sincos_pos_embed(cfg.grid_size, cfg.embed_dim, cfg.num_prefix_tokens)
+            self.register_buffer("pos_embed", table, persistent=False)
+        # Sin-cos tables of other grids for dynamic_img_size, by (grid, device): neither a buffer nor
+        # saved. Cached rather than rebuilt each step, which on a GPU is a host-to-device copy.
+        self._sincos_cache: dict[tuple[tuple[int, int], torch.device], torch.Tensor] = {}
         self.pos_drop = nn.Dropout(cfg.drop_rate)
+        self.patch_drop = PatchDropout(cfg.patch_drop_rate, cfg.num_prefix_tokens)
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear rule
         self.blocks = nn.ModuleList(Block(cfg, rate, attn_impl) for rate in rates)
         self.norm = nn.Identity() if cfg.use_fc_norm else nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
@@ -195,20 +216,44 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
+        """The (h, w) patch grid of a valid input; InputShapeError with the numbers otherwise."""
         C, H, W = self.config.input_size
-        if x.ndim != 4 or tuple(x.shape[1:]) != (C, H, W):
+        p = self.config.patch_size
+        if self.dynamic_img_size:
+            if x.ndim != 4 or x.shape[1] != C or not all(s > 0 and s % p == 0 for s in x.shape[2:]):
+                raise InputShapeError(
+                    f"input has shape {tuple(x.shape)} but the model expects (batch, {C}, H, W) with H "
+                    f"and W positive multiples of patch_size={p}")
+        elif x.ndim != 4 or tuple(x.shape[1:]) != (C, H, W):
             raise InputShapeError(
                 f"input has shape {tuple(x.shape)} but the model expects (batch, {C}, {H}, {W}); "
                 f"resize images to {H}x{W} with {C} channel(s), or load the model with img_size=")
+        return x.shape[2] // p, x.shape[3] // p
+
+    def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """(1, prefix + h*w, D) position embedding for an h x w patch grid; the stored one itself
+        at the config's grid, so full-size training and evaluation add the very same table."""
+        if grid == (self.config.grid_size,) * 2:
+            return self.pos_embed
+        if isinstance(self.pos_embed, nn.Parameter):  # resampled each step: gradients reach the parameter
+            return resample_pos_embed(self.pos_embed, grid, self.num_prefix_tokens)
+        # Sin-cos of another grid: positions 0..h-1 as big_vision's posemb_sincos_2d(h, w), so
+        # neighbouring patches stay one step apart at every size.
+        key = (grid, self.pos_embed.device)
+        if key not in self._sincos_cache:
+            table = sincos_pos_embed(grid, self.embed_dim, self.num_prefix_tokens)
+            self._sincos_cache[key] = table.to(self.pos_embed.device)
+        return self._sincos_cache[key]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) images -> (B, N, D) normalised tokens."""
-        self._check_input(x)
+        """(B, C, H, W) images -> (B, N, D) normalised tokens (fewer in training with patch dropout)."""
+        grid = self._check_input(x)
         x = self.patch_embed(x)  # (B, C, H, W) -> (B, h*w, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # -> (B, 1+h*w, D)
-        x = self.pos_drop(x + self.pos_embed.to(x.dtype))
+        x = self.pos_drop(x + self._pos_embed_for(grid).to(x.dtype))
+        x = self.patch_drop(x)  # training only: (B, 1+h*w, D) -> (B, 1+keep, D)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -217,7 +262,7 @@ class VisionTransformer(nn.Module):
         """(B, N, D) tokens -> (B, num_classes) logits, or the (B, D) pooled features."""
         if self.config.pool == "token":
             x = x[:, 0]
-        else:
+        else:  # with patch dropout, the mean of the kept tokens
             x = x[:, self.num_prefix_tokens:].mean(dim=1)
         x = self.fc_norm(x)
         return x if pre_logits else self.head(x)

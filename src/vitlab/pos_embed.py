@@ -9,34 +9,51 @@ import torch.nn.functional as F
 from .errors import ConfigError
 
 
-def sincos_2d(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """(grid*grid, dim) embedding; a quarter of the channels each for sin(y), cos(y), sin(x), cos(x)."""
+def _pair(grid: int | tuple[int, int]) -> tuple[int, int]:
+    return (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
+
+
+def sincos_2d(grid: int | tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(gh*gw, dim) embedding of a gh x gw patch grid (an int is square), rows in the patch order
+    (row-major); a quarter of the channels each for sin(y), cos(y), sin(x), cos(x)."""
     if dim % 4:
         raise ConfigError(f"2-D sin-cos position embedding needs dim divisible by 4, got dim={dim}")
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
-                            torch.arange(grid, dtype=torch.float64), indexing="ij")
+    gh, gw = _pair(grid)
+    ys, xs = torch.meshgrid(torch.arange(gh, dtype=torch.float64),
+                            torch.arange(gw, dtype=torch.float64), indexing="ij")
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    y = ys.flatten()[:, None] * omega[None, :]  # (grid*grid, dim/4)
+    y = ys.flatten()[:, None] * omega[None, :]  # (gh*gw, dim/4)
     x = xs.flatten()[:, None] * omega[None, :]
     return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1).float()
 
 
-def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int) -> torch.Tensor:
-    """Resize a (1, prefix + g*g, D) learned embedding to (1, prefix + new_grid**2, D), bicubic.
+def sincos_pos_embed(grid: int | tuple[int, int], dim: int, num_prefix_tokens: int) -> torch.Tensor:
+    """(1, prefix + gh*gw, dim) table as the model adds it: zero rows for the prefix tokens (the
+    class token carries no position), then sincos_2d."""
+    return torch.cat([torch.zeros(num_prefix_tokens, dim), sincos_2d(grid, dim)])[None]
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int | tuple[int, int],
+                       num_prefix_tokens: int) -> torch.Tensor:
+    """Resize a (1, prefix + g*g, D) learned embedding to (1, prefix + gh*gw, D), bicubic
+    (antialiased when shrinking); `new_grid` (gh, gw), or an int for a square grid.
 
     Prefix tokens (the class token's position) are kept as they are; only the square patch grid
     is interpolated. Works in fp32 whatever the stored dtype, and returns the stored dtype.
+    Differentiable, so a model trained at a smaller size (progressive resizing) still trains the
+    full-size parameter; at the stored size the parameter itself is returned.
     """
+    gh, gw = _pair(new_grid)
     _, n, dim = pos_embed.shape
     n_grid = n - num_prefix_tokens
     old_grid = int(round(n_grid**0.5))
     if old_grid * old_grid != n_grid:
         raise ConfigError(f"position embedding has {n_grid} grid positions, which is not a square grid")
-    if old_grid == new_grid:
+    if (old_grid, old_grid) == (gh, gw):
         return pos_embed
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     grid = grid.float().reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2)  # (1,g*g,D) -> (1,D,g,g)
-    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False,
-                         antialias=new_grid < old_grid)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim)  # (1,D,g',g') -> (1,g'*g',D)
+    grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False,
+                         antialias=gh < old_grid or gw < old_grid)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, dim)  # (1,D,gh,gw) -> (1,gh*gw,D)
     return torch.cat([prefix, grid.to(pos_embed.dtype)], dim=1)
