@@ -193,7 +193,7 @@ def find_resume_point(run_dir: Path, settings: RunConfig) -> tuple[Path, dict[st
 def write_run_files(out: Path, settings: RunConfig, rt: Runtime) -> None:
     atomic_write_text(out / "config.yaml", yaml.safe_dump(settings.to_dict(), sort_keys=False))
     env = {**describe_machine(), "vitlab": __version__, "argv": sys.argv, "precision": rt.precision,
-           "device": str(rt.device), "world_size": rt.world_size}
+           "device": str(rt.device), "world_size": rt.world_size, "autotune": rt.choice}
     atomic_write_text(out / "env.json", json.dumps(env, indent=2) + "\n")
 
 
@@ -276,6 +276,8 @@ def run_training(settings: RunConfig, out: Path, resume: bool = False) -> dict[s
         model.to(rt.device)
         num_classes = model.config.num_classes
         micro = micro_batch(settings, rt.world_size)
+        from .engine.autotune import tune_run  # auto kernel/precision timed here; a resumed run keeps its own
+        rt = tune_run(model, settings.runtime, rt, micro, out, found[1] if found else None)
         train_tf = TrainTransform(settings.augment, model.config)
         train_loader = BatchLoader(train_set, micro, True, train_tf, seed=settings.train.seed, rank=rt.rank,
                                    world_size=rt.world_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -62,6 +62,8 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    choice: dict | None = field(default=None, compare=False)
+    """How precision and the attention kernel were chosen (engine/autotune.py), for env.json."""
 
     @property
     def is_main(self) -> bool:
@@ -162,6 +164,16 @@ def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
         import torch.distributed as dist
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def broadcast_ints(values: list[int], rt: Runtime) -> list[int]:
+    """Rank 0's `values` on every rank (a few small integers: codes for a choice made on rank 0)."""
+    if not rt.distributed:
+        return list(values)
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.int64, device=rt.device)
+    dist.broadcast(t, src=0)
+    return [int(v) for v in t.tolist()]
 
 
 def on_main(rt: Runtime, fn):

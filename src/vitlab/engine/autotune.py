@@ -1,0 +1,266 @@
+"""Attention kernel and precision, timed on the machine at hand (issue 9, item 1).
+
+`auto` used to mean fixed rules: bf16 wherever the hardware has bf16 units, and the explicit
+attention kernel under bf16 on CPU up to a token count measured on one machine
+(model.pick_attn_impl). Machines differ too much for that (the same step runs 2x apart between
+CPUs of one class), so here the candidates are timed instead, on the run's real shapes: one
+transformer block built from the model's config, forward + backward on a (b, N, D) input, for
+attention in {sdpa, math} x the precisions this device can run. The fastest median wins.
+
+An explicit setting always wins (runtime.precision / runtime.attn_impl other than auto); only
+what is auto is measured. The answer is cached per process and on disk (a JSON file in the user
+cache dir), keyed by the machine (CPU model and capability, GPU, torch, threads) and the shape.
+Under torchrun rank 0 measures (or reads the cache) and broadcasts, so every rank computes alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ViTConfig
+from ..model import ATTN_IMPLS, VisionTransformer
+from ..util import atomic_write_text
+from .runtime import (PRECISIONS, Runtime, broadcast_ints, cpu_model, fast_bf16_available, on_main,
+                      resolve_precision)
+
+SOURCES = ("measured", "cache", "explicit", "resumed")
+CACHE_FILE = "autotune.json"
+# One timed trial's work (forward + backward FLOPs): ~10-20 ms on a 2-core CPU, well above timer
+# noise; the trial batch b is derived from it and capped by the run's micro-batch.
+TRIAL_FLOPS = {"cpu": 1e9, "cuda": 1e12}
+BUDGET_S = 0.3  # timed rounds after the warm-up, all candidates together (at least one round)
+MAX_ROUNDS = 5
+
+_MEMO: dict[str, Choice] = {}  # this process's answers, by cache key
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The precision and attention kernel a run uses, and how they were chosen."""
+    precision: str
+    attn_impl: str
+    source: str  # measured | cache | explicit | resumed
+    timings: dict[str, float] = field(default_factory=dict, compare=False)  # "fp32/sdpa" -> median ms
+    shape: dict[str, int] = field(default_factory=dict, compare=False)  # what was timed
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def cache_dir() -> Path:
+    """$VITLAB_CACHE, else $XDG_CACHE_HOME/vitlab, else ~/.cache/vitlab (where data/sources.py
+    also looks for datasets)."""
+    if os.environ.get("VITLAB_CACHE"):
+        return Path(os.environ["VITLAB_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "vitlab"
+    return Path.home() / ".cache" / "vitlab"
+
+
+def precision_candidates(device: torch.device) -> list[str]:
+    """fp32 first (the tie-breaker), then the low precision this device runs natively.
+
+    On CPU bf16 is a candidate only where fast_bf16_available: elsewhere autocast emulates it and
+    it trains 2-4x slower than fp32, so timing it would spend most of the budget on a sure loser
+    and would never pick it. fp16 stays CUDA-only (GPUs without bf16)."""
+    if device.type == "cuda":
+        return ["fp32", "bf16" if fast_bf16_available("cuda") else "fp16"]
+    return ["fp32", "bf16"] if fast_bf16_available(device.type) else ["fp32"]
+
+
+def train_tokens(cfg: ViTConfig) -> int:
+    """Tokens per image during training: patch dropout (when the config has it) keeps
+    max(1, round(patches * (1 - rate))) patch tokens and every prefix token (layers.PatchDropout)."""
+    rate = getattr(cfg, "patch_drop_rate", 0.0) or 0.0
+    kept = max(1, round(cfg.num_patches * (1 - rate))) if rate else cfg.num_patches
+    return cfg.num_prefix_tokens + kept
+
+
+def block_flops(N: int, D: int, hidden: int) -> float:
+    """Forward + backward FLOPs of one block per sample: qkv + proj (4 D^2), MLP (2 D hidden) and the
+    two attention matmuls (2 N D each) per token, x2 for multiply-add, x3 for the backward."""
+    return 3 * 2 * N * (4 * D * D + 2 * D * hidden + 2 * N * D)
+
+
+def cache_key(cfg: ViTConfig, batch: int, device: torch.device, precisions: list[str],
+              attns: list[str]) -> tuple[str, dict[str, int]]:
+    """(the key, the timed shape). The batch enters as its power-of-two bucket."""
+    N, D, hidden = train_tokens(cfg), cfg.embed_dim, cfg.mlp_hidden_dim
+    bucket = 1 << (max(1, batch).bit_length() - 1)
+    b = int(max(1, min(bucket, TRIAL_FLOPS.get(device.type, 1e9) // block_flops(N, D, hidden))))
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "-"
+    key = "|".join([cpu_model(), torch.backends.cpu.get_cpu_capability(), gpu, f"torch {torch.__version__}",
+                    f"threads {torch.get_num_threads()}", device.type,
+                    f"N{N} D{D} H{cfg.num_heads} mlp{hidden} batch{bucket}",
+                    f"precision {','.join(precisions)} attn {','.join(attns)}"])
+    return key, {"tokens": N, "width": D, "heads": cfg.num_heads, "mlp": hidden, "trial_batch": b}
+
+
+# ---- measuring ------------------------------------------------------------------------------
+def trial_seconds(block: nn.Module, x: torch.Tensor, precision: str) -> float:
+    """One forward + backward of `block` on `x` under `precision`, in seconds."""
+    device = x.device
+    block.zero_grad(set_to_none=True)
+    x.grad = None
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    with Runtime(device, precision).autocast():
+        out = block(x)
+    out.backward(torch.ones_like(out))
+    sync()
+    return time.perf_counter() - t
+
+
+def measure(cfg: ViTConfig, shape: dict[str, int], device: torch.device, precisions: list[str],
+            attns: list[str]) -> dict[str, float]:
+    """Median seconds per trial of each (precision, attention) candidate, keyed "precision/attn".
+
+    The candidates take turns, round after round, so that load from elsewhere hits them alike. One
+    warm-up round (oneDNN / cuBLAS set-up), then rounds until BUDGET_S is spent (1 to MAX_ROUNDS).
+    The global RNG is put back afterwards: whether a run measured or read the cache must not
+    change what it computes."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        model = VisionTransformer(cfg.replace(depth=1, drop_path_rate=0.0)).to(device).train()
+        block = model.blocks[0]
+        x = torch.randn(shape["trial_batch"], shape["tokens"], shape["width"], device=device, requires_grad=True)
+        candidates = [(p, a) for p in precisions for a in attns]
+        times: dict[str, list[float]] = {f"{p}/{a}": [] for p, a in candidates}
+
+        def one_round() -> float:
+            total = 0.0
+            for p, a in candidates:
+                model.set_attn_impl(a)
+                s = trial_seconds(block, x, p)
+                times[f"{p}/{a}"].append(s)
+                total += s
+            return total
+
+        one_round()  # warm-up
+        for v in times.values():
+            v.clear()
+        rounds = max(1, min(MAX_ROUNDS, int(BUDGET_S / max(one_round(), 1e-9))))
+        for _ in range(rounds - 1):
+            one_round()
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ---- the disk cache -------------------------------------------------------------------------
+def read_cache(path: Path | None) -> dict[str, Any]:
+    """The cache file's entries; an absent, unreadable or damaged file reads as empty (measure again)."""
+    if path is None:
+        return {}
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def save_cache(path: Path | None, key: str, entry: dict[str, Any]) -> None:
+    """Add an entry; an unwritable cache dir only means the next process measures again."""
+    if path is None:
+        return
+    d = read_cache(path)
+    d[key] = entry
+    try:
+        atomic_write_text(path, json.dumps(d, indent=1, sort_keys=True) + "\n")
+    except OSError:
+        pass
+
+
+def cached_choice(entry: Any, precisions: list[str], attns: list[str], shape: dict[str, int]) -> Choice | None:
+    if not isinstance(entry, dict):
+        return None
+    p, a, t = entry.get("precision"), entry.get("attn_impl"), entry.get("timings")
+    if p not in precisions or a not in attns:
+        return None
+    timings = {k: v for k, v in t.items() if isinstance(v, (int, float))} if isinstance(t, dict) else {}
+    return Choice(p, a, "cache", timings, shape)
+
+
+# ---- the choice -----------------------------------------------------------------------------
+_DEFAULT = object()
+
+
+def choose(model: VisionTransformer | ViTConfig, batch: int, device: torch.device | str,
+           precision: str = "auto", attn_impl: str = "auto", rt: Runtime | None = None,
+           cache_file: Path | None | object = _DEFAULT) -> Choice:
+    """The precision and attention kernel for training `model` with micro-batches of `batch` on
+    `device`. Settings other than "auto" are kept as given. With `rt` distributed, rank 0 decides
+    and every rank gets its answer. `cache_file` None: no disk cache (default: cache_dir())."""
+    cfg = model.config if isinstance(model, VisionTransformer) else model
+    device = torch.device(device)
+    if attn_impl not in ATTN_IMPLS:
+        from ..errors import ConfigError
+        raise ConfigError(f"runtime.attn_impl={attn_impl!r} must be one of {ATTN_IMPLS}")
+    precisions = precision_candidates(device) if precision == "auto" else [resolve_precision(precision, device)]
+    attns = ["sdpa", "math"] if attn_impl == "auto" else [attn_impl]
+    if len(precisions) * len(attns) == 1:  # nothing to choose: set explicitly, or one candidate here
+        return Choice(precisions[0], attns[0], "explicit")
+    path = (cache_dir() / CACHE_FILE) if cache_file is _DEFAULT else cache_file
+    key, shape = cache_key(cfg, batch, device, precisions, attns)
+
+    def decide() -> Choice:
+        if key in _MEMO:
+            return dataclasses.replace(_MEMO[key], source="cache")
+        found = cached_choice(read_cache(path).get(key), precisions, attns, shape)
+        if found is None:
+            seconds = measure(cfg, shape, device, precisions, attns)
+            best = min(seconds, key=seconds.get)  # ties: the earlier candidate (fp32, sdpa)
+            p, a = best.split("/")
+            found = Choice(p, a, "measured", {k: round(v * 1e3, 3) for k, v in seconds.items()}, shape)
+            save_cache(path, key, {"precision": p, "attn_impl": a, "timings": found.timings,
+                                   "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
+        _MEMO[key] = found
+        return found
+
+    if rt is None or not rt.distributed:
+        return decide()
+    mine = on_main(rt, decide)  # an error on rank 0 stops every rank
+    codes = [PRECISIONS.index(mine.precision), ATTN_IMPLS.index(mine.attn_impl), SOURCES.index(mine.source)] \
+        if mine is not None else [0, 0, 0]
+    p, a, s = broadcast_ints(codes, rt)
+    return mine if mine is not None else Choice(PRECISIONS[p], ATTN_IMPLS[a], SOURCES[s], {}, shape)
+
+
+def recorded_attn_impl(run_dir: Path) -> str | None:
+    """The kernel a run started with (its env.json), so that a resumed run computes the same floats."""
+    try:
+        rec = json.loads((Path(run_dir) / "env.json").read_text()).get("autotune") or {}
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError, RecursionError):
+        return None
+    impl = rec.get("attn_impl") if isinstance(rec, dict) else None
+    return impl if impl in ("sdpa", "math") else None
+
+
+def tune_run(model: VisionTransformer, runtime_args: Any, rt: Runtime, batch: int, run_dir: Path,
+             state: dict[str, Any] | None = None) -> Runtime:
+    """Choose for a training run: the model gets the kernel, the returned Runtime the precision and
+    the record for env.json. A resumed run (`state` is its checkpoint) keeps the precision it was
+    written with (Trainer.restore refuses another) and the kernel its env.json records."""
+    precision, attn = runtime_args.precision, runtime_args.attn_impl
+    resumed = False
+    if state is not None:
+        if precision == "auto" and state.get("precision") in PRECISIONS[1:]:
+            precision, resumed = state["precision"], True
+        if attn == "auto" and (recorded := recorded_attn_impl(run_dir)) is not None:
+            attn, resumed = recorded, True
+    choice = choose(model, batch, rt.device, precision, attn, rt)
+    if resumed and choice.source == "explicit":
+        choice = dataclasses.replace(choice, source="resumed")
+    model.set_attn_impl(choice.attn_impl)
+    return dataclasses.replace(rt, precision=choice.precision, choice=choice.to_dict())
+
+
+__all__ = ["Choice", "choose", "tune_run", "cache_dir", "measure", "trial_seconds", "precision_candidates"]

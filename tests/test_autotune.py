@@ -1,0 +1,219 @@
+"""engine/autotune.py: explicit settings win, the fastest candidate is chosen (fake timers), the
+process and disk caches spare a second measurement, a damaged cache is ignored, a resumed run keeps
+its precision and kernel, a run records its choice in env.json, and rank 0 decides for all ranks."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_config, write_mnist_like
+from vitlab.engine import autotune
+from vitlab.engine.args import load_run_config
+from vitlab.engine.runtime import Runtime
+from vitlab.errors import ConfigError
+from vitlab.model import VisionTransformer
+from vitlab.train import run_training
+
+CPU = torch.device("cpu")
+CFG = tiny_config()
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test gets an empty process memo and its own cache dir (never the user's)."""
+    monkeypatch.setenv("VITLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(autotune, "_MEMO", {})
+    return tmp_path / "cache" / autotune.CACHE_FILE
+
+
+def fake_measure(seconds: dict[str, float], calls: list):
+    """A measure() that returns `seconds` for the candidates it is asked about and logs each call."""
+    def measure(cfg, shape, device, precisions, attns):
+        calls.append((tuple(precisions), tuple(attns)))
+        return {f"{p}/{a}": seconds[f"{p}/{a}"] for p in precisions for a in attns}
+    return measure
+
+
+def forbid_measuring(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("measured although it should not have")
+    monkeypatch.setattr(autotune, "measure", refuse)
+
+
+def bf16_here(monkeypatch, fast: bool) -> None:
+    monkeypatch.setattr(autotune, "fast_bf16_available", lambda device_type: fast)
+
+
+def test_explicit_settings_are_kept_without_measuring(monkeypatch):
+    forbid_measuring(monkeypatch)
+    assert autotune.choose(CFG, 16, CPU, "fp32", "sdpa") == autotune.Choice("fp32", "sdpa", "explicit")
+    assert autotune.choose(CFG, 16, CPU, "bf16", "math") == autotune.Choice("bf16", "math", "explicit")
+    bf16_here(monkeypatch, False)  # fp32 is the only precision worth having here: nothing to time
+    assert autotune.choose(CFG, 16, CPU, "auto", "math").precision == "fp32"
+    with pytest.raises(ConfigError, match="fp16"):
+        autotune.choose(CFG, 16, CPU, "fp16", "auto")  # fp16 stays CUDA-only
+
+
+def test_only_the_auto_setting_is_measured(monkeypatch):
+    bf16_here(monkeypatch, True)
+    calls = []
+    seconds = {"fp32/sdpa": 3, "fp32/math": 2, "bf16/sdpa": 4, "bf16/math": 1}
+    monkeypatch.setattr(autotune, "measure", fake_measure(seconds, calls))
+    assert autotune.choose(CFG, 16, CPU, "fp32", "auto").attn_impl == "math"
+    assert autotune.choose(CFG, 16, CPU, "auto", "sdpa").precision == "fp32"  # 3 < 4
+    assert calls == [(("fp32",), ("sdpa", "math")), (("fp32", "bf16"), ("sdpa",))]
+
+
+@pytest.mark.parametrize("fast_bf16, seconds, expected", [
+    (True, {"fp32/sdpa": 3, "fp32/math": 2, "bf16/sdpa": 4, "bf16/math": 1}, ("bf16", "math")),
+    (True, {"fp32/sdpa": 1, "fp32/math": 2, "bf16/sdpa": 4, "bf16/math": 3}, ("fp32", "sdpa")),
+    (False, {"fp32/sdpa": 2, "fp32/math": 1}, ("fp32", "math")),  # no bf16 candidate without bf16 units
+])
+def test_the_fastest_candidate_wins(monkeypatch, fast_bf16, seconds, expected):
+    bf16_here(monkeypatch, fast_bf16)
+    monkeypatch.setattr(autotune, "measure", fake_measure(seconds, []))
+    choice = autotune.choose(CFG, 16, CPU)
+    assert (choice.precision, choice.attn_impl, choice.source) == (*expected, "measured")
+    assert choice.timings == {k: v * 1e3 for k, v in seconds.items()}
+
+
+@pytest.mark.parametrize("fast_attn", ["sdpa", "math"])
+def test_the_faster_kernel_wins_under_a_fake_timer(monkeypatch, fast_attn):
+    """Through the real measure(): only the per-trial timer is fake; it reads the kernel each
+    trial's block runs with."""
+    bf16_here(monkeypatch, False)
+
+    def trial(block, x, precision):
+        assert x.shape == (autotune.cache_key(CFG, 16, CPU, ["fp32"], ["sdpa", "math"])[1]["trial_batch"],
+                           CFG.seq_len, CFG.embed_dim)
+        return 0.001 if block.attn.impl == fast_attn else 0.002
+    monkeypatch.setattr(autotune, "trial_seconds", trial)
+    choice = autotune.choose(CFG, 16, CPU)
+    assert choice.attn_impl == fast_attn and choice.source == "measured"
+
+
+def test_a_real_measurement_is_quick_and_leaves_the_global_rng_alone():
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    choice = autotune.choose(CFG, 32, CPU, "fp32", "auto", cache_file=None)
+    assert torch.equal(torch.rand(3), want)  # measuring or reading the cache computes the same run
+    assert choice.source == "measured" and set(choice.timings) == {"fp32/sdpa", "fp32/math"}
+    assert all(0 < ms < 5000 for ms in choice.timings.values())
+    assert choice.shape["tokens"] == CFG.seq_len and 1 <= choice.shape["trial_batch"] <= 32
+
+
+def test_two_identical_calls_in_one_process_measure_once(monkeypatch):
+    calls = []
+    monkeypatch.setattr(autotune, "measure", fake_measure({"fp32/sdpa": 1, "fp32/math": 2}, calls))
+    first = autotune.choose(CFG, 16, CPU, "fp32", cache_file=None)
+    second = autotune.choose(CFG, 16, CPU, "fp32", cache_file=None)
+    assert len(calls) == 1 and (first.source, second.source) == ("measured", "cache")
+    assert (first.precision, first.attn_impl) == (second.precision, second.attn_impl)
+    autotune.choose(CFG, 17, CPU, "fp32", cache_file=None)  # the same power-of-two batch bucket
+    autotune.choose(CFG, 64, CPU, "fp32", cache_file=None)  # another bucket: measured
+    autotune.choose(tiny_config(embed_dim=64), 16, CPU, "fp32", cache_file=None)  # another shape
+    assert len(calls) == 3
+
+
+def test_the_disk_cache_spares_the_next_process_a_measurement(monkeypatch, own_cache):
+    monkeypatch.setattr(autotune, "measure", fake_measure({"fp32/sdpa": 2, "fp32/math": 1}, []))
+    assert autotune.choose(CFG, 16, CPU, "fp32").source == "measured"
+    entry, = json.loads(own_cache.read_text()).values()
+    assert entry["attn_impl"] == "math"
+    monkeypatch.setattr(autotune, "_MEMO", {})  # a new process
+    forbid_measuring(monkeypatch)
+    choice = autotune.choose(CFG, 16, CPU, "fp32")
+    assert (choice.attn_impl, choice.source, choice.timings) == ("math", "cache", {"fp32/sdpa": 2e3, "fp32/math": 1e3})
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b"\xff\xfe", b"[1, 2]", b"null", "bad entry"])
+def test_a_damaged_cache_file_is_measured_over(monkeypatch, own_cache, damage):
+    monkeypatch.setattr(autotune, "measure", fake_measure({"fp32/sdpa": 2, "fp32/math": 1}, []))
+    key = autotune.cache_key(CFG, 16, CPU, ["fp32"], ["sdpa", "math"])[0]
+    own_cache.parent.mkdir(parents=True)
+    if damage == "bad entry":  # readable, but naming a candidate that is not one
+        damage = json.dumps({key: {"precision": "fp64", "attn_impl": "sdpa"}}).encode()
+    own_cache.write_bytes(damage)
+    assert autotune.choose(CFG, 16, CPU, "fp32").source == "measured"
+    assert json.loads(own_cache.read_text())[key]["attn_impl"] == "math"  # repaired
+
+
+def test_an_unwritable_cache_dir_only_skips_saving(monkeypatch, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("VITLAB_CACHE", str(tmp_path / "a_file" / "sub"))  # cannot be created
+    monkeypatch.setattr(autotune, "measure", fake_measure({"fp32/sdpa": 2, "fp32/math": 1}, []))
+    assert autotune.choose(CFG, 16, CPU, "fp32").attn_impl == "math"
+
+
+def test_cache_dir_order(monkeypatch, tmp_path):
+    monkeypatch.delenv("VITLAB_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert autotune.cache_dir() == tmp_path / "xdg" / "vitlab"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert autotune.cache_dir() == autotune.Path.home() / ".cache" / "vitlab"
+
+
+def runtime_args(precision="auto", attn_impl="auto"):
+    return load_run_config(None, [f"runtime.precision={precision}", f"runtime.attn_impl={attn_impl}"]).runtime
+
+
+def test_a_resumed_run_keeps_its_precision_and_kernel(monkeypatch, tmp_path):
+    forbid_measuring(monkeypatch)
+    model = VisionTransformer(CFG)
+    (tmp_path / "env.json").write_text(json.dumps({"autotune": {"precision": "bf16", "attn_impl": "math"}}))
+    rt = autotune.tune_run(model, runtime_args(), Runtime(CPU, "fp32"), 16, tmp_path, {"precision": "bf16"})
+    assert (rt.precision, rt.choice["attn_impl"], rt.choice["source"]) == ("bf16", "math", "resumed")
+    assert {b.attn.impl for b in model.blocks} == {"math"}
+    # an explicit setting still wins (and Trainer.restore names the mismatch)
+    rt = autotune.tune_run(model, runtime_args("fp32", "sdpa"), Runtime(CPU, "fp32"), 16, tmp_path,
+                           {"precision": "bf16"})
+    assert (rt.precision, rt.choice["attn_impl"], rt.choice["source"]) == ("fp32", "sdpa", "explicit")
+
+
+def test_a_tiny_run_records_its_choice_in_env_json(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(autotune, "measure", fake_measure({"fp32/sdpa": 2, "fp32/math": 1}, calls))
+    data = tmp_path / "digits"
+    write_mnist_like(data, n_train=40, n_test=10, gz=False, classes=2)
+    sets = {"data.name": str(data), "data.val_size": 10, "model.depth": 1, "model.embed_dim": 16, "model.num_heads": 2,
+            "train.batch_size": 10, "train.epochs": 1, "runtime.progress": False, "runtime.precision": "fp32"}
+    settings = load_run_config("mnist", [f"{k}={v}" for k, v in sets.items()])
+    run_training(settings, tmp_path / "run")
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert len(calls) == 1
+    record = env["autotune"]
+    assert (record["precision"], record["attn_impl"], record["source"]) == ("fp32", "math", "measured")
+    assert record["timings"] == {"fp32/sdpa": 2e3, "fp32/math": 1e3}
+    assert env["precision"] == "fp32"
+
+
+# ---- two ranks: rank 0 decides ---------------------------------------------------------------
+def _rank_main(rank: int, port: int, cache: str, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), VITLAB_CACHE=cache)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        # each rank's timer disagrees: rank 0 finds math faster, rank 1 (if it measured) sdpa
+        seconds = {"fp32/sdpa": 2, "fp32/math": 1} if rank == 0 else {"fp32/sdpa": 1, "fp32/math": 2}
+        autotune.measure = fake_measure(seconds, [])
+        choice = autotune.choose(CFG, 16, CPU, "fp32", "auto", Runtime(CPU, "fp32", rank, 2))
+        results[rank] = (choice.precision, choice.attn_impl, choice.source)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
+def test_every_rank_uses_rank_0s_choice(tmp_path):
+    import torch.multiprocessing as mp
+    results = mp.Manager().dict()
+    mp.spawn(_rank_main, args=(29531, str(tmp_path / "cache"), results), nprocs=2)
+    assert results[0] == results[1] == ("fp32", "math", "measured")
+
+
+def test_patch_dropout_shortens_the_timed_sequence():
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(num_patches=64, num_prefix_tokens=1, patch_drop_rate=0.5)
+    assert autotune.train_tokens(cfg) == 1 + 32  # layers.PatchDropout keeps round(64 * 0.5) patches
+    assert autotune.train_tokens(SimpleNamespace(num_patches=64, num_prefix_tokens=1)) == 65
