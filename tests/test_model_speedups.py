@@ -162,7 +162,13 @@ def test_position_tables_for_other_grids():
     assert sincos._pos_embed_for((8, 8)) is sincos.pos_embed
     small = sincos._pos_embed_for((4, 6))
     assert small.shape == (1, 1 + 24, 32) and small is sincos._pos_embed_for((4, 6))  # cached
-    assert torch.equal(small, sincos_pos_embed((4, 6), 32, 1))
+    assert torch.equal(small, sincos_pos_embed((4, 6), 32, 1, span=8))
+    # A 4-patch row of a 32-px model shown at 16 px: patch centres 0.5, 2.5, 4.5, 6.5 in 8-grid units.
+    row = sincos_pos_embed((1, 4), 32, 0, span=(1, 8))[0]
+    omega = 1.0 / 10000.0 ** (torch.arange(8, dtype=torch.float64) / 8)
+    x = torch.tensor([0.5, 2.5, 4.5, 6.5], dtype=torch.float64)[:, None] * omega
+    assert torch.allclose(row[:, 16:24], x.sin().float(), atol=1e-6)
+    assert torch.equal(sincos_pos_embed(5, 32, 1, span=5), sincos_pos_embed(5, 32, 1))
     learn = randomize(VisionTransformer(tiny_config(img_size=32), dynamic_img_size=True))
     small = learn._pos_embed_for((4, 4))
     assert small.shape == (1, 17, 32) and torch.equal(small[:, 0], learn.pos_embed[:, 0])  # class row kept

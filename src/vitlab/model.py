@@ -238,11 +238,11 @@ class VisionTransformer(nn.Module):
             return self.pos_embed
         if isinstance(self.pos_embed, nn.Parameter):  # resampled each step: gradients reach the parameter
             return resample_pos_embed(self.pos_embed, grid, self.num_prefix_tokens)
-        # Sin-cos of another grid: positions 0..h-1 as big_vision's posemb_sincos_2d(h, w), so
-        # neighbouring patches stay one step apart at every size.
+        # Sin-cos of another grid, at the positions its patches cover in the full-size grid (as
+        # resampling a learned table does), so a downscaled image keeps its content's positions.
         key = (grid, self.pos_embed.device)
         if key not in self._sincos_cache:
-            table = sincos_pos_embed(grid, self.embed_dim, self.num_prefix_tokens)
+            table = sincos_pos_embed(grid, self.embed_dim, self.num_prefix_tokens, span=self.config.grid_size)
             self._sincos_cache[key] = table.to(self.pos_embed.device)
         return self._sincos_cache[key]
 

@@ -13,24 +13,34 @@ def _pair(grid: int | tuple[int, int]) -> tuple[int, int]:
     return (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
 
 
-def sincos_2d(grid: int | tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
+def sincos_2d(grid: int | tuple[int, int], dim: int, temperature: float = 10000.0,
+              span: int | tuple[int, int] | None = None) -> torch.Tensor:
     """(gh*gw, dim) embedding of a gh x gw patch grid (an int is square), rows in the patch order
-    (row-major); a quarter of the channels each for sin(y), cos(y), sin(x), cos(x)."""
+    (row-major); a quarter of the channels each for sin(y), cos(y), sin(x), cos(x).
+
+    `span` (the model's full grid) places a coarser grid's patches at their centres in full-grid
+    units: patch i of gh covers the image where full-size patches (i + 0.5) * Gh / gh - 0.5 lie,
+    so an image shown smaller (progressive resizing) keeps the positions of its content."""
     if dim % 4:
         raise ConfigError(f"2-D sin-cos position embedding needs dim divisible by 4, got dim={dim}")
     gh, gw = _pair(grid)
-    ys, xs = torch.meshgrid(torch.arange(gh, dtype=torch.float64),
-                            torch.arange(gw, dtype=torch.float64), indexing="ij")
+    Gh, Gw = _pair(span) if span is not None else (gh, gw)
+
+    def positions(g: int, G: int) -> torch.Tensor:
+        return (torch.arange(g, dtype=torch.float64) + 0.5) * (G / g) - 0.5  # = arange(g) when G == g
+
+    ys, xs = torch.meshgrid(positions(gh, Gh), positions(gw, Gw), indexing="ij")
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     y = ys.flatten()[:, None] * omega[None, :]  # (gh*gw, dim/4)
     x = xs.flatten()[:, None] * omega[None, :]
     return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1).float()
 
 
-def sincos_pos_embed(grid: int | tuple[int, int], dim: int, num_prefix_tokens: int) -> torch.Tensor:
+def sincos_pos_embed(grid: int | tuple[int, int], dim: int, num_prefix_tokens: int,
+                     span: int | tuple[int, int] | None = None) -> torch.Tensor:
     """(1, prefix + gh*gw, dim) table as the model adds it: zero rows for the prefix tokens (the
     class token carries no position), then sincos_2d."""
-    return torch.cat([torch.zeros(num_prefix_tokens, dim), sincos_2d(grid, dim)])[None]
+    return torch.cat([torch.zeros(num_prefix_tokens, dim), sincos_2d(grid, dim, span=span)])[None]
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int | tuple[int, int],
