@@ -27,7 +27,7 @@ from .data import ImageSet, load_dataset
 from .data.augment import EvalTransform, TrainTransform
 from .data.loader import BatchLoader
 from .data.sources import DATASETS, fetch, get_source, locate
-from .engine.args import RunConfig, merge_sets, read_settings_file
+from .engine.args import RunConfig, merge_sets, parse_resolution_schedule, read_settings_file
 from .engine.checkpoint import (check_weights_fit, load_checkpoint, newest_checkpoint,
                                 remove_stale_temporaries)
 from .engine.log import RunLogger, plot_curves
@@ -82,6 +82,7 @@ def resolve(settings: RunConfig) -> ViTConfig:
     if settings.augment.crop_pad > model_cfg.img_size:
         raise ConfigError(f"augment.crop_pad={settings.augment.crop_pad} must be at most the image side "
                           f"(model img_size={model_cfg.img_size})")
+    check_resolution_schedule(settings, model_cfg)
     micro_batch(settings, world)
     name, data_dir = settings.data.name, settings.data.data_dir
     if name in DATASETS:
@@ -91,6 +92,22 @@ def resolve(settings: RunConfig) -> ViTConfig:
         raise DatasetNotFoundError(f"unknown dataset {name!r}: not one of {sorted(DATASETS)} and no such folder "
                                    f"(data.name)")
     return model_cfg
+
+
+def check_resolution_schedule(settings: RunConfig, model_cfg: ViTConfig) -> None:
+    """train.resolution_schedule against the model: every side a multiple of the patch size, the
+    last one the model's own (the run ends at the size it is evaluated and exported at)."""
+    if not settings.train.resolution_schedule:
+        return
+    sizes = [size for size, _ in parse_resolution_schedule(settings.train.resolution_schedule)]
+    key = f"train.resolution_schedule={settings.train.resolution_schedule!r}"
+    odd = [size for size in sizes if size % model_cfg.patch_size]
+    if odd:
+        raise ConfigError(f"{key}: sizes {odd} are not multiples of the model's patch_size={model_cfg.patch_size} "
+                          f"(model.patch_size)")
+    if sizes[-1] != model_cfg.img_size:
+        raise ConfigError(f"{key}: the last stage must be the model's full size, img_size={model_cfg.img_size} "
+                          f"(model.img_size), not {sizes[-1]}")
 
 
 def resume_settings(run_dir: Path, sets: list[str] | None = None) -> RunConfig:
@@ -294,7 +311,7 @@ def run_training(settings: RunConfig, out: Path, resume: bool = False) -> dict[s
         n_params = sum(p.numel() for p in model.parameters())
         logger.info(f"{'resuming' if found else 'training'} {model.config.name or settings.model.preset} "
                     f"({n_params / 1e6:.2f}M params) on {train_set.name}: {len(train_set)} train / {len(val_set)} "
-                    f"val images, {settings.train.epochs} epochs x {len(train_loader) // settings.train.accum_steps} "
+                    f"val images, {length_of(settings)} x {len(train_loader) // settings.train.accum_steps} "
                     f"steps, batch {settings.train.batch_size}, {rt.device} {rt.precision}"
                     + (f", {rt.world_size} ranks" if rt.distributed else "")
                     + (f", from step {pos.step}" if found else ""))
@@ -302,7 +319,7 @@ def run_training(settings: RunConfig, out: Path, resume: bool = False) -> dict[s
             pos = fit(trainer, train_loader, val_loader, num_classes, out, logger, model.config.to_dict(), pos)
         finally:
             logger.close()
-        return finish(out, settings, rt, pos, time.time() - started, n_params)
+        return finish(out, settings, rt, pos, time.time() - started, n_params, trainer.train_s, len(train_set))
     finally:
         if lock is not None:
             lock.release()
@@ -334,8 +351,15 @@ def restore(trainer: Trainer, found: tuple[Path, dict[str, Any]]) -> Position:
 train = run_training  # the name used before 0.2; prefer run_training
 
 
-def finish(out: Path, settings: RunConfig, rt: Runtime, pos: Position, wall_s: float, n_params: int) -> dict[str, Any]:
-    """Export the validation-selected weights to out/model, evaluate them once on the test split."""
+def length_of(settings: RunConfig) -> str:
+    t = settings.train
+    return f"{t.time_budget:g} min of epochs" if t.time_budget is not None else f"{t.epochs} epochs"
+
+
+def finish(out: Path, settings: RunConfig, rt: Runtime, pos: Position, wall_s: float, n_params: int,
+           train_s: float = 0.0, train_images: int = 0) -> dict[str, Any]:
+    """Export the validation-selected weights to out/model, evaluate them once on the test split.
+    `train_s`: seconds spent in training steps (all sessions); `train_images`: the train split's size."""
     best_path = out / "checkpoints" / "best.pt"
     best = load_checkpoint(best_path)
     if best["best"] is None:
@@ -351,7 +375,12 @@ def finish(out: Path, settings: RunConfig, rt: Runtime, pos: Position, wall_s: f
     model.load_state_dict(weights)
     model.to(rt.device)
     eval_tf = EvalTransform(model_cfg)
-    results: dict[str, Any] = {"best": best["best"], "steps": pos.step, "epochs": settings.train.epochs,
+    images_seen = pos.step * settings.train.batch_size
+    results: dict[str, Any] = {"best": best["best"], "steps": pos.step,
+                               "epochs": settings.train.epochs if settings.train.time_budget is None else None,
+                               "time_budget_min": settings.train.time_budget, "train_s": round(train_s, 1),
+                               "images_seen": images_seen,
+                               "epochs_equivalent": round(images_seen / train_images, 3) if train_images else None,
                                "wall_s_this_session": round(wall_s, 1), "params": n_params}
     test_set = None
     if not settings.train.test_at_end:

@@ -132,7 +132,8 @@ class OptimArgs:
     """AdamW second-moment decay, in [0, 1)."""
     warmup_epochs: float = 1.0
     """Linear warmup from 0 to lr over this many epochs (fractions allowed), capped at 10% of the
-    run's optimizer steps so that a short run still reaches lr and decays (the cap is printed)."""
+    run's optimizer steps so that a short run still reaches lr and decays (the cap is printed).
+    Under train.time_budget: this many epochs of steps or 10% of the budget, whichever ends first."""
     min_lr: float = 0.0
     """Cosine decay ends here at the last step."""
     layer_decay: float | None = None
@@ -164,7 +165,7 @@ class OptimArgs:
 class TrainArgs:
     """How long to train, in what batches, and how often to evaluate, log and checkpoint."""
     epochs: int = 15
-    """Passes over the training split."""
+    """Passes over the training split (ignored under train.time_budget)."""
     batch_size: int = 128
     """Global batch per optimizer step, over all ranks and accumulation steps."""
     accum_steps: int = 1
@@ -173,7 +174,8 @@ class TrainArgs:
     """Seeds initialisation, shuffling, augmentation and dropout (0 .. 2**63-1)."""
     ema_decay: float | None = None
     """Keep an exponential moving average of the weights (e.g. 0.999); evaluated beside the raw model.
-    Capped so that its horizon 1/(1-decay) is at most 10% of the run's optimizer steps (printed)."""
+    Capped so that its horizon 1/(1-decay) is at most 10% of the run's optimizer steps (printed);
+    under train.time_budget, of the steps estimated from those taken so far."""
     eval_every: int = 1
     """Evaluate on the validation split every this many epochs (and always after the last)."""
     log_every: int = 50
@@ -190,8 +192,12 @@ class TrainArgs:
     test_at_end: bool = True
     """Evaluate the selected weights on the test split once at the end."""
     time_budget: float | None = None
-    """Minutes of training (evaluation not counted): the whole schedule (warmup, decay, resolution
-    stages) is laid over this budget using step times measured during the run; null: train.epochs."""
+    """Minutes of training: only the optimizer steps count (not evaluation, checkpoints, loading or
+    the final test). The schedule (warmup, cosine decay, resolution stages) and the end of the run
+    follow the fraction of the budget used; train.epochs is then ignored (passes over the data go on
+    until the budget ends, mid-epoch if so; eval_every still counts passes) and train.max_steps must
+    be null. A resumed run continues the budget from the checkpoint's training seconds (on time, but
+    not bit-identical: step times differ). null: train.epochs."""
     resolution_schedule: str | None = None
     """Progressive resolution: "SIZE:FRACTION,..." in order, e.g. "16:0.4,24:0.3,32:0.3" trains the
     first 40% of the run at 16 px; fractions sum to 1 and the last size is the model's img_size.
@@ -207,7 +213,41 @@ class TrainArgs:
             bad.append(f"train.seed={self.seed} must be in [0, 2**63-1]")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             bad.append(f"train.ema_decay={self.ema_decay} must be in (0, 1) or null")
+        if self.time_budget is not None:
+            if not (math.isfinite(self.time_budget) and self.time_budget > 0):
+                bad.append(f"train.time_budget={self.time_budget} must be a finite number of minutes > 0 or null")
+            if self.max_steps is not None:
+                bad.append(f"train.time_budget={self.time_budget} and train.max_steps={self.max_steps} both set "
+                           f"the run's length; keep one")
+        if self.resolution_schedule is not None:
+            try:
+                parse_resolution_schedule(self.resolution_schedule)
+            except ConfigError as e:
+                bad.append(str(e))
         _raise_if(bad)
+
+
+def parse_resolution_schedule(text: str) -> tuple[tuple[int, float], ...]:
+    """"16:0.4,24:0.3,32:0.3" -> ((16, 0.4), (24, 0.3), (32, 0.3)): (side in pixels, fraction of the
+    run) in order. Sizes are positive integers, fractions > 0 summing to 1 (within 1e-6). Whether the
+    sizes fit the model (multiples of patch_size, the last one img_size) is checked with the model."""
+    key = f"train.resolution_schedule={text!r}"
+    stages = []
+    for part in text.split(","):
+        size, sep, frac = part.strip().partition(":")
+        try:
+            stage = (int(size), float(frac))
+        except ValueError:
+            stage = None
+        if not sep or stage is None:
+            raise ConfigError(f"{key}: stage {part.strip()!r} is not SIZE:FRACTION (e.g. \"16:0.4,32:0.6\")")
+        if not (stage[0] > 0 and math.isfinite(stage[1]) and stage[1] > 0):
+            raise ConfigError(f"{key}: stage {part.strip()!r} needs a size > 0 and a fraction > 0")
+        stages.append(stage)
+    total = math.fsum(f for _, f in stages)
+    if not abs(total - 1) <= 1e-6:
+        raise ConfigError(f"{key}: the fractions sum to {total:.6g}, not 1")
+    return tuple(stages)
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,21 @@ the warmup in `ModelEMA.update` already keeps the horizon near n / 9 after n ste
 recipe's 15 epochs (0.999 over 6435 steps) feel the cap, 0.99845, only in their last ~600 steps."""
 
 
-def decay_for_run(decay: float, total_steps: int) -> float:
+def decay_for_run(decay: float, total_steps: float) -> float:
     """`decay`, lowered where needed so that 1 / (1 - decay) <= MAX_HORIZON_FRACTION * total_steps.
 
     A run of 10 or fewer steps gets 0: its "average" is the latest weights."""
     horizon = MAX_HORIZON_FRACTION * total_steps
     return min(decay, 1 - 1 / horizon) if horizon > 1 else 0.0
+
+
+def decay_for_budget(decay: float, steps: int, p: float) -> float:
+    """`decay_for_run` for a time-budgeted run, whose total steps are not known in advance: after
+    `steps` steps at progress `p` the run is estimated at steps / p steps (the measured steps per
+    unit of budget), re-estimated at every update. Early estimates are rough, but the cap does not
+    bind early: the warmup in `ModelEMA.update` keeps the horizon near steps / 9 < 0.1 * steps / p
+    for p < 0.9, so the cap acts only in the last tenth of the budget, where the estimate is good."""
+    return decay_for_run(decay, steps / p) if p > 0 else decay
 
 
 class ModelEMA:

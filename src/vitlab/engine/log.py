@@ -3,6 +3,7 @@ TensorBoard logs when tensorboard is installed, and PNG curves at the end. Only 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 import warnings
@@ -31,6 +32,12 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         warnings.warn(f"{path}: skipped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:5]))}; "
                       f"a write torn by a full disk or a kill)", stacklevel=2)
     return records
+
+
+def mmss(seconds: float) -> str:
+    """125.4 -> "02:05"; minutes go past 59 rather than adding hours (a budget is given in minutes)."""
+    m, sec = divmod(max(0, int(math.ceil(seconds))), 60)
+    return f"{m:02d}:{sec:02d}"
 
 
 class RunLogger:
@@ -68,14 +75,22 @@ class RunLogger:
                 if isinstance(v, (int, float)) and k not in ("step", "epoch", "time"):
                     self.tb.add_scalar(f"{record.get('kind', 'x')}/{k}", v, step)
 
-    def start_epoch(self, epoch: int, epochs: int, total: int, initial: int) -> None:
+    def start_epoch(self, epoch: int, epochs: int | None, total: int, initial: int,
+                    left_s: float | None = None) -> None:
+        """A bar over the epoch's steps; under a time budget (`epochs` None) it names the budget left."""
         if self.progress:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
+            self.epoch_name = f"epoch {epoch + 1}" + (f"/{epochs}" if epochs is not None else "")
+            self.bar = tqdm(total=total, initial=initial, desc=self._desc(left_s), unit="step",
                             dynamic_ncols=True, leave=False, file=sys.stderr)
 
-    def update(self, **postfix: Any) -> None:
+    def _desc(self, left_s: float | None) -> str:
+        return self.epoch_name + (f", {mmss(left_s)} left" if left_s is not None else "")
+
+    def update(self, left_s: float | None = None, **postfix: Any) -> None:
         if self.bar is not None:
+            if left_s is not None:
+                self.bar.set_description_str(self._desc(left_s), refresh=False)
             self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(1)
 

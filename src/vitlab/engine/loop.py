@@ -6,10 +6,22 @@ Layout (torchvision's references; big_vision's update step that returns its meas
 `CheckpointPolicy` when to save; `fit` runs epochs, evaluates, and keeps the best. A new per-step
 feature belongs in `train_step`, a new "when" in the policy, neither in the epoch loop.
 
+One progress p in [0, 1] drives the lr schedule, the resolution stages and the end of the run
+(`Trainer.progress`): optimizer steps done / total steps, or under `train.time_budget` training
+seconds / budget seconds, where training seconds are the time spent in `train_step` (rank 0's,
+agreed through the all-reduce each step already does, so ranks stop together).
+
+Progressive resolution (`train.resolution_schedule`; FixRes, arXiv 1906.06423, and the progressive
+resizing of fast ImageNet training): the augmented batch is resized to the stage's side in
+`train_step`, and the model resamples its position embeddings (`dynamic_img_size`). Evaluation is
+always at full size.
+
 Exact resume: everything random is either derived from (seed, epoch, batch) by the loader or
 drawn from torch's global generator, reseeded per micro-batch from the same numbers, and the
 generator's state is checkpointed too. Restoring model, optimizer, scheduler, EMA, scaler, RNG and
 the loader position makes the rest of the run repeat the uninterrupted one operation for operation.
+A time-budgeted run cannot be repeated exactly (its lr follows measured seconds); resumed, it
+continues the budget from the training seconds in the checkpoint and ends on time.
 """
 from __future__ import annotations
 
@@ -17,7 +29,7 @@ import contextlib
 import itertools
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +40,10 @@ import torch.nn.functional as F
 from ..data.loader import batch_seed
 from ..errors import TrainingError
 from ..evaluate import evaluate
-from .args import RunConfig
+from .args import RunConfig, parse_resolution_schedule
 from .checkpoint import list_checkpoints, rng_state, save_checkpoint, set_rng_state
-from .ema import MAX_HORIZON_FRACTION, ModelEMA, decay_for_run
-from .log import RunLogger
+from .ema import MAX_HORIZON_FRACTION, ModelEMA, decay_for_budget, decay_for_run
+from .log import RunLogger, mmss
 from .optim import MAX_WARMUP_FRACTION, WarmupCosine, build_optimizer
 from .runtime import Runtime, all_reduce_sum, barrier
 
@@ -62,15 +74,28 @@ class Position:
 
 
 class Trainer:
-    """Holds the objects one run's functions share; the loop itself is `fit` below."""
+    """Holds the objects one run's functions share; the loop itself is `fit` below. `clock` (seconds)
+    times the training steps; tests inject a fake one."""
 
-    def __init__(self, model: torch.nn.Module, cfg: RunConfig, rt: Runtime, steps_per_epoch: int):
+    def __init__(self, model: torch.nn.Module, cfg: RunConfig, rt: Runtime, steps_per_epoch: int,
+                 clock: Callable[[], float] = time.perf_counter):
         self.model, self.cfg, self.rt, self.steps_per_epoch = model, cfg, rt, steps_per_epoch
+        budget = cfg.train.time_budget
+        self.budget_s = budget * 60 if budget is not None else None
+        self.clock, self.train_s, self.untold_s = clock, 0.0, 0.0  # untold: timed, not yet in an all-reduce
         self.optimizer = build_optimizer(model, cfg.optim)
-        self.scheduler = WarmupCosine(self.optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs, cfg.train.max_steps)
-        self.total_steps = self.scheduler.total
-        self.ema_decay = decay_for_run(cfg.train.ema_decay, self.total_steps) if cfg.train.ema_decay else None
+        self.scheduler = WarmupCosine(self.optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs, cfg.train.max_steps,
+                                      budgeted=budget is not None)
+        self.total_steps = self.scheduler.total  # None under a time budget
+        self.ema_decay = cfg.train.ema_decay
+        if self.ema_decay and budget is None:  # under a budget, train_step caps it as the run goes
+            self.ema_decay = decay_for_run(self.ema_decay, self.total_steps)
         self.ema = ModelEMA(model, self.ema_decay) if cfg.train.ema_decay else None
+        schedule = cfg.train.resolution_schedule
+        self.stages = parse_resolution_schedule(schedule) if schedule else ()
+        if self.stages:
+            model.dynamic_img_size = True  # the unwrapped model: DDP and compile wrap the same module
+        self.shown_size: int | None = None  # the stage last announced
         self.scaler = torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16")
         self.net = model
         if cfg.runtime.compile:
@@ -79,10 +104,44 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.net = DDP(self.net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
+    def progress(self) -> float:
+        """p in [0, 1]: optimizer steps done / total steps, or training seconds / budget seconds
+        (the scheduler counts the steps; `train_step` adds the seconds)."""
+        if self.budget_s is None:
+            return min(1.0, self.scheduler.step_count / self.total_steps)
+        return min(1.0, self.train_s / self.budget_s)
+
+    def done(self) -> bool:
+        return self.progress() >= 1.0
+
+    def left_s(self) -> float | None:
+        """Budget seconds left; None without a budget."""
+        return None if self.budget_s is None else max(0.0, self.budget_s - self.train_s)
+
+    def img_size_at(self, p: float) -> int | None:
+        """The training input side at progress p (the stage whose share of the run holds p); None
+        without a resolution schedule."""
+        end = 0.0
+        for size, fraction in self.stages:
+            end += fraction
+            if p < end:
+                return size
+        return self.stages[-1][0] if self.stages else None
+
     def length_notes(self) -> list[str]:
         """What the run's length changed in the settings (nothing silent): capped warmup, EMA decay."""
         notes = []
         asked = int(round(self.cfg.optim.warmup_epochs * self.steps_per_epoch))
+        if self.budget_s is not None:
+            notes.append(f"time budget {self.cfg.train.time_budget:g} min of training steps (evaluation and "
+                         f"checkpoints not counted); train.epochs={self.cfg.train.epochs} is ignored")
+            if asked:
+                notes.append(f"warmup ends after {asked} steps (optim.warmup_epochs={self.cfg.optim.warmup_epochs}) "
+                             f"or {MAX_WARMUP_FRACTION:.0%} of the budget, whichever comes first")
+            if self.ema is not None:
+                notes.append(f"EMA decay {self.ema_decay} (train.ema_decay) is lowered where its horizon 1/(1-decay) "
+                             f"exceeds {MAX_HORIZON_FRACTION:.0%} of the steps estimated for the budget")
+            return notes
         if self.scheduler.warmup < asked:
             notes.append(f"warmup {self.scheduler.warmup} steps, not {asked} (optim.warmup_epochs="
                          f"{self.cfg.optim.warmup_epochs}): at most {MAX_WARMUP_FRACTION:.0%} of this "
@@ -98,6 +157,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "step": pos.step, "epoch": pos.epoch, "batch": pos.batch, "best": pos.best, "history": pos.history,
+            "train_s": self.train_s,
             "rng": rng_state(), "run_config": self.cfg.to_dict(), "model_config": model_config,
             "precision": self.rt.precision, "world_size": self.rt.world_size,
         }
@@ -114,6 +174,7 @@ class Trainer:
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
+        self.train_s, self.untold_s = float(state.get("train_s", 0.0)), 0.0  # a time budget goes on from here
         return Position(state["step"], state["epoch"], state["batch"], state.get("best"), list(state.get("history", [])))
 
 
@@ -121,15 +182,17 @@ class Trainer:
 class CheckpointPolicy:
     """When a checkpoint is written and where: `fit` saves at every epoch end (with the validation
     result, so it can be the best); inside an epoch, every `every` optimizer steps (0: never),
-    except where the epoch or the run ends anyway. The recorded Position is the one after the step."""
+    except where the epoch or the run ends anyway. The recorded Position is the one after the step.
+    `total_steps` is None under a time budget (the epoch loop stops at its end before asking)."""
     run_dir: Path
     every: int
     keep_last: int
-    total_steps: int
+    total_steps: int | None
     model_config: dict
 
     def due_mid_epoch(self, pos: Position) -> bool:
-        return self.every > 0 and pos.step % self.every == 0 and pos.batch > 0 and pos.step < self.total_steps
+        return (self.every > 0 and pos.step % self.every == 0 and pos.batch > 0
+                and (self.total_steps is None or pos.step < self.total_steps))
 
     def save(self, trainer: Trainer, pos: Position, best: bool = False) -> None:
         if trainer.rt.is_main:
@@ -146,6 +209,14 @@ def _base_lr(optimizer: torch.optim.Optimizer) -> float:
     return g["lr"] / g.get("lr_scale", 1.0)
 
 
+def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, size, size), for a progressive-resolution stage. Antialiased: a
+    smaller stage sees the image as a smaller camera would, not a subsampled, aliased one."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
 def train_step(trainer: Trainer, micro_batches: Iterable[tuple[int, torch.Tensor, torch.Tensor]],
                epoch: int) -> dict[str, Any]:
     """One optimizer step over `train.accum_steps` micro-batches `(index in the epoch, inputs, targets)`.
@@ -158,11 +229,19 @@ def train_step(trainer: Trainer, micro_batches: Iterable[tuple[int, torch.Tensor
     result says `finite: False` for the caller to stop the run (under fp16 the loss scaler skips
     a step with non-finite gradients itself).
 
+    The step's seconds (from its start to the all-reduce, plus the rest of the previous step) travel
+    in the same all-reduce, rank 0's only, so every rank adds the same seconds to `trainer.train_s`
+    and agrees on the progress p and on when the run ends. The inputs are resized to the resolution
+    stage of the progress before the step.
+
     Returns loss (mean over the step's images, all ranks), correct, n, grad_norm, lr (this step's
-    schedule lr), ema_decay (this update's, or None), batches (the micro-batch indices), finite.
+    schedule lr), ema_decay (this update's, or None), batches (the micro-batch indices), finite,
+    img_size (the stage's side, or None), step_s (its seconds) and p (the progress after it).
     """
     cfg, rt, net, opt = trainer.cfg, trainer.rt, trainer.net, trainer.optimizer
+    started = trainer.clock()
     accum = cfg.train.accum_steps
+    size = trainer.img_size_at(trainer.progress())
     opt.zero_grad(set_to_none=True)
     sums = torch.zeros(3, device=rt.device)  # loss * n, correct, n
     batches = []
@@ -171,6 +250,8 @@ def train_step(trainer: Trainer, micro_batches: Iterable[tuple[int, torch.Tensor
         # same masks after a resume, and different masks on each rank.
         torch.manual_seed(batch_seed(cfg.train.seed, epoch, i, rt.rank, 1))  # 1: not the augmentation stream
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        if size is not None:
+            x = resize_batch(x, size)
         batches.append(i)
         last = len(batches) == accum
         with net.no_sync() if rt.distributed and not last else contextlib.nullcontext():
@@ -187,19 +268,33 @@ def train_step(trainer: Trainer, micro_batches: Iterable[tuple[int, torch.Tensor
     trainer.scaler.unscale_(opt)
     norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), cfg.optim.clip_grad or float("inf"))
     # The norm is the same on every rank (DDP has averaged the gradients): / world_size keeps it after the sum.
-    measured = torch.cat([sums, norm.detach().float().reshape(1).to(rt.device) / rt.world_size])
-    loss_sum, correct, n, grad_norm = all_reduce_sum(measured, rt).tolist()
+    # The seconds are rank 0's alone (the others send 0): one clock for all.
+    timed = trainer.clock()
+    step_s = trainer.untold_s + timed - started
+    measured = torch.cat([sums, norm.detach().float().reshape(1).to(rt.device) / rt.world_size,
+                          torch.tensor([step_s if rt.is_main else 0.0], device=rt.device)])
+    loss_sum, correct, n, grad_norm, step_s = all_reduce_sum(measured, rt).tolist()
+    trainer.train_s += step_s
     out = {"loss": loss_sum / n, "correct": correct, "n": n, "grad_norm": grad_norm, "lr": _base_lr(opt),
-           "ema_decay": None, "batches": batches}
+           "ema_decay": None, "batches": batches, "img_size": size, "step_s": step_s, "p": trainer.progress()}
     out["finite"] = math.isfinite(loss_sum) and (math.isfinite(grad_norm) or trainer.scaler.is_enabled())
     if not out["finite"]:
         return out
     trainer.scaler.step(opt)
     trainer.scaler.update()
     opt.zero_grad(set_to_none=True)
-    trainer.scheduler.step()
+    if trainer.budget_s is None:
+        trainer.scheduler.step()
+        out["p"] = trainer.progress()
+    else:
+        trainer.scheduler.step(out["p"], ahead=step_s / trainer.budget_s)
     if trainer.ema is not None:
+        if trainer.budget_s is not None:
+            trainer.ema.decay = decay_for_budget(cfg.train.ema_decay, trainer.scheduler.step_count, out["p"])
         out["ema_decay"] = trainer.ema.update(trainer.model)
+    # From `timed` on (on a GPU the wait for the queued forward and backward, then the update):
+    # counted with the next step.
+    trainer.untold_s = trainer.clock() - timed
     return out
 
 
@@ -225,6 +320,10 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int, pos: Position, logger:
     t0 = time.perf_counter()
     m: dict[str, Any] = {"lr": _base_lr(trainer.optimizer)}
     for first in range(loader.start_batch, usable, accum):
+        size = trainer.img_size_at(p := trainer.progress())
+        if size is not None and size != trainer.shown_size:
+            logger.info(f"resolution {size}x{size} px from step {pos.step + 1} (progress {p:.3f})")
+            trainer.shown_size = size
         micro = ((i, x, y) for i, (x, y) in itertools.islice(batches, accum))  # lazy: one in memory at a time
         m = train_step(trainer, micro, epoch)
         if not m["finite"]:
@@ -232,12 +331,15 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int, pos: Position, logger:
         pos.advance(epoch, first + accum, usable)
         loss_sum, correct, seen = loss_sum + m["loss"] * m["n"], correct + m["correct"], seen + m["n"]
         rate = seen / max(time.perf_counter() - t0, 1e-9)
-        logger.update(loss=f"{m['loss']:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}")
+        logger.update(left_s=trainer.left_s(), loss=f"{m['loss']:.3f}", acc=f"{correct / seen:.3f}",
+                      img_s=f"{rate:.0f}")
         if pos.step % cfg.train.log_every == 0:
             logger.write({"kind": "step", "epoch": epoch + 1, "step": pos.step, "loss": m["loss"],
                           "acc": correct / seen, "lr": m["lr"], "grad_norm": m["grad_norm"], "images_per_s": rate,
+                          "p": m["p"], **({"train_s": trainer.train_s} if trainer.budget_s is not None else {}),
+                          **({"img_size": m["img_size"]} if m["img_size"] is not None else {}),
                           **({"ema_decay": m["ema_decay"]} if m["ema_decay"] is not None else {})})
-        if pos.step >= trainer.total_steps:  # train.max_steps: the schedule ends here
+        if trainer.done():  # the end of the schedule: train.max_steps or the time budget, mid-epoch if so
             break
         if policy.due_mid_epoch(pos):
             policy.save(trainer, pos)
@@ -249,22 +351,26 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int, pos: Position, logger:
 
 def fit(trainer: Trainer, train_loader, val_loader, num_classes: int, run_dir: Path, logger: RunLogger,
         model_config: dict, pos: Position | None = None) -> Position:
-    """Train to `train.epochs`, evaluating on validation and checkpointing; returns the final position."""
+    """Train to `train.epochs` (or to the end of `train.time_budget`, epochs uncounted), evaluating on
+    validation and checkpointing; returns the final position."""
     cfg, rt = trainer.cfg, trainer.rt
     accum = cfg.train.accum_steps
     pos = pos or Position()
     steps_per_epoch = len(train_loader) // accum
+    budgeted = trainer.budget_s is not None
+    epochs = None if budgeted else cfg.train.epochs
     policy = CheckpointPolicy(run_dir, cfg.train.ckpt_every, cfg.train.keep_last, trainer.total_steps, model_config)
     for note in trainer.length_notes():
         logger.info(note)
-    for epoch in range(pos.epoch, cfg.train.epochs):
-        if pos.step >= trainer.total_steps:  # train.max_steps reached
+    for epoch in itertools.count(pos.epoch) if budgeted else range(pos.epoch, cfg.train.epochs):
+        if trainer.done():  # train.max_steps or the time budget reached
             break
         train_loader.set_epoch(epoch, start_batch=pos.batch)
-        logger.start_epoch(epoch, cfg.train.epochs, steps_per_epoch, initial=pos.batch // accum)
+        logger.start_epoch(epoch, epochs, steps_per_epoch, initial=pos.batch // accum, left_s=trainer.left_s())
         stats = train_one_epoch(trainer, train_loader, epoch, pos, logger, policy)
-        last = epoch + 1 == cfg.train.epochs or pos.step >= trainer.total_steps
-        record = {"kind": "epoch", "epoch": epoch + 1, "step": pos.step, **stats}
+        last = epoch + 1 == epochs or trainer.done()
+        record = {"kind": "epoch", "epoch": epoch + 1, "step": pos.step, **stats, "p": trainer.progress(),
+                  **({"train_s": trainer.train_s} if budgeted else {})}
         improved = False
         if last or (epoch + 1) % cfg.train.eval_every == 0:
             val = evaluate(trainer.model, val_loader, num_classes, rt, details=False)
@@ -282,7 +388,8 @@ def fit(trainer: Trainer, train_loader, val_loader, num_classes: int, run_dir: P
         logger.write(record)
         policy.save(trainer, pos, best=improved)
         barrier(rt)  # no rank reads best.pt (or moves on) before rank 0 has written it
-        line = (f"epoch {epoch + 1}/{cfg.train.epochs}  loss {stats['train_loss']:.4f}  "
+        done_of = f" ({mmss(trainer.train_s)} of {mmss(trainer.budget_s)})" if budgeted else f"/{epochs}"
+        line = (f"epoch {epoch + 1}{done_of}  loss {stats['train_loss']:.4f}  "
                 f"train acc {stats['train_acc']:.4f}  {stats['images_per_s']:.0f} img/s  {stats['epoch_s']:.0f}s")
         if "val_top1" in record:
             line += f"  val top-1 {record['val_top1']:.4f}"
@@ -293,4 +400,5 @@ def fit(trainer: Trainer, train_loader, val_loader, num_classes: int, run_dir: P
     return pos
 
 
-__all__ = ["fit", "train_one_epoch", "train_step", "loss_fn", "Trainer", "Position", "CheckpointPolicy"]
+__all__ = ["fit", "train_one_epoch", "train_step", "resize_batch", "loss_fn", "Trainer", "Position",
+           "CheckpointPolicy"]
