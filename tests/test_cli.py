@@ -20,6 +20,8 @@ def run(*args):
 # What each subcommand accepts, written out here rather than read from the parser, so that an
 # option that disappears (or a subcommand that loses its table entry) fails a test.
 OPTIONS = {
+    "bench": ["--set", "--batch", "--precision", "--attn", "--device", "--threads", "--rounds", "--steps", "--warmup",
+              "--seed-vit", "--json"],
     "convert": ["--from", "--out", "--force", "--preset", "--num-heads", "--img-size", "--pool"],
     "data": ["--data-dir", "--force", "--quiet"],
     "eval": ["--data", "--data-dir", "--split", "--tta", "--batch-size", "--limit", "--device", "--out", "--json"],

@@ -194,6 +194,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Training and inference images/s, GFLOP/s, share of matmul peak: vitlab vs timm vs the seed model."""
+    from pathlib import Path
+
+    import torch
+
+    from .bench import SEED_PATH, bench_config, default_batch, format_table, run_bench
+    from .engine.runtime import MAX_THREADS, resolve_device
+    cfg = bench_config(args.preset, args.set)
+    if args.seed_vit and not Path(args.seed_vit).is_file():
+        raise ConfigError(f"--seed-vit {args.seed_vit}: no such file")
+    if args.threads is not None:
+        if not 1 <= args.threads <= MAX_THREADS:
+            raise ConfigError(f"--threads {args.threads} must be in [1, {MAX_THREADS}]")
+        torch.set_num_threads(args.threads)
+    batch = default_batch(cfg) if args.batch is None else args.batch
+    result = run_bench(cfg, batch, resolve_device(args.device), args.precision, args.attn,
+                       rounds=args.rounds, steps=args.steps, warmup=args.warmup,
+                       seed_path=Path(args.seed_vit) if args.seed_vit else SEED_PATH)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers: train, fine-tune, "
                                      "evaluate, inspect and export.")
@@ -207,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train": (cmd_train, _train_args),
         "eval": (cmd_eval, _eval_args),
         "predict": (cmd_predict, _predict_args),
+        "bench": (cmd_bench, _bench_args),
     }
     for name, (fn, add_args) in commands.items():
         p = sub.add_parser(name, help=fn.__doc__.strip().splitlines()[0], description=fn.__doc__)
@@ -273,6 +297,24 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", help="image files or folders")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--format", default="table", choices=["table", "json", "csv"])
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("preset", nargs="?", help="preset name or variant (default vit_tiny_patch4_32; `vitlab models`)")
+    p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="override one model setting, e.g. --set model.depth=6 (repeatable)")
+    p.add_argument("--batch", type=int, help="images per step (default 128 up to 64 px, else 8)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: timed by autotune, as `vitlab train` does")
+    p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "math"], help="vitlab's attention kernel")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of turns; each figure is the median")
+    p.add_argument("--steps", type=int, default=3, help="steps per model per round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    p.add_argument("--seed-vit", metavar="PATH", help="the write-up's model file (default ../shared/baselines/"
+                   "seed_vit.py beside the repository; skipped if absent)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def main(argv: list[str] | None = None) -> int:

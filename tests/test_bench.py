@@ -1,0 +1,116 @@
+"""vitlab.bench and `vitlab bench`: the JSON record of a tiny interleaved run, FLOP counting through
+either attention kernel, the write-up's model loaded from a file, one-line errors, and the
+benchmarks/throughput.py step that other benchmarks import."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from vitlab.bench import count_flops
+from vitlab.cli import main
+from vitlab.engine import autotune
+from vitlab.model import VisionTransformer
+
+TINY = ["--set", "model.img_size=16", "--set", "model.depth=1", "--set", "model.embed_dim=32",
+        "--set", "model.num_heads=2", "--batch", "4", "--rounds", "2", "--steps", "1", "--warmup", "1"]
+
+# A stand-in for ../shared/baselines/seed_vit.py: the constructor arguments bench passes, and a model.
+FAKE_SEED = '''
+import torch
+from torch import nn
+
+class ViT(nn.Module):
+    def __init__(self, img_size, in_channels, patch_size, num_transformer_layers, embedding_dim, mlp_size,
+                 num_heads, num_classes):
+        super().__init__()
+        self.embed = nn.Conv2d(in_channels, embedding_dim, patch_size, patch_size)
+        self.head = nn.Linear(embedding_dim, num_classes)
+
+    def forward(self, x):
+        return self.head(self.embed(x).flatten(2).mean(-1))
+'''
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(autotune, "_MEMO", {})
+
+
+def test_bench_json_has_every_figure_for_every_model(tmp_path, capsys):
+    seed = tmp_path / "seed_vit.py"
+    seed.write_text(FAKE_SEED)
+    assert main(["bench", "vit_tiny_patch4_32", *TINY, "--seed-vit", str(seed), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert {"model", "shape", "batch", "device", "precision", "autotune", "peak_gflops", "models", "skipped",
+            "machine"} <= set(r)
+    assert r["shape"] == {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2,
+                          "mlp_hidden": 128, "tokens": 16}
+    assert r["autotune"]["source"] == "measured" and r["autotune"]["attn_impl"] in ("sdpa", "math")
+    assert r["precision"] == r["autotune"]["precision"] and r["peak_gflops"] > 0
+    assert set(r["models"]) == {"vitlab", "timm", "seed"} and r["skipped"] == {}
+    for name, m in r["models"].items():
+        assert m["train_images_per_s"] > 0 and m["infer_images_per_s"] > 0 and m["latency_ms"] > 0, name
+        assert 0 < m["train_gflop_per_image"] and 0 < m["infer_gflop_per_image"] < m["train_gflop_per_image"]
+        assert m["train_gflops"] == pytest.approx(m["train_images_per_s"] * m["train_gflop_per_image"], rel=0.01)
+        assert 0 < m["train_pct_of_peak"] < 1000 and 0 < m["infer_pct_of_peak"] < 1000
+    vit, timm = r["models"]["vitlab"], r["models"]["timm"]
+    assert vit["infer_gflop_per_image"] == pytest.approx(timm["infer_gflop_per_image"], rel=0.02)  # same network
+    assert r["ratio_vs_timm"]["vitlab"] > 0
+
+
+def test_bench_table_names_the_kernel_and_a_missing_seed_model(tmp_path, capsys, monkeypatch):
+    import vitlab.bench
+    missing = tmp_path / "nowhere" / "seed_vit.py"
+    monkeypatch.setattr(vitlab.bench, "SEED_PATH", missing)
+    assert main(["bench", *TINY, "--precision", "fp32", "--attn", "math", "--rounds", "1"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("vit_tiny_patch4_32: 16 px, patch 4, 16 tokens, depth 1 x width 32, 2 heads; batch 4")
+    assert "autotune (explicit): fp32, attention math" in table and "GFLOP/s in fp32" in table
+    assert table.count("\nvitlab ") == table.count("\ntimm ") == 1
+    assert f"(seed skipped: {missing} not found)" in table
+
+
+def test_flops_are_counted_through_either_attention_kernel():
+    cfg = tiny_config()
+    model = VisionTransformer(cfg)
+    model.set_attn_impl("math")
+    math_train, math_infer = count_flops(model, cfg, "fp32", torch.device("cpu"))
+    model.set_attn_impl("sdpa")  # the CPU flash kernel, which torch's counter leaves out by itself
+    sdpa_train, sdpa_infer = count_flops(model, cfg, "fp32", torch.device("cpu"))
+    N, D, H = cfg.seq_len, cfg.embed_dim, cfg.mlp_hidden_dim
+    attention = cfg.depth * 2 * (2 * N * N * D)  # q k^T and attn v, multiply-add
+    linears = cfg.depth * 2 * N * (4 * D * D + 2 * D * H) + 2 * cfg.num_patches * D * 3 * 16 + 2 * D * cfg.num_classes
+    assert math_infer == sdpa_infer == attention + linears
+    assert sdpa_train >= math_train > 2 * math_infer  # backward: ~2x forward (flash also recomputes)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["no_such_model"], "unknown model 'no_such_model'"),
+    (["--set", "train.epochs=3"], "model.* settings only"),
+    (["--set", "model.depth=0"], "depth"),
+    (["--batch", "0"], "--batch 0 must be >= 1"),
+    (["--rounds", "0"], "--rounds 0 must be >= 1"),
+    (["--threads", "0"], "--threads 0"),
+    (["--seed-vit", "/no/such/seed_vit.py"], "no such file"),
+    (["--precision", "fp16", "--device", "cpu"], "fp16"),
+])
+def test_bench_mistakes_are_one_line_errors(capsys, args, message):
+    assert main(["bench", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vitlab bench: error:") and message in err and err.count("\n") == 1, err
+
+
+def test_throughput_script_keeps_its_step_for_the_other_benchmarks(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.setattr(sys, "argv", ["throughput.py"])
+    import throughput
+    model = VisionTransformer(tiny_config())
+    before = model.head.weight.clone()
+    step = throughput.make_step(model, bf16=False)
+    step(torch.rand(2, 3, 16, 16), torch.tensor([0, 1]))
+    assert not torch.equal(before, model.head.weight)  # it trains
+    assert set(throughput.CONFIGS) == {"small32", "seed_b16"}
