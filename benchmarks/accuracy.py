@@ -3,20 +3,26 @@
     python benchmarks/accuracy.py --recipes mnist,cifar10 --seeds 0,1,2 --data-dir ../shared/datasets
     python benchmarks/accuracy.py --add-run runs/mnist-seed0          # record a run made by hand
     python benchmarks/accuracy.py --render                            # the README's results table
+    python benchmarks/accuracy.py --recipes cifar10 --seeds 0,1 --parallel 2   # two seeds side by side
 
 Each run is `vitlab train --recipe R --set train.seed=S --set data.data_dir=D --out runs/bench/R-sS`;
 its record is appended to benchmarks/results/accuracy.json as
 {"recipe", "dataset", "seed", "epochs", "val_top1", "test_top1", "wall_s", "params", "device", "cpu",
-"torch"}. Test accuracy is that of the weights selected on the validation split, measured once.
+"torch", "parallel", "threads"}. Test accuracy is that of the weights selected on the validation split,
+measured once. With --parallel N, N runs go side by side, each with runtime.threads = cores // N
+(issue 9: on a 2-core CPU two 1-thread processes did more images/s than one 2-thread process); each
+record says how many ran at once and with how many threads, since its wall time depends on both.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import yaml
@@ -39,6 +45,7 @@ def record_of(run_dir: Path, recipe: str, wall_s: float | None = None) -> dict:
         "epochs": cfg["train"]["epochs"], "val_top1": results["best"]["val_top1"],
         "test_top1": results.get("test", {}).get("top1"), "wall_s": round(wall_s, 1), "params": results["params"],
         "device": env.get("device"), "cpu": env.get("cpu"), "torch": env.get("torch"), "run_dir": str(run_dir),
+        "threads": env.get("threads"),
     }
 
 
@@ -49,17 +56,64 @@ def append(record: dict) -> None:
     RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def run(recipe: str, seed: int, data_dir: str | None, out_root: Path, extra: list[str]) -> dict:
-    out = out_root / f"{recipe}-s{seed}"
+def cores() -> int:
+    """CPUs this process may run on (the affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threads_per_run(parallel: int, n_cores: int) -> int | None:
+    """runtime.threads for each of `parallel` runs sharing `n_cores`; None (torch's choice) for one run."""
+    return None if parallel == 1 else max(1, n_cores // parallel)
+
+
+def train_command(recipe: str, seed: int, data_dir: str | None, out: Path, extra: list[str],
+                  threads: int | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "vitlab", "train", "--recipe", recipe, "--set", f"train.seed={seed}",
            "--set", "runtime.progress=false", "--out", str(out)]
     if data_dir:
         cmd += ["--set", f"data.data_dir={data_dir}"]
-    for s in extra:
+    if threads is not None:
+        cmd += ["--set", f"runtime.threads={threads}"]
+    for s in extra:  # last: an explicit --set runtime.threads=... wins
         cmd += ["--set", s]
+    return cmd
+
+
+def run(recipe: str, seed: int, data_dir: str | None, out_root: Path, extra: list[str], parallel: int = 1,
+        threads: int | None = None) -> dict:
+    out = out_root / f"{recipe}-s{seed}"
+    cmd = train_command(recipe, seed, data_dir, out, extra, threads)
     t = time.time()
-    subprocess.run(cmd, check=True)
-    return record_of(out, recipe, time.time() - t)
+    if parallel == 1:
+        subprocess.run(cmd, check=True)
+    else:  # side by side: each run's output to its own log, not interleaved on the terminal
+        out_root.mkdir(parents=True, exist_ok=True)
+        log = out_root / f"{recipe}-s{seed}.log"
+        with open(log, "w") as f:
+            if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
+                raise SystemExit(f"{recipe} seed {seed} failed; see {log}")
+    return {**record_of(out, recipe, time.time() - t), "parallel": parallel}  # threads: from its env.json
+
+
+def run_all(jobs: list[tuple[str, int]], parallel: int, data_dir: str | None, out_root: Path,
+            extra: list[str]) -> list[dict]:
+    """Every (recipe, seed), `parallel` at a time; records are appended as runs finish."""
+    threads = threads_per_run(parallel, cores())
+    records = []
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = [pool.submit(run, recipe, seed, data_dir, out_root, extra, parallel, threads)
+                   for recipe, seed in jobs]
+        try:
+            for future in as_completed(futures):
+                rec = future.result()
+                append(rec)
+                print(json.dumps(rec), flush=True)
+                records.append(rec)
+        except BaseException:  # a failed run stops the queue (the ones running finish)
+            for future in futures:
+                future.cancel()
+            raise
+    return records
 
 
 def render() -> str:
@@ -102,6 +156,8 @@ def main() -> None:
     ap.add_argument("--data-dir")
     ap.add_argument("--out-root", default="runs/bench")
     ap.add_argument("--set", action="append", default=[], help="extra --set passed to every run")
+    ap.add_argument("--parallel", type=int, default=1, metavar="N",
+                    help="run N seeds side by side, each with runtime.threads = cores // N")
     ap.add_argument("--add-run", action="append", default=[], metavar="RUN_DIR", help="record an existing run")
     ap.add_argument("--recipe-name", help="recipe name for --add-run (default: from the run's argv)")
     ap.add_argument("--render", action="store_true", help="print the table and write it into README.md")
@@ -113,11 +169,10 @@ def main() -> None:
         rec = record_of(run_dir, recipe)
         append(rec)
         print(json.dumps(rec))
-    for recipe in filter(None, args.recipes.split(",")):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            rec = run(recipe, seed, args.data_dir, Path(args.out_root), args.set)
-            append(rec)
-            print(json.dumps(rec), flush=True)
+    if args.parallel < 1:
+        ap.error(f"--parallel {args.parallel} must be >= 1")
+    jobs = [(recipe, int(seed)) for recipe in filter(None, args.recipes.split(",")) for seed in args.seeds.split(",")]
+    run_all(jobs, args.parallel, args.data_dir, Path(args.out_root), args.set)
     if args.render:
         table = render()
         print(table)

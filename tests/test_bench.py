@@ -2,7 +2,9 @@
 either attention kernel, the write-up's model loaded from a file, one-line errors, and the
 benchmarks/throughput.py step that other benchmarks import."""
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,62 @@ def test_throughput_script_keeps_its_step_for_the_other_benchmarks(monkeypatch):
     step(torch.rand(2, 3, 16, 16), torch.tensor([0, 1]))
     assert not torch.equal(before, model.head.weight)  # it trains
     assert set(throughput.CONFIGS) == {"small32", "seed_b16"}
+
+
+# ---- benchmarks/accuracy.py --parallel -------------------------------------------------------
+@pytest.fixture
+def accuracy(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import accuracy
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path / "accuracy.json")
+    return accuracy
+
+
+def test_accuracy_parallel_commands_split_the_cores(accuracy):
+    assert accuracy.threads_per_run(1, 2) is None  # one run: torch's choice, as before
+    assert accuracy.threads_per_run(2, 2) == 1 and accuracy.threads_per_run(3, 2) == 1
+    assert accuracy.threads_per_run(2, 16) == 8
+    cmd = accuracy.train_command("cifar10", 3, "/data", Path("runs/bench/cifar10-s3"), ["train.epochs=1"], threads=1)
+    assert cmd[:4] == [sys.executable, "-m", "vitlab", "train"]
+    sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+    assert sets == ["train.seed=3", "runtime.progress=false", "data.data_dir=/data", "runtime.threads=1",
+                    "train.epochs=1"]  # the user's --set last: it wins
+    assert cmd[cmd.index("--out") + 1] == "runs/bench/cifar10-s3" and cmd[cmd.index("--recipe") + 1] == "cifar10"
+    assert "runtime.threads" not in " ".join(accuracy.train_command("mnist", 0, None, Path("o"), []))
+
+
+def test_accuracy_parallel_runs_side_by_side_and_records_it(accuracy, monkeypatch, tmp_path):
+    import threading
+    running, most, lock = [0], [0], threading.Lock()
+    commands = []
+
+    def fake_run(cmd, stdout=None, stderr=None, check=False):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            commands.append(cmd)
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+        return subprocess.CompletedProcess(cmd, 0)
+    monkeypatch.setattr(accuracy.subprocess, "run", fake_run)
+    monkeypatch.setattr(accuracy, "cores", lambda: 2)
+    monkeypatch.setattr(accuracy, "record_of", lambda out, recipe, wall_s=None: {"recipe": recipe, "run_dir": str(out)})
+    jobs = [("mnist", 0), ("mnist", 1), ("mnist", 2)]
+    records = accuracy.run_all(jobs, 2, None, tmp_path / "runs", [])
+    assert most[0] == 2 and len(commands) == 3
+    assert all("runtime.threads=1" in cmd for cmd in commands)
+    assert all(r["parallel"] == 2 for r in records)
+    saved = json.loads((tmp_path / "accuracy.json").read_text())["runs"]
+    assert sorted(r["run_dir"] for r in saved) == sorted(str(tmp_path / "runs" / f"mnist-s{s}") for s in (0, 1, 2))
+    assert all(r["parallel"] == 2 for r in saved)
+
+
+def test_accuracy_record_says_how_many_threads_the_run_had(accuracy, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"best": {"val_top1": 0.5}, "test": {"top1": 0.4}, "params": 10}))
+    (run / "config.yaml").write_text("data: {name: mnist}\ntrain: {seed: 0, epochs: 1}\n")
+    (run / "env.json").write_text(json.dumps({"device": "cpu", "cpu": "x", "torch": "2", "threads": 1}))
+    rec = accuracy.record_of(run, "mnist", wall_s=3.0)
+    assert (rec["threads"], rec["test_top1"], rec["wall_s"]) == (1, 0.4, 3.0)
