@@ -126,10 +126,12 @@ def measure(cfg: ViTConfig, shape: dict[str, int], device: torch.device, precisi
     """Median seconds per trial of each (precision, attention) candidate, keyed "precision/attn".
 
     The candidates take turns, round after round, so that load from elsewhere hits them alike. One
-    warm-up round (oneDNN / cuBLAS set-up), then rounds until BUDGET_S is spent (1 to MAX_ROUNDS).
+    warm-up round (oneDNN / cuBLAS set-up; a process's first LayerNorm backward alone takes ~0.4 s on
+    CPU, which its first training step would pay anyway), then rounds until BUDGET_S is spent (1 to
+    MAX_ROUNDS): about 0.3 s for vit_tiny_patch4_32, one round of b=1 for vit_base_patch16_224.
     The global RNG is put back afterwards: whether a run measured or read the cache must not
     change what it computes."""
-    devices = [device] if device.type == "cuda" else []
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         model = VisionTransformer(cfg.replace(depth=1, drop_path_rate=0.0)).to(device).train()
         block = model.blocks[0]
