@@ -131,8 +131,9 @@ def measure(cfg: ViTConfig, shape: dict[str, int], device: torch.device, precisi
     MAX_ROUNDS): about 0.3 s for vit_tiny_patch4_32, one round of b=1 for vit_base_patch16_224.
     The global RNG is put back afterwards: whether a run measured or read the cache must not
     change what it computes."""
-    index = device.index if device.index is not None else 0 if device.type != "cuda" else torch.cuda.current_device()
-    devices = [index] if device.type == "cuda" else []
+    devices = []  # CUDA generators forked too, where the trials run on a GPU
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
         model = VisionTransformer(cfg.replace(depth=1, drop_path_rate=0.0)).to(device).train()
         block = model.blocks[0]
