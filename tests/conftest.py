@@ -67,3 +67,16 @@ def write_mnist_like(folder, n_train=60, n_test=20, gz=True, prefix_test="t10k",
             data = idx_bytes(arr)
             name = f"{prefix}-{kind}-ubyte" + (".gz" if gz else "")
             (folder / name).write_bytes(gzip.compress(data) if gz else data)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Tests (and the vitlab processes they start) never read or write the user's cache: autotune
+    results measured under test load would otherwise be reused by the user's real runs."""
+    old = os.environ.get("VITLAB_CACHE")
+    os.environ["VITLAB_CACHE"] = str(tmp_path_factory.mktemp("vitlab-cache"))
+    yield
+    if old is None:
+        os.environ.pop("VITLAB_CACHE", None)
+    else:
+        os.environ["VITLAB_CACHE"] = old
