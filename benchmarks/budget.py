@@ -32,7 +32,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "fast": ("cifar10-fast", []),
     "fast-no-patch-drop": ("cifar10-fast", ["model.patch_drop_rate=0"]),
     "fast-no-progressive": ("cifar10-fast", ["train.resolution_schedule=null"]),
-    "fast-no-skip-depth": ("cifar10-fast", ["model.drop_path_skip=false"]),
     "fast-fp32": ("cifar10-fast", ["runtime.precision=fp32"]),
     "seed": ("seed", ["data.val_size=500", "train.eval_batch_size=50"]),
 }

@@ -217,3 +217,29 @@ def test_patch_dropout_shortens_the_timed_sequence():
     cfg = SimpleNamespace(num_patches=64, num_prefix_tokens=1, patch_drop_rate=0.5)
     assert autotune.train_tokens(cfg) == 1 + 32  # layers.PatchDropout keeps round(64 * 0.5) patches
     assert autotune.train_tokens(SimpleNamespace(num_patches=64, num_prefix_tokens=1)) == 65
+
+
+@pytest.mark.parametrize("math_s, expected", [(0.97, "sdpa"), (0.9, "math")])
+def test_the_default_stays_unless_another_is_clearly_faster(monkeypatch, math_s, expected):
+    """Timing noise must not flip a run's kernel: fp32's default (the fixed rule: sdpa) is kept
+    unless another candidate is autotune.MARGIN faster."""
+    bf16_here(monkeypatch, False)
+    monkeypatch.setattr(autotune, "measure", fake_measure({"fp32/sdpa": 1.0, "fp32/math": math_s}, []))
+    assert autotune.choose(CFG, 16, CPU).attn_impl == expected
+
+
+def test_the_cache_key_holds_what_changes_the_kernels():
+    key = autotune.cache_key(CFG, 16, CPU, ["fp32"], ["sdpa", "math"])[0]
+    for changed in (CFG.replace(attn_drop_rate=0.1), CFG.replace(drop_rate=0.1), CFG.replace(init_values=1e-4),
+                    CFG.replace(qkv_bias=False), CFG.replace(embed_dim=64), CFG.replace(patch_drop_rate=0.5)):
+        assert autotune.cache_key(changed, 16, CPU, ["fp32"], ["sdpa", "math"])[0] != key, changed
+    assert autotune.cache_key(CFG.replace(num_classes=3), 16, CPU, ["fp32"], ["sdpa", "math"])[0] == key
+
+
+def test_a_run_from_before_autotune_resumes_with_the_fixed_rule(monkeypatch, tmp_path):
+    forbid_measuring(monkeypatch)
+    model = VisionTransformer(CFG, attn_impl="sdpa")
+    (tmp_path / "env.json").write_text(json.dumps({"cpu": "x"}))  # no "autotune" record
+    rt = autotune.tune_run(model, runtime_args(), Runtime(CPU, "fp32"), 16, tmp_path, {"precision": "bf16"})
+    assert (rt.precision, rt.choice["attn_impl"], rt.choice["source"]) == ("bf16", "auto", "resumed")
+    assert {b.attn.impl for b in model.blocks} == {"auto"}

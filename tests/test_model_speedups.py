@@ -186,3 +186,15 @@ def test_dynamic_img_size_refuses_bad_shapes():
     for size in (16, 24):
         with pytest.raises(InputShapeError, match=rf"\(2, 3, {size}, {size}\).*\(batch, 3, 32, 32\)"):
             model(torch.randn(2, 3, size, size))
+
+
+@pytest.mark.parametrize("B, p", [(8, 0.05), (4, 0.1), (1, 0.3), (5, 0.5)])
+def test_skip_depth_drops_drop_prob_of_the_samples_on_average(B, p):
+    """The subset size is B(1-p) rounded at random: truncating would drop 12.5% at B=8, p=0.05."""
+    seen = []
+    torch.manual_seed(0)
+    for _ in range(2000):
+        drop_add_residual(torch.zeros(B, 2, 3), lambda t: seen.append(t.shape[0]) or t, p)
+    expected = max(1.0, B * (1 - p))
+    assert abs(sum(seen) / len(seen) - expected) < 0.05 * B, (sum(seen) / len(seen), expected)
+    assert max(seen) <= B and min(seen) >= 1

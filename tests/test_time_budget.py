@@ -25,16 +25,6 @@ from vitlab.train import resolve, run_training
 TRAIN_IMAGES = 48  # 3 classes x 24 images: 12 for validation, 12 for test; 12 steps of batch 4 an epoch
 
 
-def _has_dynamic_img_size() -> bool:
-    cfg = ViTConfig(img_size=8, patch_size=4, in_chans=1, num_classes=2, embed_dim=8, depth=1, num_heads=2,
-                    mean=(0.5,), std=(0.5,))
-    return hasattr(VisionTransformer(cfg), "dynamic_img_size")
-
-
-needs_dynamic = pytest.mark.skipif(not _has_dynamic_img_size(),
-                                   reason="VisionTransformer.dynamic_img_size not there yet")
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """16-px greyscale images, each class a bright vertical band at its own place on noise."""
@@ -153,7 +143,6 @@ def test_step_based_runs_keep_their_exact_lr_sequence(data, tmp_path, monkeypatc
     assert all("train_s" not in r and "img_size" not in r for r in steps)
 
 
-@needs_dynamic
 @pytest.mark.parametrize("budget", [None, 0.5])
 def test_resolution_stages_switch_at_their_progress(data, tmp_path, monkeypatch, capsys, budget):
     clock = FakeClock()
@@ -269,3 +258,5 @@ def test_resolution_schedule_must_fit_the_model(data):
                                           r"not 12"):
         resolve(_settings(data, **{"train.resolution_schedule": "8:0.5,12:0.5"}))
     assert math.isclose(sum(f for _, f in parse_resolution_schedule("8:0.1,12:0.2,16:0.7")), 1.0)
+    with pytest.raises(ConfigError, match=r"sizes \[4096\] exceed the model's img_size=16"):
+        resolve(_settings(data, **{"train.resolution_schedule": "4096:0.5,16:0.5"}))

@@ -80,8 +80,12 @@ def test_tiny_run_learns_and_writes_everything(shapes, tmp_path):
 
 
 def test_kill_and_resume_ends_with_the_same_weights(shapes, tmp_path):
+    # with issue 9's work reductions on, whose random draws (token subsets, skipped samples) and
+    # resolution stages must repeat after a resume too
     sets = tiny_sets(shapes, **{"train.epochs": 30, "train.ckpt_every": 4, "augment.randaug_ops": 1,
-                                "model.drop_path_rate": 0.1, "train.ema_decay": 0.9, "train.accum_steps": 2})
+                                "model.drop_path_rate": 0.1, "train.ema_decay": 0.9, "train.accum_steps": 2,
+                                "model.drop_path_skip": True, "model.patch_drop_rate": 0.25,
+                                "train.resolution_schedule": "8:0.3,12:0.3,16:0.4"})
     base = ["train", "--recipe", "cifar10"] + [a for s in sets for a in ("--set", s)]
     full = cli(*base, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
@@ -294,3 +298,5 @@ def test_model_weight_init_setting_reaches_the_model():
     assert fc1["xavier"].std().item() == pytest.approx((2.0 / (in_f + out_f)) ** 0.5, rel=0.1)
     with pytest.raises(ConfigError, match="model.weight_init='lecun'"):
         load_run_config("mnist", ["model.weight_init=lecun"])
+    with pytest.raises(ConfigError, match="model.weight_init='xavier' has no effect with model.pretrained"):
+        load_run_config("mnist", ["model.weight_init=xavier", "model.pretrained=some/dir"])

@@ -33,6 +33,7 @@ from .engine.runtime import Runtime, describe_machine
 from .errors import ConfigError
 from .model import VisionTransformer
 
+FLOP_BATCH = 16  # images per FLOP count: enough for skip-depth's share of the batch to average out
 SEED_PATH = Path(__file__).resolve().parents[3] / "shared" / "baselines" / "seed_vit.py"
 PEAK_SIDE = {"cpu": 1024, "cuda": 8192}  # square matmul timed for the peak: ~2 GFLOP on CPU
 
@@ -124,13 +125,15 @@ def _flash_cpu_flops() -> dict:
             bwd: lambda g, q, k, v, *a, out_shape=None, **kw: fc.sdpa_backward_flop_count(g, q, k, v)}
 
 
-def count_flops(model: nn.Module, cfg: ViTConfig, precision: str, device: torch.device) -> tuple[int, int]:
-    """(training, inference) FLOPs per image: forward + backward, and forward, of one image (every
-    op of a ViT is per image, so a batch costs batch x this)."""
+def count_flops(model: nn.Module, cfg: ViTConfig, precision: str, device: torch.device,
+                batch: int = 1) -> tuple[float, float]:
+    """(training, inference) FLOPs per image: forward + backward, and forward, of a batch, divided by
+    its size. Counted on a real batch because training work can depend on it: stochastic depth
+    that skips computation runs a block's branches on a random share of the batch."""
     from torch.utils.flop_counter import FlopCounterMode
     rt = Runtime(torch.device(device), precision)
-    x = torch.rand(1, *cfg.input_size, device=device)
-    y = torch.zeros(1, dtype=torch.long, device=device)
+    x = torch.rand(batch, *cfg.input_size, device=device)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
     model.train()
     with FlopCounterMode(display=False, custom_mapping=_flash_cpu_flops()) as train:
         with rt.autocast():
@@ -141,7 +144,7 @@ def count_flops(model: nn.Module, cfg: ViTConfig, precision: str, device: torch.
     with FlopCounterMode(display=False, custom_mapping=_flash_cpu_flops()) as infer:
         with torch.inference_mode(), rt.autocast():
             model(x)
-    return train.get_total_flops(), infer.get_total_flops()
+    return train.get_total_flops() / batch, infer.get_total_flops() / batch
 
 
 def _sync(device: torch.device) -> None:
@@ -191,7 +194,7 @@ def run_bench(cfg: ViTConfig, batch: int, device: torch.device | str = "cpu", pr
     models.update(refs)
     models = {k: m.to(device) for k, m in models.items()}
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
-    flops = {k: count_flops(m, cfg, prec, device) for k, m in models.items()}
+    flops = {k: count_flops(m, cfg, prec, device, min(batch, FLOP_BATCH)) for k, m in models.items()}
     if compile_vitlab:  # counted through the plain module: compilation does not change the work
         models["vitlab+compile"] = torch.compile(VisionTransformer(cfg, attn_impl=choice.attn_impl).to(device))
         params["vitlab+compile"], flops["vitlab+compile"] = params["vitlab"], flops["vitlab"]

@@ -29,11 +29,15 @@ class DropPath(nn.Module):
 def drop_add_residual(x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor],
                       drop_prob: float) -> torch.Tensor:
     """x + branch(x) under stochastic depth that skips the work: the branch sees only a random
-    subset of max(1, int(B * (1 - drop_prob))) samples, and its output is added back to those rows
-    scaled by B / subset. Each sample is in the subset with probability subset / B, so the
-    expectation is x + branch(x), as with DropPath; the branch must treat samples independently."""
+    subset of the B samples, and its output is added back to those rows scaled by B / subset. Each
+    sample is in a subset of size k with probability k / B, so the expectation is x + branch(x), as
+    with DropPath, whatever k is; the branch must treat samples independently.
+
+    k is B * (1 - drop_prob) rounded at random (up with the probability of its fractional part,
+    at least 1), so that on average drop_prob of the samples are dropped, as with DropPath, even
+    for small batches (truncating would drop 12.5% at B=8, p=0.05, and nothing at B=1)."""
     B = x.shape[0]
-    keep = max(1, int(B * (1 - drop_prob)))
+    keep = max(1, min(B, int(B * (1 - drop_prob) + torch.rand(()).item())))
     rows = torch.randperm(B, device=x.device)[:keep]  # torch's global RNG: exact resume reseeds it
     out = branch(x[rows])  # (keep, N, D)
     return torch.index_add(x, 0, rows, out.to(x.dtype), alpha=B / keep)

@@ -145,7 +145,8 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     """ViT classifier with timm's API: forward_features / forward_head / reset_classifier."""
 
-    def __init__(self, config: ViTConfig | None = None, attn_impl: str = "auto", dynamic_img_size: bool = False):
+    def __init__(self, config: ViTConfig | None = None, attn_impl: str = "auto", dynamic_img_size: bool = False,
+                 weight_init: str = "trunc_normal"):
         super().__init__()
         cfg = config or ViTConfig()
         self.config = cfg
@@ -174,7 +175,7 @@ class VisionTransformer(nn.Module):
         self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.use_fc_norm else nn.Identity()
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.set_attn_impl(attn_impl)
-        self.init_weights()
+        self.init_weights(weight_init)
 
     def init_weights(self, mode: str = "trunc_normal") -> None:
         """Fresh weights. `mode` picks the linear layers' init (layers.WEIGHT_INITS); the patch

@@ -105,6 +105,10 @@ def check_resolution_schedule(settings: RunConfig, model_cfg: ViTConfig) -> None
     if odd:
         raise ConfigError(f"{key}: sizes {odd} are not multiples of the model's patch_size={model_cfg.patch_size} "
                           f"(model.patch_size)")
+    big = [size for size in sizes if size > model_cfg.img_size]
+    if big:
+        raise ConfigError(f"{key}: sizes {big} exceed the model's img_size={model_cfg.img_size} (model.img_size); "
+                          f"progressive resizing trains smaller first, then at full size")
     if sizes[-1] != model_cfg.img_size:
         raise ConfigError(f"{key}: the last stage must be the model's full size, img_size={model_cfg.img_size} "
                           f"(model.img_size), not {sizes[-1]}")
@@ -181,9 +185,7 @@ def build_model(settings: RunConfig, train_set: ImageSet) -> VisionTransformer:
     mean = train_set.mean if len(train_set.mean) == C else (sum(train_set.mean) / len(train_set.mean),) * C
     std = train_set.std if len(train_set.std) == C else (sum(train_set.std) / len(train_set.std),) * C
     model_cfg = model_cfg.replace(num_classes=len(classes), class_names=classes, mean=mean, std=std)
-    model = VisionTransformer(model_cfg, attn_impl=attn_impl)
-    model.init_weights(settings.model.weight_init)
-    return model
+    return VisionTransformer(model_cfg, attn_impl=attn_impl, weight_init=settings.model.weight_init)
 
 
 # ---- the run directory ----------------------------------------------------------------------
@@ -252,6 +254,7 @@ def start_writing(out: Path, settings: RunConfig, rt: Runtime, resume: bool, res
         stale = remove_stale_temporaries(out)
         if not resuming_from_checkpoint:
             reset_dead_start(out)
+            write_run_files(out, settings, rt)  # this start's machine and autotune choice
             print(f"resuming {out}: it stopped before its first checkpoint; starting again from step 0 "
                   f"with its config.yaml", flush=True)
         elif stale:
@@ -293,8 +296,6 @@ def run_training(settings: RunConfig, out: Path, resume: bool = False) -> dict[s
         model.to(rt.device)
         num_classes = model.config.num_classes
         micro = micro_batch(settings, rt.world_size)
-        from .engine.autotune import tune_run  # auto kernel/precision timed here; a resumed run keeps its own
-        rt = tune_run(model, settings.runtime, rt, micro, out, found[1] if found else None)
         train_tf = TrainTransform(settings.augment, model.config)
         train_loader = BatchLoader(train_set, micro, True, train_tf, seed=settings.train.seed, rank=rt.rank,
                                    world_size=rt.world_size)
@@ -304,15 +305,17 @@ def run_training(settings: RunConfig, out: Path, resume: bool = False) -> dict[s
         if len(train_loader) < settings.train.accum_steps:
             raise ConfigError(f"an epoch has {len(train_loader)} micro-batches, fewer than train.accum_steps="
                               f"{settings.train.accum_steps}")
+        from .engine.autotune import tune_run  # auto kernel/precision timed here; a resumed run keeps its own
+        rt = tune_run(model, settings.runtime, rt, micro, out, found[1] if found else None)
         trainer = Trainer(model, settings, rt, len(train_loader) // settings.train.accum_steps)
         pos = restore(trainer, found) if found else Position()
         lock = start_writing(out, settings, rt, resume, found is not None, lock)  # ends in a barrier
         logger = RunLogger(out, rt.is_main, settings.runtime.progress, resume_step=pos.step if resume else None)
         n_params = sum(p.numel() for p in model.parameters())
+        length = length_of(settings, len(train_loader) // settings.train.accum_steps)
         logger.info(f"{'resuming' if found else 'training'} {model.config.name or settings.model.preset} "
                     f"({n_params / 1e6:.2f}M params) on {train_set.name}: {len(train_set)} train / {len(val_set)} "
-                    f"val images, {length_of(settings)} x {len(train_loader) // settings.train.accum_steps} "
-                    f"steps, batch {settings.train.batch_size}, {rt.device} {rt.precision}"
+                    f"val images, {length}, batch {settings.train.batch_size}, {rt.device} {rt.precision}"
                     + (f", {rt.world_size} ranks" if rt.distributed else "")
                     + (f", from step {pos.step}" if found else ""))
         try:
@@ -351,9 +354,11 @@ def restore(trainer: Trainer, found: tuple[Path, dict[str, Any]]) -> Position:
 train = run_training  # the name used before 0.2; prefer run_training
 
 
-def length_of(settings: RunConfig) -> str:
+def length_of(settings: RunConfig, steps_per_epoch: int) -> str:
     t = settings.train
-    return f"{t.time_budget:g} min of epochs" if t.time_budget is not None else f"{t.epochs} epochs"
+    if t.time_budget is not None:
+        return f"{steps_per_epoch}-step epochs for {t.time_budget:g} min of training"
+    return f"{t.epochs} epochs x {steps_per_epoch} steps"
 
 
 def finish(out: Path, settings: RunConfig, rt: Runtime, pos: Position, wall_s: float, n_params: int,
@@ -368,7 +373,8 @@ def finish(out: Path, settings: RunConfig, rt: Runtime, pos: Position, wall_s: f
         model_cfg = ViTConfig.from_dict(best["model_config"])
     except (ConfigError, TypeError) as e:
         raise ModelFileError(f"checkpoint {best_path} holds an invalid model config ({e})") from None
-    model = VisionTransformer(model_cfg, attn_impl=settings.runtime.attn_impl)
+    attn_impl = (rt.choice or {}).get("attn_impl", settings.runtime.attn_impl)  # the kernel it trained with
+    model = VisionTransformer(model_cfg, attn_impl=attn_impl)
     use_ema = best["best"]["weights"] == "ema" and best["ema"] is not None
     weights = best["ema"]["module"] if use_ema else best["model"]
     check_weights_fit(weights, model, best_path)

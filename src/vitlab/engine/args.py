@@ -112,6 +112,9 @@ class ModelArgs:
         _raise_if(_finite_floats(self, "model"))
         if self.weight_init not in WEIGHT_INITS:
             raise ConfigError(f"model.weight_init={self.weight_init!r} must be one of {WEIGHT_INITS}")
+        if self.pretrained and self.weight_init != "trunc_normal":
+            raise ConfigError(f"model.weight_init={self.weight_init!r} has no effect with model.pretrained="
+                              f"{self.pretrained!r} (the weights are loaded; a new head starts at zero)")
 
     def overrides(self) -> dict[str, Any]:
         skip = {"preset", "pretrained", "weight_init"}
@@ -192,8 +195,8 @@ class TrainArgs:
     test_at_end: bool = True
     """Evaluate the selected weights on the test split once at the end."""
     time_budget: float | None = None
-    """Minutes of training: only the optimizer steps count (not evaluation, checkpoints, loading or
-    the final test). The schedule (warmup, cosine decay, resolution stages) and the end of the run
+    """Minutes of training: only the optimizer steps count, with their batches' augmentation (not
+    evaluation, checkpoints, loading the dataset or the final test). The schedule (warmup, cosine decay, resolution stages) and the end of the run
     follow the fraction of the budget used; train.epochs is then ignored (passes over the data go on
     until the budget ends, mid-epoch if so; eval_every still counts passes) and train.max_steps must
     be null. A resumed run continues the budget from the checkpoint's training seconds (on time, but

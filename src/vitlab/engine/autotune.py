@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..config import ViTConfig
-from ..model import ATTN_IMPLS, VisionTransformer
+from ..model import ATTN_IMPLS, VisionTransformer, pick_attn_impl
 from ..util import atomic_write_text
 from .runtime import (PRECISIONS, Runtime, broadcast_ints, cpu_model, fast_bf16_available, on_main,
                       resolve_precision)
@@ -101,6 +101,9 @@ def cache_key(cfg: ViTConfig, batch: int, device: torch.device, precisions: list
     key = "|".join([cpu_model(), torch.backends.cpu.get_cpu_capability(), gpu, f"torch {torch.__version__}",
                     f"threads {torch.get_num_threads()}", device.type,
                     f"N{N} D{D} H{cfg.num_heads} mlp{hidden} batch{bucket}",
+                    # what else changes a block's kernels: SDPA with dropout_p > 0 is another kernel
+                    f"attn_drop {cfg.attn_drop_rate:g} drop {cfg.drop_rate:g} qkv_bias {int(cfg.qkv_bias)} "
+                    f"layerscale {int(bool(cfg.init_values))}",
                     f"precision {','.join(precisions)} attn {','.join(attns)}"])
     return key, {"tokens": N, "width": D, "heads": cfg.num_heads, "mlp": hidden, "trial_batch": b}
 
@@ -194,6 +197,30 @@ def cached_choice(entry: Any, precisions: list[str], attns: list[str], shape: di
 
 
 # ---- the choice -----------------------------------------------------------------------------
+MARGIN = 0.05
+"""Another candidate replaces the default only when it is this much faster: the same run on the
+same machine should not flip between kernels (and their float rounding) on timing noise."""
+
+
+def default_candidate(device: torch.device, tokens: int, precisions: list[str], attns: list[str]) -> str:
+    """What `auto` meant before measuring (runtime.resolve_precision, model.pick_attn_impl), where
+    it is a candidate: the choice kept unless another is clearly faster."""
+    p = resolve_precision("auto", device)
+    p = p if p in precisions else precisions[0]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p, torch.float32)
+    a = pick_attn_impl(device.type, tokens, dtype)
+    return f"{p}/{a if a in attns else attns[0]}"
+
+
+def pick(seconds: dict[str, float], default: str) -> tuple[str, str]:
+    """(precision, attn) of the fastest candidate, or of `default` unless that is MARGIN slower."""
+    best = min(seconds, key=seconds.get)
+    if default in seconds and seconds[best] > (1 - MARGIN) * seconds[default]:
+        best = default
+    p, a = best.split("/")
+    return p, a
+
+
 _DEFAULT = object()
 
 
@@ -221,8 +248,7 @@ def choose(model: VisionTransformer | ViTConfig, batch: int, device: torch.devic
         found = cached_choice(read_cache(path).get(key), precisions, attns, shape)
         if found is None:
             seconds = measure(cfg, shape, device, precisions, attns)
-            best = min(seconds, key=seconds.get)  # ties: the earlier candidate (fp32, sdpa)
-            p, a = best.split("/")
+            p, a = pick(seconds, default_candidate(device, shape["tokens"], precisions, attns))
             found = Choice(p, a, "measured", {k: round(v * 1e3, 3) for k, v in seconds.items()}, shape)
             save_cache(path, key, {"precision": p, "attn_impl": a, "timings": found.timings,
                                    "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -254,13 +280,17 @@ def tune_run(model: VisionTransformer, runtime_args: Any, rt: Runtime, batch: in
     the record for env.json. A resumed run (`state` is its checkpoint) keeps the precision it was
     written with (Trainer.restore refuses another) and the kernel its env.json records."""
     precision, attn = runtime_args.precision, runtime_args.attn_impl
-    resumed = False
+    resumed = fixed_rule = False
     if state is not None:
         if precision == "auto" and state.get("precision") in PRECISIONS[1:]:
             precision, resumed = state["precision"], True
-        if attn == "auto" and (recorded := recorded_attn_impl(run_dir)) is not None:
-            attn, resumed = recorded, True
+        if attn == "auto":
+            recorded = recorded_attn_impl(run_dir)
+            # A run from before autotune records no kernel: it ran the fixed rule, attn_impl "auto".
+            attn, fixed_rule, resumed = recorded or "sdpa", recorded is None, True
     choice = choose(model, batch, rt.device, precision, attn, rt)
+    if fixed_rule:
+        choice = dataclasses.replace(choice, attn_impl="auto")
     if resumed and choice.source == "explicit":
         choice = dataclasses.replace(choice, source="resumed")
     model.set_attn_impl(choice.attn_impl)

@@ -106,7 +106,7 @@ def timm_kwargs(cfg: ViTConfig) -> dict[str, Any]:
         num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
         init_values=cfg.init_values, class_token=cfg.class_token, fc_norm=cfg.use_fc_norm,
         drop_rate=0.0, pos_drop_rate=cfg.drop_rate, proj_drop_rate=cfg.drop_rate,
-        attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate,
+        attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate, patch_drop_rate=cfg.patch_drop_rate,
         norm_layer=_layer_norm(cfg.norm_eps),
     )
 
