@@ -49,11 +49,12 @@ def record_of(run_dir: Path, recipe: str, wall_s: float | None = None) -> dict:
     }
 
 
-def append(record: dict) -> None:
-    doc = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": []}
-    doc["runs"].append(record)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+def append(record: dict, path: Path = RESULTS, key: str = "runs") -> None:
+    """Add one record to the JSON results file (runs accumulate; nothing is overwritten)."""
+    doc = json.loads(path.read_text()) if path.is_file() else {key: []}
+    doc[key].append(record)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def cores() -> int:
@@ -140,13 +141,14 @@ def render() -> str:
     return "\n".join(lines)
 
 
-def write_readme(table: str) -> None:
+def write_readme(table: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the README's block between the `begin` and `end` markers with `table`."""
     text = README.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} block to fill")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+    if begin not in text or end not in text:
+        raise SystemExit(f"README.md has no {begin} ... {end} block to fill")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    README.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
 
 
 def main() -> None:

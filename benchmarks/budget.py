@@ -3,7 +3,7 @@ weights after `vitlab train --set train.time_budget=MIN`, for several setups on 
 
     python benchmarks/budget.py --minutes 15,30 --variants plain,fast --data-dir ../shared/datasets
     python benchmarks/budget.py --minutes 30 --variants fast-no-patch-drop,fast-no-progressive
-    python benchmarks/budget.py --render          # the table (+ budget.png) from every recorded row
+    python benchmarks/budget.py --render          # README table (+ results/budget.png) from every row
 
 Variants (VARIANTS below): `plain` is the `cifar10` recipe as it is, every speedup off; `fast` is the
 `cifar10-fast` recipe (vitlab's fastest settings); `fast-no-X` switches one speedup off (the ablation);
@@ -24,7 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+from accuracy import append, write_readme  # benchmarks/ is on sys.path when run as a script
+
 RESULTS = Path(__file__).resolve().parent / "results" / "budget.json"
+BEGIN, END = "<!-- budget:begin -->", "<!-- budget:end -->"
 
 # name: (recipe, extra --set values)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -66,13 +69,6 @@ def measure(variant: str, minutes: float, seed: int, data_dir: str | None, out_r
         "machine": {k: env.get(k) for k in ("cpu", "cpu_capability", "fast_bf16_cpu", "threads", "torch")},
         "precision": env.get("precision"), "autotune": env.get("autotune"), "run_dir": str(out),
     }
-
-
-def append(row: dict) -> None:
-    doc = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": []}
-    doc["rows"].append(row)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def machine_key(row: dict) -> str:
@@ -123,10 +119,13 @@ def main() -> None:
     ap.add_argument("--data-dir")
     ap.add_argument("--out-root", default="runs/budget")
     ap.add_argument("--seed-test-limit", type=int, default=1000)
-    ap.add_argument("--render", action="store_true", help="print the table and write results/budget.png")
+    ap.add_argument("--render", action="store_true",
+                    help="print the table, write it into README.md and plot results/budget.png")
     args = ap.parse_args()
     if args.render:
-        print(render())
+        table = render()
+        print(table)
+        write_readme(table, BEGIN, END)
         plot(RESULTS.with_suffix(".png"))
         return
     unknown = set(args.variants.split(",")) - set(VARIANTS)
@@ -136,7 +135,7 @@ def main() -> None:
         for variant in args.variants.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
                 row = measure(variant, minutes, seed, args.data_dir, Path(args.out_root), args.seed_test_limit)
-                append(row)
+                append(row, RESULTS, "rows")
                 print(json.dumps(row), flush=True)
 
 
