@@ -49,8 +49,9 @@ def record_of(run_dir: Path, recipe: str, wall_s: float | None = None) -> dict:
     }
 
 
-def append(record: dict, path: Path = RESULTS, key: str = "runs") -> None:
+def append(record: dict, path: Path | None = None, key: str = "runs") -> None:
     """Add one record to the JSON results file (runs accumulate; nothing is overwritten)."""
+    path = path or RESULTS  # looked up at call time: tests point RESULTS elsewhere
     doc = json.loads(path.read_text()) if path.is_file() else {key: []}
     doc[key].append(record)
     path.parent.mkdir(parents=True, exist_ok=True)
