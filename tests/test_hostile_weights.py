@@ -220,7 +220,8 @@ def test_config_state_shapes_match_the_model_for_every_layout():
     """The shape table that load_model checks files against is the model's real state dict."""
     layouts = [{}, dict(class_token=False, pool="avg", pos_embed="sincos"), dict(pool="avg"),
                dict(init_values=0.1, qkv_bias=False, mlp_ratio=2.0, num_classes=0),
-               dict(pool="avg", fc_norm=False)]
+               dict(pool="avg", fc_norm=False), dict(conv_stem=(8, 16)), dict(conv_stem=(8,), patch_size=8),
+               dict(conv_stem=(8, 8, 8), img_size=12, patch_size=6)]
     for layout in layouts:
         cfg = tiny_config(**layout)
         real = {k: tuple(v.shape) for k, v in vitlab.create_model(cfg).state_dict().items()}

@@ -36,6 +36,8 @@ LIMITS: dict[str, float] = {
     "num_classes": 1_000_000,
     "mlp_ratio": 64.0,
     "num_patches": 256 * 256,
+    "stem_layers": 16,
+    "stem_channels": 4096,
     "num_params": 30e9,
 }
 
@@ -96,6 +98,12 @@ class ViTConfig:
     patch_drop_rate: float = 0.0
     """Training only: the fraction of each image's patch tokens dropped at random after the position
     embedding (PatchDropout, arXiv 2208.07220); prefix tokens are kept, evaluation sees every token."""
+    conv_stem: tuple[int, ...] = ()
+    """Output channels of 3x3 conv + BatchNorm + ReLU layers in front of the patch projection (a
+    convolutional stem; Xiao et al., "Early convolutions help transformers see better", arXiv
+    2106.14881). Each layer halves the resolution while the rest of the patch side is even, else
+    keeps it; the projection (kernel = stride) covers what is left of the patch. Empty: the plain
+    linear patch embedding of the ViT paper."""
     init_values: float | None = None
     """LayerScale initial value (CaiT, arXiv 2103.17239); None disables LayerScale."""
     norm_eps: float = 1e-6
@@ -111,7 +119,7 @@ class ViTConfig:
 
     def __post_init__(self) -> None:
         # JSON and YAML give lists; keep the dataclass hashable and comparable.
-        for key in ("mean", "std", "class_names"):
+        for key in ("mean", "std", "class_names", "conv_stem"):
             value = getattr(self, key)
             if isinstance(value, list):
                 object.__setattr__(self, key, tuple(value))
@@ -122,6 +130,20 @@ class ViTConfig:
     def grid_size(self) -> int:
         """Patches per side."""
         return self.img_size // self.patch_size
+
+    @property
+    def stem_strides(self) -> tuple[int, ...]:
+        """Stride of each conv-stem layer: 2 while the rest of the patch side is even, else 1."""
+        strides, rest = [], self.patch_size
+        for _ in self.conv_stem:
+            strides.append(2 if rest % 2 == 0 else 1)
+            rest //= strides[-1]
+        return tuple(strides)
+
+    @property
+    def proj_size(self) -> int:
+        """Kernel (= stride) of the patch projection: the patch side left after the conv stem."""
+        return self.patch_size // math.prod(self.stem_strides)
 
     @property
     def num_patches(self) -> int:
@@ -147,7 +169,8 @@ class ViTConfig:
     @property
     def num_params(self) -> int:
         """Parameter count, from the shapes alone (nothing is allocated)."""
-        return sum(math.prod(shape) for shape in self.state_shapes().values())
+        return sum(math.prod(shape) for key, shape in self.state_shapes().items()
+                   if not key.endswith(("running_mean", "running_var")))  # conv-stem statistics: buffers
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         """{key: shape} of the state dict that a model with this config saves (timm names), derived
@@ -159,7 +182,13 @@ class ViTConfig:
             shapes["cls_token"] = (1, 1, D)
         if self.pos_embed == "learn":
             shapes["pos_embed"] = (1, self.seq_len, D)
-        shapes["patch_embed.proj.weight"] = (D, self.in_chans, self.patch_size, self.patch_size)
+        channels = self.in_chans
+        for i, width in enumerate(self.conv_stem):
+            shapes[f"patch_embed.stem.{i}.conv.weight"] = (width, channels, 3, 3)
+            shapes.update({f"patch_embed.stem.{i}.norm.{k}": (width,)
+                           for k in ("weight", "bias", "running_mean", "running_var")})
+            channels = width
+        shapes["patch_embed.proj.weight"] = (D, channels, self.proj_size, self.proj_size)
         shapes["patch_embed.proj.bias"] = (D,)
         block = {"norm1.weight": (D,), "norm1.bias": (D,), "attn.qkv.weight": (3 * D, D),
                  **({"attn.qkv.bias": (3 * D,)} if self.qkv_bias else {}),
@@ -224,6 +253,10 @@ class ViTConfig:
         if self.class_names is not None and (not isinstance(self.class_names, tuple)
                                              or not all(isinstance(n, str) for n in self.class_names)):
             problems.append(f"class_names={_short(self.class_names)} must be a list of strings, or null")
+        if not isinstance(self.conv_stem, tuple) or len(self.conv_stem) > LIMITS["stem_layers"] or not all(
+                _is_int(c) and 1 <= c <= LIMITS["stem_channels"] for c in self.conv_stem):
+            problems.append(f"conv_stem={_short(self.conv_stem)} must be a list of at most {LIMITS['stem_layers']} "
+                            f"channel counts in [1, {LIMITS['stem_channels']}] (empty: no conv stem)")
         if self.name is not None and not isinstance(self.name, str):
             problems.append(f"name={self.name!r} must be a string or null")
         if problems:  # the cross-field checks below need values of the right types and sizes
@@ -256,7 +289,7 @@ class ViTConfig:
     # ---- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for key in ("mean", "std", "class_names"):
+        for key in ("mean", "std", "class_names", "conv_stem"):
             if d[key] is not None:
                 d[key] = list(d[key])
         return d

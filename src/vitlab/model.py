@@ -39,15 +39,57 @@ def pick_attn_impl(device_type: str, seq_len: int, dtype: torch.dtype) -> str:
     return "sdpa"
 
 
-class PatchEmbed(nn.Module):
-    """Non-overlapping patches, each linearly projected: a conv with kernel = stride = patch size."""
+class StemNorm(nn.Module):
+    """BatchNorm2d with float state only (weight, bias, running_mean, running_var): no integer
+    batch counter, so the weights file holds floats alone like every other vitlab model."""
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+    def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)  # (B, C, H, W) -> (B, D, H/p, W/p)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            self.training, self.momentum, self.eps)
+
+
+class StemLayer(nn.Module):
+    """3x3 conv (no bias) -> BatchNorm -> ReLU, one layer of a convolutional stem."""
+
+    def __init__(self, in_chans: int, out_chans: int, stride: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, out_chans, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.norm = StemNorm(out_chans)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.norm(self.conv(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches, each linearly projected: a conv with kernel = stride = patch size.
+
+    With a convolutional stem (`ViTConfig.conv_stem`), 3x3 conv layers first turn the image into
+    feature maps (halving the resolution while the rest of the patch side is even) and the
+    projection covers the rest of each patch: the same token grid, from overlapping, local features."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, conv_stem: tuple[int, ...] = (),
+                 strides: tuple[int, ...] = ()):
+        super().__init__()
+        layers, channels = [], in_chans
+        for width, stride in zip(conv_stem, strides, strict=True):
+            layers.append(StemLayer(channels, width, stride))
+            channels = width
+        self.stem = nn.Sequential(*layers) if layers else None
+        rest = patch_size // math.prod(strides)
+        self.proj = nn.Conv2d(channels, embed_dim, kernel_size=rest, stride=rest)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stem is not None:
+            x = self.stem(x)  # (B, C, H, W) -> (B, C', H/s, W/s)
+        x = self.proj(x)  # -> (B, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
 
 
@@ -157,7 +199,7 @@ class VisionTransformer(nn.Module):
         self.num_features = self.embed_dim = cfg.embed_dim
         self.num_prefix_tokens = cfg.num_prefix_tokens
 
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.conv_stem, cfg.stem_strides)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.class_token else None
         if cfg.pos_embed == "learn":
             self.pos_embed = nn.Parameter(torch.zeros(1, cfg.seq_len, cfg.embed_dim))
@@ -179,10 +221,15 @@ class VisionTransformer(nn.Module):
 
     def init_weights(self, mode: str = "trunc_normal") -> None:
         """Fresh weights. `mode` picks the linear layers' init (layers.WEIGHT_INITS); the patch
-        embedding is LeCun normal and the head zero either way."""
+        projection is LeCun normal, the head zero, and conv-stem layers keep PyTorch's conv init
+        (each is followed by BatchNorm, so their scale does not matter at the start)."""
         if mode not in WEIGHT_INITS:
             raise ConfigError(f"weight init {mode!r} must be one of {WEIGHT_INITS}")
         self.apply(lambda module: init_weights(module, mode))
+        for layer in self.patch_embed.stem or ():
+            layer.conv.reset_parameters()
+            for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+                getattr(layer.norm, name).data.fill_(value)
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:

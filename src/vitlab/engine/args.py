@@ -104,12 +104,21 @@ class ModelArgs:
     drop_path_skip: bool | None = None
     """Stochastic depth skips the computation for the samples it drops (DINOv2), with the same
     expectation as masking; true is faster at the same model.drop_path_rate."""
+    conv_stem: list[int] | None = None
+    """Channels of 3x3 conv + BatchNorm + ReLU layers before the patch projection, e.g. [32, 64]: a
+    convolutional stem (arXiv 2106.14881) that learns far faster from scratch on small images; []
+    is the plain linear patch embedding."""
     weight_init: str = "trunc_normal"
     """Init of a from-scratch model's linear layers: trunc_normal (std 0.02, timm's default) or
     xavier (uniform, scaled by each layer's width; big_vision's plain ViT)."""
 
     def __post_init__(self) -> None:
         _raise_if(_finite_floats(self, "model"))
+        stem = self.conv_stem
+        if stem is not None and (not isinstance(stem, (list, tuple)) or not all(
+                isinstance(c, int) and not isinstance(c, bool) for c in stem)):
+            raise ConfigError(f"model.conv_stem={stem!r} must be a list of channel counts, e.g. [32, 64] "
+                              f"([] for none)")
         if self.weight_init not in WEIGHT_INITS:
             raise ConfigError(f"model.weight_init={self.weight_init!r} must be one of {WEIGHT_INITS}")
         if self.pretrained and self.weight_init != "trunc_normal":
@@ -118,8 +127,11 @@ class ModelArgs:
 
     def overrides(self) -> dict[str, Any]:
         skip = {"preset", "pretrained", "weight_init"}
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in skip and getattr(self, f.name) is not None}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in skip and getattr(self, f.name) is not None}
+        if "conv_stem" in out:
+            out["conv_stem"] = tuple(out["conv_stem"])
+        return out
 
 
 @dataclass(frozen=True)

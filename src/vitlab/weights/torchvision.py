@@ -73,6 +73,8 @@ def classic_vit_problems(cfg: ViTConfig) -> list[str]:
         problems.append("it needs pos_embed='learn'")
     if cfg.init_values is not None:
         problems.append("it has no LayerScale")
+    if cfg.conv_stem:
+        problems.append("its patch embedding has no convolutional stem (conv_stem)")
     if cfg.num_classes == 0:
         problems.append("it needs a classifier head (num_classes > 0)")
     return problems

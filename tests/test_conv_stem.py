@@ -1,0 +1,109 @@
+"""The convolutional stem (ViTConfig.conv_stem): layout, strides, state, interop refusals, training."""
+import pytest
+import torch
+
+import vitlab
+from vitlab import ConfigError, ConversionError
+from vitlab.engine.args import ModelArgs
+from vitlab.weights.hf import to_hf
+from vitlab.weights.torchvision import to_torchvision
+
+from conftest import randomize, tiny_config
+
+
+@pytest.mark.parametrize("patch, stem, strides, proj", [
+    (4, (8, 16), (2, 2), 1),          # 4 = 2 * 2: the projection is a 1x1 conv
+    (8, (8, 16), (2, 2), 2),          # the projection covers the last 2 px
+    (7, (8, 16), (1, 1), 7),          # odd: full-resolution stem, 7-px projection
+    (6, (8, 8, 8), (2, 1, 1), 3),     # halve once, then the odd rest
+    (4, (), (), 4),                   # no stem: the ViT paper's patch embedding
+])
+def test_strides_and_token_grid(patch, stem, strides, proj):
+    cfg = tiny_config(img_size=patch * 3, patch_size=patch, conv_stem=stem)
+    assert cfg.stem_strides == strides and cfg.proj_size == proj
+    model = vitlab.create_model(cfg).eval()
+    tokens = model.patch_embed(torch.randn(2, 3, patch * 3, patch * 3))
+    assert tokens.shape == (2, 9, cfg.embed_dim)  # the same 3x3 grid whatever the stem
+    if stem:
+        convs = [layer.conv for layer in model.patch_embed.stem]
+        assert [c.stride[0] for c in convs] == list(strides) and [c.out_channels for c in convs] == list(stem)
+    assert model.patch_embed.proj.kernel_size == (proj, proj) == model.patch_embed.proj.stride
+
+
+@pytest.mark.parametrize("bad", [(0,), (-8,), (8.5,), (True,), "32", (8,) * 17, (10**6,)])
+def test_bad_stems_are_refused_with_the_value(bad):
+    with pytest.raises(ConfigError, match="conv_stem="):
+        tiny_config(conv_stem=bad)
+
+
+def test_run_setting_is_checked_and_becomes_the_config_field():
+    with pytest.raises(ConfigError, match=r"model.conv_stem='32'"):
+        ModelArgs(conv_stem="32")
+    with pytest.raises(ConfigError, match="model.conv_stem"):
+        ModelArgs(conv_stem=[32, "64"])
+    assert ModelArgs(conv_stem=[8, 16]).overrides()["conv_stem"] == (8, 16)
+    assert ModelArgs(conv_stem=[]).overrides()["conv_stem"] == ()
+    assert "conv_stem" not in ModelArgs().overrides()  # null keeps the preset's
+
+
+def test_batchnorm_statistics_train_and_save_as_floats(tmp_path):
+    cfg = tiny_config(conv_stem=(8, 16))
+    model = vitlab.create_model(cfg)
+    norm = model.patch_embed.stem[0].norm
+    assert torch.equal(norm.running_mean, torch.zeros(8)) and torch.equal(norm.running_var, torch.ones(8))
+    x = torch.rand(16, 3, 16, 16) * 4 + 2  # far from the initial statistics
+    model.train()
+    model(x)
+    with torch.no_grad():  # training folds the batch statistics in with momentum 0.1...
+        conv = model.patch_embed.stem[0].conv(x)
+    torch.testing.assert_close(norm.running_mean, 0.1 * conv.mean((0, 2, 3)))
+    torch.testing.assert_close(norm.running_var, 0.9 + 0.1 * conv.var((0, 2, 3), unbiased=True))
+    model.eval()
+    before = norm.running_mean.clone()
+    out = model(x)
+    assert torch.equal(norm.running_mean, before)  # ... evaluation only reads them
+    state = model.state_dict()
+    assert all(v.is_floating_point() for v in state.values())  # no integer batch counter
+    assert "patch_embed.stem.0.norm.running_var" in state
+    same = vitlab.load_model(vitlab.save_model(model, tmp_path / "m")).eval()
+    assert same.config.conv_stem == (8, 16)
+    assert torch.equal(same.patch_embed.stem[0].norm.running_mean, norm.running_mean)
+    with torch.no_grad():
+        assert torch.equal(same(x), out)
+
+
+def test_other_input_sizes_with_a_stem():
+    model = randomize(vitlab.create_model(tiny_config(img_size=32, conv_stem=(8, 16))))
+    model.dynamic_img_size = True
+    model.eval()
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 5)  # a progressive-resolution stage
+    assert model(torch.randn(2, 3, 24, 24)).shape == (2, 5)
+
+
+def test_interop_formats_without_a_stem_refuse_it(tmp_path):
+    model = vitlab.create_model(tiny_config(conv_stem=(8,)))
+    with pytest.raises(ConversionError, match="convolutional stem"):
+        to_torchvision(model)
+    with pytest.raises(ConversionError, match="convolutional stem"):
+        to_hf(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_stem_model_learns():
+    """A few steps on a fixed batch: the stem's conv and norm weights get gradients and the loss falls."""
+    torch.manual_seed(0)
+    model = vitlab.create_model(tiny_config(conv_stem=(8, 16), num_classes=2))
+    x = torch.randn(32, 3, 16, 16)
+    y = (x[:, 0].mean((1, 2)) > 0).long()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    # (the head starts at zero, so the first step's gradient stops there; not the last one's)
+    assert model.patch_embed.stem[0].conv.weight.grad.abs().sum() > 0
+    assert model.patch_embed.stem[0].norm.weight.grad.abs().sum() > 0
+    assert losses[-1] < 0.5 * losses[0]
