@@ -33,6 +33,7 @@ BEGIN, END = "<!-- budget:begin -->", "<!-- budget:end -->"
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "plain": ("cifar10", []),
     "fast": ("cifar10-fast", []),
+    "fast-no-stem": ("cifar10-fast", ["model.conv_stem=[]"]),
     "fast-no-patch-drop": ("cifar10-fast", ["model.patch_drop_rate=0"]),
     "fast-no-progressive": ("cifar10-fast", ["train.resolution_schedule=null"]),
     "fast-fp32": ("cifar10-fast", ["runtime.precision=fp32"]),
@@ -49,6 +50,10 @@ def measure(variant: str, minutes: float, seed: int, data_dir: str | None, out_r
             seed_test_limit: int) -> dict:
     recipe, extra = VARIANTS[variant]
     out = out_root / f"{variant}-{minutes:g}min-s{seed}"
+    for n in range(2, 1000):  # a repeat (another session, a changed recipe) gets its own directory
+        if not out.exists():
+            break
+        out = out_root / f"{variant}-{minutes:g}min-s{seed}-{n}"
     sets = [f"train.time_budget={minutes}", f"train.seed={seed}", "runtime.progress=false",
             "train.test_at_end=false", *extra]
     if data_dir:
@@ -60,6 +65,7 @@ def measure(variant: str, minutes: float, seed: int, data_dir: str | None, out_r
     test = json.loads(cli("eval", str(out), "--json", *limit, capture=True).stdout)
     results = json.loads((out / "results.json").read_text())
     env = json.loads((out / "env.json").read_text())
+    model = json.loads((out / "model" / "config.json").read_text())["config"]
     return {
         "variant": variant, "recipe": recipe, "sets": extra, "budget_min": minutes, "seed": seed,
         "train_s": results.get("train_s"), "wall_s": round(wall_s, 1),
@@ -68,6 +74,7 @@ def measure(variant: str, minutes: float, seed: int, data_dir: str | None, out_r
         "val_top1": results["best"]["val_top1"], "test_top1": test["top1"], "test_images": test["n"],
         "machine": {k: env.get(k) for k in ("cpu", "cpu_capability", "fast_bf16_cpu", "threads", "torch")},
         "precision": env.get("precision"), "autotune": env.get("autotune"), "run_dir": str(out),
+        "model": {k: v for k, v in model.items() if k != "class_names"},  # what the recipe was then
     }
 
 
