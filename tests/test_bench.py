@@ -13,6 +13,7 @@ import torch
 from conftest import tiny_config
 from vitlab.bench import count_flops
 from vitlab.cli import main
+from vitlab.config import get_config
 from vitlab.engine import autotune
 from vitlab.model import VisionTransformer
 
@@ -74,6 +75,21 @@ def test_bench_table_names_the_kernel_and_a_missing_seed_model(tmp_path, capsys,
     assert "autotune (explicit): fp32, attention math" in table and "GFLOP/s in fp32" in table
     assert table.count("\nvitlab ") == table.count("\ntimm ") == 1
     assert f"(seed skipped: {missing} not found)" in table
+
+
+def test_a_conv_stem_model_is_timed_without_timm(tmp_path, capsys, monkeypatch):
+    """timm has no conv stem: it is left out with the reason, not timed on a different network."""
+    import vitlab.bench
+    monkeypatch.setattr(vitlab.bench, "SEED_PATH", tmp_path / "none.py")
+    assert main(["bench", *TINY, "--set", "model.conv_stem=[8,16]", "--precision", "fp32", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert set(r["models"]) == {"vitlab"} and "no convolutional stem" in r["skipped"]["timm"]
+    flops = {}
+    for stem in ((), (8, 16)):
+        cfg = get_config("vit_tiny_patch4_32", img_size=16, depth=1, embed_dim=32, num_heads=2, conv_stem=stem)
+        flops[stem] = count_flops(VisionTransformer(cfg), cfg, "fp32", torch.device("cpu"), 2)[0]
+    assert flops[(8, 16)] > flops[()]  # the stem's convolutions are counted...
+    assert r["models"]["vitlab"]["train_gflop_per_image"] * 1e9 == pytest.approx(flops[(8, 16)], rel=0.01)
 
 
 def test_flops_are_counted_through_either_attention_kernel():

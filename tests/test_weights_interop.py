@@ -64,6 +64,11 @@ def test_sincos_models_do_not_pretend_to_be_timm():
         timm_kwargs(tiny_config(pos_embed="sincos"))
 
 
+def test_conv_stem_models_do_not_pretend_to_be_timm():
+    with pytest.raises(ConversionError, match=r"no convolutional stem \(conv_stem=\[8, 16\]\)"):
+        timm_kwargs(tiny_config(conv_stem=(8, 16)))
+
+
 # ---- torchvision ----------------------------------------------------------------------------
 def test_torchvision_both_directions(rng_input, tmp_path):
     from torchvision.models.vision_transformer import VisionTransformer as TvViT

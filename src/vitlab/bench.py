@@ -11,7 +11,8 @@ autotune picks (engine/autotune.py), which is reported with the attention kernel
 
 timm and the seed model are built with vitlab's width, depth, heads, MLP and patch size; timm gets
 learned position embeddings where vitlab's are fixed sin-cos (the same compute), and the seed model
-keeps its own choices (class token, dropout 0.1), as the write-up trained it.
+keeps its own choices (class token, dropout 0.1, the linear patch embedding), as the write-up
+trained it. A model with a conv stem (`conv_stem`) has no timm counterpart: timm is left out.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from torch import nn
 from .config import ViTConfig
 from .engine import autotune
 from .engine.runtime import Runtime, describe_machine
-from .errors import ConfigError
+from .errors import ConfigError, ConversionError
 from .model import VisionTransformer
 
 FLOP_BATCH = 16  # images per FLOP count: enough for skip-depth's share of the batch to average out
@@ -77,6 +78,8 @@ def reference_models(cfg: ViTConfig, seed_path: Path | None) -> tuple[dict[str, 
         models["timm"] = TimmViT(**timm_kwargs(cfg.replace(pos_embed="learn")))
     except ImportError:
         skipped["timm"] = "timm is not installed (pip install timm)"
+    except ConversionError as e:  # e.g. a conv stem: no timm model does the same work
+        skipped["timm"] = str(e)
     seed, why = load_seed_module(seed_path)
     if seed is None:
         skipped["seed"] = why

@@ -27,7 +27,7 @@ from .data import ImageSet, load_dataset
 from .data.augment import EvalTransform, TrainTransform
 from .data.loader import BatchLoader
 from .data.sources import DATASETS, fetch, get_source, locate
-from .engine.args import RunConfig, merge_sets, parse_resolution_schedule, read_settings_file
+from .engine.args import RunConfig, merge_sets, read_settings_file
 from .engine.checkpoint import (check_weights_fit, load_checkpoint, newest_checkpoint,
                                 remove_stale_temporaries)
 from .engine.log import RunLogger, plot_curves
@@ -99,7 +99,7 @@ def check_resolution_schedule(settings: RunConfig, model_cfg: ViTConfig) -> None
     last one the model's own (the run ends at the size it is evaluated and exported at)."""
     if not settings.train.resolution_schedule:
         return
-    sizes = [size for size, _ in parse_resolution_schedule(settings.train.resolution_schedule)]
+    sizes = [size for size, _ in settings.train.resolution_stages]
     key = f"train.resolution_schedule={settings.train.resolution_schedule!r}"
     odd = [size for size in sizes if size % model_cfg.patch_size]
     if odd:

@@ -241,6 +241,11 @@ class TrainArgs:
                 bad.append(str(e))
         _raise_if(bad)
 
+    @property
+    def resolution_stages(self) -> tuple[tuple[int, float], ...]:
+        """train.resolution_schedule parsed: ((side, fraction), ...), or () without one."""
+        return parse_resolution_schedule(self.resolution_schedule) if self.resolution_schedule else ()
+
 
 def parse_resolution_schedule(text: str) -> tuple[tuple[int, float], ...]:
     """"16:0.4,24:0.3,32:0.3" -> ((16, 0.4), (24, 0.3), (32, 0.3)): (side in pixels, fraction of the

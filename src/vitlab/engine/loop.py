@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..data.loader import batch_seed
 from ..errors import TrainingError
 from ..evaluate import evaluate
-from .args import RunConfig, parse_resolution_schedule
+from .args import RunConfig
 from .checkpoint import list_checkpoints, rng_state, save_checkpoint, set_rng_state
 from .ema import MAX_HORIZON_FRACTION, ModelEMA, decay_for_budget, decay_for_run
 from .log import RunLogger, mmss
@@ -91,8 +91,7 @@ class Trainer:
         if self.ema_decay and budget is None:  # under a budget, train_step caps it as the run goes
             self.ema_decay = decay_for_run(self.ema_decay, self.total_steps)
         self.ema = ModelEMA(model, self.ema_decay) if cfg.train.ema_decay else None
-        schedule = cfg.train.resolution_schedule
-        self.stages = parse_resolution_schedule(schedule) if schedule else ()
+        self.stages = cfg.train.resolution_stages
         if self.stages:
             model.dynamic_img_size = True  # the unwrapped model: DDP and compile wrap the same module
         self.shown_size: int | None = None  # the stage last announced

@@ -100,6 +100,9 @@ def timm_kwargs(cfg: ViTConfig) -> dict[str, Any]:
     if cfg.pos_embed != "learn":
         raise ConversionError("timm's VisionTransformer has no fixed 2-D sin-cos position embedding; "
                               "only pos_embed='learn' models convert to timm")
+    if cfg.conv_stem:
+        raise ConversionError(f"timm's VisionTransformer has no convolutional stem (conv_stem={list(cfg.conv_stem)}); "
+                              f"only models with the linear patch embedding convert to timm")
     return dict(
         img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
         num_classes=cfg.num_classes, global_pool=cfg.pool, embed_dim=cfg.embed_dim, depth=cfg.depth,
