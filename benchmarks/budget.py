@@ -6,7 +6,8 @@ weights after `vitlab train --set train.time_budget=MIN`, for several setups on 
     python benchmarks/budget.py --render          # README table (+ results/budget.png) from every row
 
 Variants (VARIANTS below): `plain` is the `cifar10` recipe as it is, every speedup off; `fast` is the
-`cifar10-fast` recipe (vitlab's fastest settings); `fast-no-X` switches one speedup off (the ablation);
+`cifar10-fast` recipe (vitlab's fastest settings); `fast-no-X` switches one speedup off (the ablation;
+`fast-fp32` and `fast-sdpa` override autotune's precision and attention kernel);
 `seed` is the original write-up's ViT-B/16 (`seed` recipe), tested on a stratified subset of
 --seed-test-limit images because it evaluates at a few images per second on a CPU.
 
@@ -37,6 +38,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "fast-no-patch-drop": ("cifar10-fast", ["model.patch_drop_rate=0"]),
     "fast-no-progressive": ("cifar10-fast", ["train.resolution_schedule=null"]),
     "fast-fp32": ("cifar10-fast", ["runtime.precision=fp32"]),
+    "fast-sdpa": ("cifar10-fast", ["runtime.attn_impl=sdpa"]),  # the fused kernel instead of autotune's pick
     "seed": ("seed", ["data.val_size=500", "train.eval_batch_size=50"]),
 }
 
