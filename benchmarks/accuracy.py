@@ -8,7 +8,9 @@
 Each run is `vitlab train --recipe R --set train.seed=S --set data.data_dir=D --out runs/bench/R-sS`;
 its record is appended to benchmarks/results/accuracy.json as
 {"recipe", "dataset", "seed", "epochs", "val_top1", "test_top1", "wall_s", "params", "device", "cpu",
-"torch", "parallel", "threads"}. Test accuracy is that of the weights selected on the validation split,
+"cpu_capability", "precision", "torch", "parallel", "threads", "model"} ("model": the resolved
+architecture, so that a row still says what it measured after its recipe changes). A repeat of a
+run directory name gets a -2, -3, ... suffix. Test accuracy is that of the weights selected on the validation split,
 measured once. With --parallel N, N runs go side by side, each with runtime.threads = cores // N
 (issue 9: on a 2-core CPU two 1-thread processes did more images/s than one 2-thread process); each
 record says how many ran at once and with how many threads, since its wall time depends on both.
@@ -45,8 +47,28 @@ def record_of(run_dir: Path, recipe: str, wall_s: float | None = None) -> dict:
         "epochs": cfg["train"]["epochs"], "val_top1": results["best"]["val_top1"],
         "test_top1": results.get("test", {}).get("top1"), "wall_s": round(wall_s, 1), "params": results["params"],
         "device": env.get("device"), "cpu": env.get("cpu"), "torch": env.get("torch"), "run_dir": str(run_dir),
-        "threads": env.get("threads"),
+        "threads": env.get("threads"), "cpu_capability": env.get("cpu_capability"), "precision": env.get("precision"),
+        "model": _model_config(run_dir, cfg),
     }
+
+
+def _model_config(run_dir: Path, settings: dict) -> dict:
+    """The resolved architecture (the saved model's config), else the run's model settings: which
+    recipe a row measured, after the recipe changes."""
+    saved = run_dir / "model" / "config.json"
+    if saved.is_file():
+        return {k: v for k, v in json.loads(saved.read_text())["config"].items() if k != "class_names"}
+    return settings["model"]
+
+
+def fresh_dir(root: Path, name: str) -> Path:
+    """root/name, or root/name-2, -3, ... when taken: a repeat (another session, a changed recipe)
+    never lands in an earlier run's directory."""
+    out = root / name
+    n = 2
+    while out.exists():
+        out, n = root / f"{name}-{n}", n + 1
+    return out
 
 
 def append(record: dict, path: Path | None = None, key: str = "runs") -> None:
@@ -83,7 +105,7 @@ def train_command(recipe: str, seed: int, data_dir: str | None, out: Path, extra
 
 def run(recipe: str, seed: int, data_dir: str | None, out_root: Path, extra: list[str], parallel: int = 1,
         threads: int | None = None) -> dict:
-    out = out_root / f"{recipe}-s{seed}"
+    out = fresh_dir(out_root, f"{recipe}-s{seed}")
     cmd = train_command(recipe, seed, data_dir, out, extra, threads)
     t = time.time()
     if parallel == 1:
@@ -118,11 +140,17 @@ def run_all(jobs: list[tuple[str, int]], parallel: int, data_dir: str | None, ou
     return records
 
 
+def _hardware(r: dict) -> str:
+    """"AMD EPYC (AVX512, bf16), cpu, torch 2.14.1": what a row ran on (older rows lack the middle)."""
+    detail = ", ".join(str(r[k]) for k in ("cpu_capability", "precision") if r.get(k))
+    return f"{r['cpu']}{f' ({detail})' if detail else ''}, {r['device']}, torch {r['torch']}"
+
+
 def render() -> str:
     runs = json.loads(RESULTS.read_text())["runs"] if RESULTS.is_file() else []
     by: dict[str, list[dict]] = {}
     for r in runs:
-        by.setdefault(f"{r['recipe']} ({r['epochs']} epochs)", []).append(r)
+        by.setdefault(f"{r['recipe']} ({r['epochs']} epoch{'s' if r['epochs'] != 1 else ''})", []).append(r)
 
     def ms(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
         values = [v * scale for v in values if v is not None]
@@ -138,7 +166,7 @@ def render() -> str:
         wall = statistics.mean(r["wall_s"] for r in rs) / 60
         lines.append(f"| {name} | {len(rs)} ({seeds}) | {ms([r['test_top1'] for r in rs])} | "
                      f"{ms([r['val_top1'] for r in rs])} | {wall:.1f} min | {rs[0]['params'] / 1e6:.2f}M | "
-                     f"{rs[0]['cpu']}, {rs[0]['device']}, torch {rs[0]['torch']} |")
+                     f"{'; '.join(sorted({_hardware(r) for r in rs}))} |")
     return "\n".join(lines)
 
 

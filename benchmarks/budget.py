@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from accuracy import append, write_readme  # benchmarks/ is on sys.path when run as a script
+from accuracy import append, fresh_dir, write_readme  # benchmarks/ is on sys.path when run as a script
 
 RESULTS = Path(__file__).resolve().parent / "results" / "budget.json"
 BEGIN, END = "<!-- budget:begin -->", "<!-- budget:end -->"
@@ -51,11 +51,7 @@ def cli(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
 def measure(variant: str, minutes: float, seed: int, data_dir: str | None, out_root: Path,
             seed_test_limit: int) -> dict:
     recipe, extra = VARIANTS[variant]
-    out = out_root / f"{variant}-{minutes:g}min-s{seed}"
-    for n in range(2, 1000):  # a repeat (another session, a changed recipe) gets its own directory
-        if not out.exists():
-            break
-        out = out_root / f"{variant}-{minutes:g}min-s{seed}-{n}"
+    out = fresh_dir(out_root, f"{variant}-{minutes:g}min-s{seed}")
     sets = [f"train.time_budget={minutes}", f"train.seed={seed}", "runtime.progress=false",
             "train.test_at_end=false", *extra]
     if data_dir:

@@ -107,3 +107,32 @@ def test_a_stem_model_learns():
     assert model.patch_embed.stem[0].conv.weight.grad.abs().sum() > 0
     assert model.patch_embed.stem[0].norm.weight.grad.abs().sum() > 0
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_a_tuple_setting_is_stored_as_the_list_config_yaml_holds():
+    """config.yaml writes a list; the checkpoint's settings must compare equal to it on resume."""
+    assert ModelArgs(conv_stem=(8, 16)).conv_stem == [8, 16]
+
+
+def test_ema_averages_the_batchnorm_statistics_with_the_weights():
+    from vitlab.engine.ema import ModelEMA
+    model = vitlab.create_model(tiny_config(conv_stem=(8,)))
+    ema = ModelEMA(model, decay=0.5)
+    norm = model.patch_embed.stem[0].norm
+    norm.running_mean.fill_(4.0)
+    norm.running_var.fill_(3.0)
+    d = ema.update(model)  # the warm-up decay min(0.5, 2 / 11)
+    shadow = ema.module.patch_embed.stem[0].norm
+    torch.testing.assert_close(shadow.running_mean, torch.full((8,), 4.0 * (1 - d)))
+    torch.testing.assert_close(shadow.running_var, torch.full((8,), 1.0 * d + 3.0 * (1 - d)))
+
+
+def test_a_stem_setting_over_a_pretrained_model_without_one_fails_before_the_run(tmp_path, capsys):
+    from vitlab.cli import main
+    vitlab.save_model(vitlab.create_model(tiny_config()), tmp_path / "pre")
+    out = tmp_path / "run"
+    code = main(["train", "--recipe", "cifar10", "--set", f"model.pretrained={tmp_path / 'pre'}",
+                 "--set", "model.conv_stem=[8]", "--set", f"data.data_dir={tmp_path / 'nodata'}", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.conv_stem=[8] differs from the pretrained model's conv_stem=[]" in err
+    assert "--set model.conv_stem=[]" in err and not out.exists()

@@ -85,7 +85,8 @@ def test_kill_and_resume_ends_with_the_same_weights(shapes, tmp_path):
     sets = tiny_sets(shapes, **{"train.epochs": 30, "train.ckpt_every": 4, "augment.randaug_ops": 1,
                                 "model.drop_path_rate": 0.1, "train.ema_decay": 0.9, "train.accum_steps": 2,
                                 "model.drop_path_skip": True, "model.patch_drop_rate": 0.25,
-                                "train.resolution_schedule": "8:0.3,12:0.3,16:0.4"})
+                                "train.resolution_schedule": "8:0.3,12:0.3,16:0.4",
+                                "model.conv_stem": "[4,8]"})  # BatchNorm statistics in checkpoints and EMA
     base = ["train", "--recipe", "cifar10"] + [a for s in sets for a in ("--set", s)]
     full = cli(*base, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
@@ -113,7 +114,7 @@ def test_kill_and_resume_ends_with_the_same_weights(shapes, tmp_path):
 
 
 def test_eval_and_predict_from_the_command_line(shapes, tmp_path):
-    sets = tiny_sets(shapes, **{"train.epochs": 10, "augment.crop_pad": 0})
+    sets = tiny_sets(shapes, **{"train.epochs": 10, "augment.crop_pad": 0, "model.conv_stem": "[4]"})
     r = cli("train", "--recipe", "cifar10", *[a for s in sets for a in ("--set", s)], "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
     ev = cli("eval", str(tmp_path / "run"), "--json")

@@ -72,14 +72,14 @@ def reference_models(cfg: ViTConfig, seed_path: Path | None) -> tuple[dict[str, 
     """timm's and the seed model for `cfg`'s shape, and the reasons for any left out."""
     models, skipped = {}, {}
     try:
-        from timm.models.vision_transformer import VisionTransformer as TimmViT
-
         from .weights.timm import timm_kwargs
-        models["timm"] = TimmViT(**timm_kwargs(cfg.replace(pos_embed="learn")))
-    except ImportError:
-        skipped["timm"] = "timm is not installed (pip install timm)"
+        kwargs = timm_kwargs(cfg.replace(pos_embed="learn"))
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
+        models["timm"] = TimmViT(**kwargs)
     except ConversionError as e:  # e.g. a conv stem: no timm model does the same work
         skipped["timm"] = str(e)
+    except ImportError:
+        skipped["timm"] = "timm is not installed (pip install timm)"
     seed, why = load_seed_module(seed_path)
     if seed is None:
         skipped["seed"] = why
@@ -245,7 +245,8 @@ def run_bench(cfg: ViTConfig, batch: int, device: torch.device | str = "cpu", pr
                   "infer_pct_of_peak": _sig(100 * infer_gflops / peak, 3), "warmup_s": round(warm_s[k], 2)}
     result = {"model": cfg.name or "custom", "shape": {"img_size": cfg.img_size, "patch_size": cfg.patch_size,
               "depth": cfg.depth, "embed_dim": cfg.embed_dim, "num_heads": cfg.num_heads,
-              "mlp_hidden": cfg.mlp_hidden_dim, "tokens": cfg.seq_len},
+              "mlp_hidden": cfg.mlp_hidden_dim, "tokens": cfg.seq_len,
+              **({"conv_stem": list(cfg.conv_stem)} if cfg.conv_stem else {})},
               "batch": batch, "device": str(device), "precision": prec, "autotune": choice.to_dict(),
               "peak_gflops": round(peak, 1), "rounds": rounds, "steps_per_round": steps, "models": out,
               "skipped": skipped, "machine": describe_machine()}
@@ -264,7 +265,8 @@ def format_table(r: dict[str, Any]) -> str:
     s, c = r["shape"], r["autotune"]
     timings = ", ".join(f"{k} {v:.1f} ms" for k, v in c.get("timings", {}).items())
     lines = [f"{r['model']}: {s['img_size']} px, patch {s['patch_size']}, {s['tokens']} tokens, depth {s['depth']} "
-             f"x width {s['embed_dim']}, {s['num_heads']} heads; batch {r['batch']} on {r['device']} "
+             f"x width {s['embed_dim']}, {s['num_heads']} heads"
+             + (f", conv stem {s['conv_stem']}" if s.get("conv_stem") else "") + f"; batch {r['batch']} on {r['device']} "
              f"({r['machine']['cpu']}, {r['machine']['threads']} threads)",
              f"autotune ({c['source']}): {c['precision']}, attention {c['attn_impl']}"
              + (f"  [{timings}]" if timings else ""),

@@ -59,7 +59,14 @@ def resumable(key: str) -> bool:
 def base_model_config(settings: RunConfig) -> ViTConfig:
     """The architecture before the data is known: the preset (or pretrained model) + overrides."""
     if settings.model.pretrained:
-        return read_config(settings.model.pretrained)[0].replace(**settings.model.overrides())
+        source = read_config(settings.model.pretrained)[0]
+        overrides = settings.model.overrides()
+        stem = overrides.get("conv_stem", source.conv_stem)
+        if stem != source.conv_stem:  # e.g. a recipe with a stem, over a model without one
+            raise ConfigError(f"model.conv_stem={list(stem)} differs from the pretrained model's conv_stem="
+                              f"{list(source.conv_stem)} ({settings.model.pretrained}): its weights have no such "
+                              f"layers; --set model.conv_stem={list(source.conv_stem)} keeps the pretrained one")
+        return source.replace(**overrides)
     return get_config(settings.model.preset, **settings.model.overrides())
 
 

@@ -119,6 +119,8 @@ class ModelArgs:
                 isinstance(c, int) and not isinstance(c, bool) for c in stem)):
             raise ConfigError(f"model.conv_stem={stem!r} must be a list of channel counts, e.g. [32, 64] "
                               f"([] for none)")
+        if isinstance(stem, tuple):  # config.yaml holds a list: a tuple would not compare equal on resume
+            object.__setattr__(self, "conv_stem", list(stem))
         if self.weight_init not in WEIGHT_INITS:
             raise ConfigError(f"model.weight_init={self.weight_init!r} must be one of {WEIGHT_INITS}")
         if self.pretrained and self.weight_init != "trunc_normal":

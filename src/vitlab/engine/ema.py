@@ -35,7 +35,9 @@ class ModelEMA:
 
     The decay warms up as min(decay, (1 + n) / (10 + n)) at the n-th update, so early averages are
     not dominated by the random initialisation (this alone keeps the horizon near n / 9 steps until
-    `decay` is reached). Buffers (e.g. fixed position tables) are copied, not averaged.
+    `decay` is reached). Float buffers are averaged too (a conv stem's BatchNorm statistics then
+    match the averaged weights, as in timm's ModelEmaV2; fixed position tables are the same on both
+    sides), other buffers copied.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
@@ -52,7 +54,10 @@ class ModelEMA:
         params = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - d)
         for eb, b in zip(self.module.buffers(), model.buffers()):
-            eb.copy_(b)
+            if eb.is_floating_point():  # BatchNorm statistics: averaged like the weights they belong to
+                eb.lerp_(b, 1.0 - d)
+            else:
+                eb.copy_(b)
         return d
 
     def state_dict(self) -> dict:
