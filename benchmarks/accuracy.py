@@ -58,7 +58,7 @@ def _model_config(run_dir: Path, settings: dict) -> dict:
     saved = run_dir / "model" / "config.json"
     if saved.is_file():
         return {k: v for k, v in json.loads(saved.read_text())["config"].items() if k != "class_names"}
-    return settings["model"]
+    return settings.get("model")
 
 
 def fresh_dir(root: Path, name: str) -> Path:

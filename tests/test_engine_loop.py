@@ -133,21 +133,24 @@ class _Scalar(torch.nn.Module):
     def __init__(self, value: float):
         super().__init__()
         self.w = torch.nn.Parameter(torch.tensor([value], dtype=torch.float64))
-        self.register_buffer("table", torch.zeros(1, dtype=torch.float64))
+        self.register_buffer("table", torch.zeros(1, dtype=torch.float64))  # e.g. BatchNorm statistics
+        self.register_buffer("count", torch.zeros(1, dtype=torch.long))  # e.g. a step counter
 
 
 def test_ema_exact_recursion_with_warmup():
     model = _Scalar(0.0)
     ema = ModelEMA(model, decay=0.5)
     thetas = [1.0, 2.0, -1.0, 4.0, 0.5, 3.0, 2.0, 7.0, -2.0, 1.0, 5.0, 0.0]
-    expected, decays = 0.0, []
+    expected, table, decays = 0.0, 0.0, []
     for n, theta in enumerate(thetas, start=1):
         with torch.no_grad():
             model.w.fill_(theta)
             model.table.fill_(10 * n)
+            model.count.fill_(n)
         used = ema.update(model)
         d = min(0.5, (1 + n) / (10 + n))  # warmup: 2/11, 3/12, ... reaching 0.5 at n = 8
         expected = d * expected + (1 - d) * theta
+        table = d * table + (1 - d) * 10 * n
         decays.append(used)
         assert used == d
         assert ema.module.w.item() == pytest.approx(expected, rel=1e-12, abs=1e-15), n
@@ -155,7 +158,8 @@ def test_ema_exact_recursion_with_warmup():
             assert ema.module.w.item() == pytest.approx(9 / 11, rel=1e-12)
         if n == 2:
             assert ema.module.w.item() == pytest.approx(75 / 44, rel=1e-12)  # 1/4 * 9/11 + 3/4 * 2
-        assert ema.module.table.item() == 10 * n  # buffers copied, not averaged
+        assert ema.module.table.item() == pytest.approx(table, rel=1e-12)  # float buffers averaged alike
+        assert ema.module.count.item() == n  # others copied
     assert decays[7:] == [0.5] * 5 and decays[6] == 8 / 17
     assert not ema.module.w.requires_grad and ema.updates == len(thetas)
 
