@@ -48,17 +48,17 @@ def record_of(run_dir: Path, recipe: str, wall_s: float | None = None) -> dict:
         "test_top1": results.get("test", {}).get("top1"), "wall_s": round(wall_s, 1), "params": results["params"],
         "device": env.get("device"), "cpu": env.get("cpu"), "torch": env.get("torch"), "run_dir": str(run_dir),
         "threads": env.get("threads"), "cpu_capability": env.get("cpu_capability"), "precision": env.get("precision"),
-        "model": _model_config(run_dir, cfg),
+        "model": model_config(run_dir, cfg),
     }
 
 
-def _model_config(run_dir: Path, settings: dict) -> dict:
+def model_config(run_dir: Path, settings: dict | None = None) -> dict | None:
     """The resolved architecture (the saved model's config), else the run's model settings: which
     recipe a row measured, after the recipe changes."""
     saved = run_dir / "model" / "config.json"
     if saved.is_file():
         return {k: v for k, v in json.loads(saved.read_text())["config"].items() if k != "class_names"}
-    return settings.get("model")
+    return (settings or {}).get("model")
 
 
 def fresh_dir(root: Path, name: str) -> Path:

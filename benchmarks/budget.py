@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from accuracy import append, fresh_dir, write_readme  # benchmarks/ is on sys.path when run as a script
+from accuracy import append, fresh_dir, model_config, write_readme  # benchmarks/ is on sys.path when run as a script
 
 RESULTS = Path(__file__).resolve().parent / "results" / "budget.json"
 BEGIN, END = "<!-- budget:begin -->", "<!-- budget:end -->"
@@ -63,7 +63,6 @@ def measure(variant: str, minutes: float, seed: int, data_dir: str | None, out_r
     test = json.loads(cli("eval", str(out), "--json", *limit, capture=True).stdout)
     results = json.loads((out / "results.json").read_text())
     env = json.loads((out / "env.json").read_text())
-    model = json.loads((out / "model" / "config.json").read_text())["config"]
     return {
         "variant": variant, "recipe": recipe, "sets": extra, "budget_min": minutes, "seed": seed,
         "train_s": results.get("train_s"), "wall_s": round(wall_s, 1),
@@ -72,7 +71,7 @@ def measure(variant: str, minutes: float, seed: int, data_dir: str | None, out_r
         "val_top1": results["best"]["val_top1"], "test_top1": test["top1"], "test_images": test["n"],
         "machine": {k: env.get(k) for k in ("cpu", "cpu_capability", "fast_bf16_cpu", "threads", "torch")},
         "precision": env.get("precision"), "autotune": env.get("autotune"), "run_dir": str(out),
-        "model": {k: v for k, v in model.items() if k != "class_names"},  # what the recipe was then
+        "model": model_config(out),  # what the recipe was then
     }
 
 
