@@ -11,7 +11,8 @@ import torch
 from vitlab import ViTConfig
 
 # Tests share 2 cores with everything else: keep torch from oversubscribing them.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# VITLAB_TEST_THREADS lowers it further, e.g. to 1 beside a timing run that must keep its cores.
+torch.set_num_threads(int(os.environ.get("VITLAB_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

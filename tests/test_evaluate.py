@@ -4,7 +4,7 @@ import torch
 
 from vitlab.engine.runtime import Runtime
 from vitlab.errors import DataError
-from vitlab.evaluate import evaluate
+from vitlab.evaluate import evaluate, reliability_bins
 
 CPU = Runtime(torch.device("cpu"), "fp32")
 
@@ -105,3 +105,17 @@ def test_model_mode_is_restored_and_empty_input_is_an_error():
     assert model.training
     with pytest.raises(DataError, match="no images"):
         evaluate(model, [], 3, CPU)
+
+
+def test_reliability_bins_by_hand():
+    conf = torch.tensor([0.95, 0.97, 0.05, 0.5])
+    correct = torch.tensor([True, False, False, True])
+    rel = reliability_bins(conf, correct)
+    assert len(rel["edges"]) == 16 and len(rel["count"]) == 15
+    # 0.95 and 0.97 fall in bin 14 (0.933-1), 0.05 in bin 0, 0.5 in bin 7 (0.467-0.533)
+    assert rel["count"][14] == 2 and rel["count"][0] == 1 and rel["count"][7] == 1 and sum(rel["count"]) == 4
+    assert rel["confidence"][14] == pytest.approx(0.96) and rel["accuracy"][14] == pytest.approx(0.5)
+    assert rel["accuracy"][0] == 0 and rel["accuracy"][7] == 1 and rel["confidence"][3] is None
+    assert rel["ece"] == pytest.approx((abs(1.92 - 1) + 0.05 + 0.5) / 4)
+    with pytest.raises(DataError, match="at least one image"):
+        reliability_bins(torch.tensor([]), torch.tensor([]))

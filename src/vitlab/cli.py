@@ -194,6 +194,122 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attention(args: argparse.Namespace) -> int:
+    """Where the model looks: a PNG (or .npy map) per image, from raw attention, rollout or gradients."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from .attention import explain_files, save_figure
+    from .predict import collect_files
+    from .engine.runtime import resolve_device
+    from .errors import DataError
+    from .util import atomic_write_text, printable
+    from .weights.modeldir import load_model
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size} must be >= 1")
+    if not 0 <= args.alpha <= 1:
+        raise ConfigError(f"--alpha {args.alpha} must be in [0, 1]")
+    model_dir, _ = _resolve_model_dir(args.model)
+    model = load_model(model_dir)
+    cfg = model.config
+    if cfg.num_classes == 0:
+        raise ConfigError(f"{model_dir} has no classifier head (num_classes=0): nothing to explain")
+    names = list(cfg.class_names or [str(i) for i in range(cfg.num_classes)])
+    target = None
+    if args.cls is not None:
+        if args.method != "gradient":
+            raise ConfigError(f"--class explains one class with --method gradient; {args.method} maps do not "
+                              f"depend on the class")
+        if args.cls in names:
+            target = names.index(args.cls)
+        elif args.cls.lstrip("-").isdigit() and 0 <= int(args.cls) < cfg.num_classes:
+            target = int(args.cls)
+        else:
+            raise ConfigError(f"--class {printable(args.cls)!r} is neither a class name nor an index in "
+                              f"[0, {cfg.num_classes}); classes: {', '.join(map(printable, names[:10]))}"
+                              + (" ..." if len(names) > 10 else ""))
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    model.to(resolve_device(args.device))
+    options = dict(layer=args.layer, head=args.head, head_fusion=args.head_fusion, discard_ratio=args.discard_ratio)
+    files, failed = collect_files(args.paths)
+    # Output names from the file names, made unique; nothing already in --out is ever replaced.
+    targets, taken = {}, set()
+    for f in files:
+        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in f.stem)[:100] or "image"
+        name, n = stem, 1
+        while name in taken:
+            n += 1
+            name = f"{stem}-{n}"
+        taken.add(name)
+        targets[f] = out / f"{name}.{args.method}.{args.format}"
+    clash = [str(t) for t in targets.values() if t.exists() or t.is_symlink()]
+    clash += [str(out / "attention.json")] if (out / "attention.json").exists() else []
+    if clash:
+        raise ConfigError(f"{len(clash)} output file(s) already exist, e.g. {printable(clash[0])}; "
+                          f"vitlab never replaces files: choose another --out or remove them")
+    index = []
+    for start in range(0, len(files), args.batch_size):  # a batch at a time: memory stays bounded
+        rows, bad = explain_files(model, files[start:start + args.batch_size], args.method, target=target,
+                                  batch_size=args.batch_size, **options)
+        failed += bad
+        if rows:
+            out.mkdir(parents=True, exist_ok=True)
+        for row in rows:
+            top = int(row["probs"].argmax())
+            explained = top if target is None else target
+            what = {"raw": f"raw attention, layer {args.layer}, " + (f"head {args.head}" if args.head is not None
+                                                                     else "mean of heads"),
+                    "rollout": f"rollout ({args.head_fusion} of heads, discard {args.discard_ratio:g})",
+                    "gradient": f"gradient x attention for {names[explained]}"}[args.method]
+            dest = targets[row["file"]]
+            if args.format == "png":
+                title = f"{printable(row['file'].name)}: {names[top]} ({row['probs'][top]:.1%})\n{what}"
+                save_figure(dest, row["image"], row["map"], title, args.alpha)
+            else:
+                np.save(dest, row["map"].astype(np.float32))
+            index.append({"file": str(row["file"]), "out": dest.name, "label": names[top], "index": top,
+                          "prob": float(row["probs"][top]),
+                          "explained": explained if args.method == "gradient" else None})
+    if not index:
+        raise DataError("no image to explain: " + "; ".join(f"{printable(f)}: {p}" for f, p in failed[:5]) +
+                        (f"; and {len(failed) - 5} more" if len(failed) > 5 else ""))
+    meta = {"model": str(model_dir), "method": args.method, **options, "pool": cfg.pool, "images": index}
+    atomic_write_text(out / "attention.json", json.dumps(meta, indent=2) + "\n")
+    for f, problem in failed:
+        print(f"vitlab attention: skipped {printable(f)}: {problem}", file=sys.stderr)
+    rows = index
+    print(f"wrote {len(rows)} {args.format.upper()} file(s) and attention.json to {out}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """The ViT paper's Figure 7 views: patch-embedding filters, position similarity, attention distance."""
+    from .inspect import inspect_images, write_inspect
+    from .weights.modeldir import load_model
+    if args.images_count < 1:
+        raise ConfigError(f"--num-images {args.images_count} must be >= 1")
+    model_dir, _ = _resolve_model_dir(args.model)
+    model = load_model(model_dir)
+    images, note = inspect_images(model, model_dir, paths=args.images or None, data_dir=args.data_dir,
+                                  n=args.images_count)
+    paths = write_inspect(model, images, args.out, note=note)
+    print(f"attention distance over {note}")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """One self-contained HTML page for a run: config, curves, per-class, calibration, mistakes, views."""
+    from .report import write_report
+    path = write_report(args.run, args.out, split=args.split, data_dir=args.data_dir, limit=args.limit,
+                        mistakes=args.mistakes, device=args.device)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Training and inference images/s, GFLOP/s, share of matmul peak: vitlab vs timm vs the seed model."""
     from pathlib import Path
@@ -230,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train": (cmd_train, _train_args),
         "eval": (cmd_eval, _eval_args),
         "predict": (cmd_predict, _predict_args),
+        "attention": (cmd_attention, _attention_args),
+        "inspect": (cmd_inspect, _inspect_args),
+        "report": (cmd_report, _report_args),
         "bench": (cmd_bench, _bench_args),
     }
     for name, (fn, add_args) in commands.items():
@@ -297,6 +416,45 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", help="image files or folders")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--format", default="table", choices=["table", "json", "csv"])
+
+
+def _attention_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model directory (or run directory)")
+    p.add_argument("paths", nargs="+", help="image files or folders")
+    p.add_argument("--out", required=True, help="folder for the maps (created; existing files are never replaced)")
+    p.add_argument("--method", default="rollout", choices=["raw", "rollout", "gradient"],
+                   help="raw: one layer's attention; rollout: attention flow through all layers (Abnar & "
+                   "Zuidema); gradient: class-specific relevance (Chefer et al. 2021)")
+    p.add_argument("--layer", type=int, default=-1, help="raw: which layer (0 first, -1 last)")
+    p.add_argument("--head", type=int, help="raw: which head (default: the mean over heads)")
+    p.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="rollout: how heads combine")
+    p.add_argument("--discard-ratio", type=float, default=0.0,
+                   help="rollout: drop this fraction of each layer's weakest attention weights (e.g. 0.9)")
+    p.add_argument("--class", dest="cls", help="gradient: the class to explain, by name or index (default: top-1)")
+    p.add_argument("--format", default="png", choices=["png", "npy"],
+                   help="png: image + overlay with the prediction; npy: the raw (h, w) map over the patch grid")
+    p.add_argument("--alpha", type=float, default=0.5, help="png: opacity of the heat map")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model directory (or run directory); a fresh `vitlab convert` or random model works too")
+    p.add_argument("--out", required=True, help="folder for the three PNGs and inspect.json")
+    p.add_argument("--images", nargs="+", metavar="PATH", help="image files or folders for the attention "
+                   "distances (default: the test split of the model's dataset, else noise)")
+    p.add_argument("--num-images", dest="images_count", type=int, default=64, help="images to average over")
+    p.add_argument("--data-dir", help="data root searched first for the model's dataset")
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory (vitlab train --out)")
+    p.add_argument("--out", help="HTML file to write (default RUN/report.html; only an earlier report is replaced)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate")
+    p.add_argument("--data-dir", help="data root searched first for the run's dataset")
+    p.add_argument("--limit", type=int, help="evaluate a stratified, seeded subset of this many images")
+    p.add_argument("--mistakes", type=int, default=12, help="how many of the most confident mistakes to show")
+    p.add_argument("--device", default="auto")
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:

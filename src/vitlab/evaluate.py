@@ -3,7 +3,8 @@ calibration error (Guo et al., arXiv 1706.04599, 15 equal-width bins), optional 
 augmentation. Sums are reduced across ranks, so every rank returns the same numbers.
 
 The result always has the same keys: n, loss, top1, top5, top5_k, ece (+ per_class, confusion with
-`details`). `top5` counts a hit among the `top5_k = min(5, num_classes)` most probable classes."""
+`details`). `top5` counts a hit among the `top5_k = min(5, num_classes)` most probable classes.
+`reliability_bins` gives the per-bin numbers behind the ECE (a reliability diagram)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -73,6 +74,26 @@ def evaluate(model: torch.nn.Module, batches: Iterable, num_classes: int, rt: Ru
         metrics["per_class"] = (confusion.diag() / per_class_n.clamp_min(1)).tolist()
         metrics["confusion"] = confusion.long().tolist()
     return metrics
+
+
+def reliability_bins(conf: torch.Tensor, correct: torch.Tensor, bins: int = ECE_BINS) -> dict:
+    """A reliability diagram's numbers from each image's top-1 confidence and whether it was right,
+    in the equal-width bins of `evaluate`'s ECE: {"edges" (bins + 1), "count", "confidence" and
+    "accuracy" per bin (None where a bin is empty), "ece"}. Raises DataError for no images."""
+    conf, correct = conf.detach().double().flatten().cpu(), correct.detach().double().flatten().cpu()
+    if conf.numel() == 0 or conf.shape != correct.shape:
+        raise DataError(f"reliability bins need one correctness per confidence and at least one image, got "
+                        f"{conf.numel()} confidences and {correct.numel()} correctness values")
+    b = (conf * bins).long().clamp_(0, bins - 1)
+    count = torch.bincount(b, minlength=bins).double()
+    sum_conf = torch.bincount(b, weights=conf, minlength=bins)
+    sum_acc = torch.bincount(b, weights=correct, minlength=bins)
+
+    def per_bin(sums: torch.Tensor) -> list[float | None]:
+        return [s / c if c else None for s, c in zip(sums.tolist(), count.tolist())]
+    return {"edges": [i / bins for i in range(bins + 1)], "count": count.long().tolist(),
+            "confidence": per_bin(sum_conf), "accuracy": per_bin(sum_acc),
+            "ece": ((sum_conf - sum_acc).abs().sum() / count.sum()).item()}
 
 
 def save_confusion_png(confusion: list[list[int]], classes: list[str], path) -> bool:
