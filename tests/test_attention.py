@@ -9,7 +9,7 @@ from PIL import Image
 
 from vitlab import VisionTransformer, ViTConfig, save_model
 from vitlab.attention import (attention_rollout, capture_attention, discard_weakest, explain, overlay,
-                              pointing_game, read_out)
+                              pointing_game)
 from vitlab.cli import main
 from vitlab.errors import ConfigError, InputShapeError
 
@@ -197,6 +197,8 @@ def test_explain_rejects_bad_settings():
         explain(model, x, "rollout", head_fusion="median")
     with pytest.raises(ConfigError, match="class 5 out of range: the model has 5 classes"):
         explain(model, x, "gradient", target=5)
+    with pytest.raises(ConfigError, match="2 target classes for 1 images"):
+        explain(model, x, "gradient", target=[0, 1])
     with pytest.raises(InputShapeError, match="expects"):
         explain(model, torch.randn(1, 3, 20, 20), "rollout")
     with pytest.raises(ConfigError, match="needs a classifier head"):

@@ -119,3 +119,14 @@ def test_reliability_bins_by_hand():
     assert rel["ece"] == pytest.approx((abs(1.92 - 1) + 0.05 + 0.5) / 4)
     with pytest.raises(DataError, match="at least one image"):
         reliability_bins(torch.tensor([]), torch.tensor([]))
+
+
+def test_confusion_png_takes_class_names_literally(tmp_path):
+    """A "$" in a class name would start matplotlib's math text ("$\\frac" fails to parse)."""
+    from PIL import Image
+
+    from vitlab.evaluate import save_confusion_png
+    path = tmp_path / "c.png"
+    assert save_confusion_png([[3, 1], [0, 2]], ["$\\frac", "a$b"], path)
+    with Image.open(path) as im:
+        assert im.format == "PNG"

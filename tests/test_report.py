@@ -21,10 +21,9 @@ from vitlab.engine.args import load_run_config
 from vitlab.engine.runtime import setup_runtime
 from vitlab.errors import ConfigError, RunDirError
 from vitlab.evaluate import evaluate
-from vitlab.inspect import load_run_dataset
 from vitlab.report import SECTIONS, mistake_cards, predict_split, split_metrics, write_report
 from vitlab.train import train
-from vitlab.weights.modeldir import load_model
+from vitlab.weights.modeldir import load_model, recorded_dataset
 
 CLASSES = ("<script>", "a&b", "dots")  # folder names are untrusted text
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -86,7 +85,7 @@ def test_report_has_every_section_inline_and_escaped(run, tmp_path):
 
 def test_report_numbers_agree_with_evaluate(run):
     model = load_model(run / "model")
-    data = load_run_dataset(run / "model", model, "test")
+    data = recorded_dataset(run / "model", model, "test")
     rt = setup_runtime("cpu", "fp32")
     preds = predict_split(model, data, rt, batch_size=7)  # batches of unequal size
     m = split_metrics(preds, data.labels, len(data.classes))
@@ -104,7 +103,7 @@ def test_report_numbers_agree_with_evaluate(run):
 
 def test_mistakes_are_the_most_confident_wrong_predictions(run):
     model = load_model(run / "model")
-    data = load_run_dataset(run / "model", model, "test")
+    data = recorded_dataset(run / "model", model, "test")
     n = len(data)
     y = data.labels
     wrong_pred = (y + 1) % 3

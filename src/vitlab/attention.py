@@ -221,7 +221,10 @@ def _gradient(model, x, target):
         B = logits.shape[0]
         if target is None:
             target = logits.argmax(-1)
-        target = torch.as_tensor(target, device=logits.device).long().expand(B)
+        target = torch.as_tensor(target, device=logits.device).long().flatten()
+        if target.numel() not in (1, B):
+            raise ConfigError(f"{target.numel()} target classes for {B} images: give one, or one per image")
+        target = target.expand(B)
         bad = target[(target < 0) | (target >= logits.shape[1])]
         if len(bad):
             raise ConfigError(f"class {bad[0].item()} out of range: the model has {logits.shape[1]} classes")

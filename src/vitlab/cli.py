@@ -120,34 +120,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a run or model directory: top-1/top-5, loss, per-class accuracy, confusion, ECE."""
     import torch
 
-    from .data import load_dataset
     from .data.augment import EvalTransform
     from .data.loader import BatchLoader
     from .engine.runtime import setup_runtime
     from .evaluate import evaluate, save_confusion_png
     from .util import atomic_write_text
-    from .weights.modeldir import load_model, read_config
+    from .weights.modeldir import load_model, recorded_dataset
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit {args.limit} must be >= 1 (or left out to evaluate every image)")
     model_dir, run_dir = _resolve_model_dir(args.path)
-    _, extra = read_config(model_dir)
-    record = extra.get("dataset") if isinstance(extra, dict) else None
-    # What the model's config.json says it was trained on; values of the wrong type are ignored.
-    record = {k: v for k, v in (record.items() if isinstance(record, dict) else ())
-              if (k in ("name", "data_dir") and isinstance(v, str))
-              or (k == "val_size" and isinstance(v, (int, float)) and not isinstance(v, bool))}
-    name = args.data or record.get("name")
-    if not name:
-        raise ConfigError(f"{model_dir} does not record its dataset; give --data NAME_OR_FOLDER")
-    data_dir = args.data_dir or (record.get("data_dir") if not args.data else None)
     model = load_model(model_dir)
-    data = load_dataset(name, args.split, data_dir=data_dir, val_size=record.get("val_size") if not args.data else None,
-                        image_size=model.config.img_size, channels=model.config.in_chans)
-    if model.config.class_names and list(model.config.class_names) != data.classes:
-        raise ConfigError(f"{name} has classes {data.classes[:5]}... but the model predicts "
-                          f"{list(model.config.class_names)[:5]}...")
-    if len(data.classes) != model.config.num_classes:
-        raise ConfigError(f"{name} has {len(data.classes)} classes but the model has {model.config.num_classes} outputs")
+    data = recorded_dataset(model_dir, model, args.split, args.data_dir, name=args.data)
     if args.limit is not None and args.limit < len(data):  # a stratified, seeded subset
         from .data import stratified_split
         keep = torch.from_numpy(stratified_split(data.labels.numpy(), args.limit)[1])

@@ -109,8 +109,9 @@ def save_confusion_png(confusion: list[list[int]], classes: list[str], path) -> 
     m = torch.tensor(confusion, dtype=torch.float64)
     im = ax.imshow((m / m.sum(1, keepdim=True).clamp_min(1)).numpy(), cmap="Blues", vmin=0, vmax=1)
     if K <= 30:
-        ax.set_xticks(range(K), classes, rotation=90, fontsize=7)
-        ax.set_yticks(range(K), classes, fontsize=7)
+        labels = [str(c).replace("$", r"\$") for c in classes]  # class names are data, not TeX ("$" starts math)
+        ax.set_xticks(range(K), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(K), labels, fontsize=7)
         if K <= 12:
             for i in range(K):
                 for j in range(K):

@@ -30,6 +30,7 @@ import torch
 from .errors import ConfigError, DataError, ImageError, InputShapeError, VitlabError
 from .model import VisionTransformer
 from .util import atomic_write, atomic_write_text, unwrap_model
+from .weights.modeldir import recorded_dataset
 
 NUM_COMPONENTS = 28  # as many as the paper shows
 NUM_IMAGES = 64
@@ -153,38 +154,6 @@ def mean_attention_distance(model: VisionTransformer, images: torch.Tensor, batc
 
 
 # ---- images to look with -----------------------------------------------------------------------
-def dataset_record(extra: dict[str, Any] | None) -> dict[str, Any]:
-    """What a model directory's config.json `extra` says it was trained on (name, data_dir,
-    val_size); values of the wrong type are dropped, as `vitlab eval` does."""
-    record = extra.get("dataset") if isinstance(extra, dict) else None
-    return {k: v for k, v in (record.items() if isinstance(record, dict) else ())
-            if (k in ("name", "data_dir") and isinstance(v, str))
-            or (k == "val_size" and isinstance(v, (int, float)) and not isinstance(v, bool))}
-
-
-def load_run_dataset(model_dir: str | os.PathLike, model: VisionTransformer, split: str = "test",
-                     data_dir: str | os.PathLike | None = None):
-    """The `split` of the dataset a model directory records, decoded for `model` (an ImageSet).
-    `data_dir` overrides the recorded one. Raises DataError / DatasetNotFoundError / ConfigError
-    (no record; classes that do not match the model)."""
-    from .data import load_dataset
-    from .weights.modeldir import read_config
-    _, extra = read_config(model_dir)
-    record = dataset_record(extra)
-    if not record.get("name"):
-        raise ConfigError(f"{model_dir} does not record its dataset (config.json extra.dataset.name)")
-    cfg = model.config
-    data = load_dataset(record["name"], split, data_dir=data_dir or record.get("data_dir"),
-                        val_size=record.get("val_size"), image_size=cfg.img_size, channels=cfg.in_chans)
-    if cfg.class_names and list(cfg.class_names) != data.classes:
-        raise ConfigError(f"{record['name']} has classes {data.classes[:5]}... but the model predicts "
-                          f"{list(cfg.class_names)[:5]}...")
-    if len(data.classes) != cfg.num_classes:
-        raise ConfigError(f"{record['name']} has {len(data.classes)} classes but the model has "
-                          f"{cfg.num_classes} outputs")
-    return data
-
-
 def subset(n_total: int, labels: torch.Tensor, n: int) -> torch.Tensor:
     """Indices of a stratified, seeded subset of `n` of `n_total` items (all of them when n >= n_total)."""
     if n >= n_total:
@@ -227,7 +196,7 @@ def inspect_images(model: VisionTransformer, model_dir: str | os.PathLike | None
     why = "no model directory given"
     if model_dir is not None:
         try:
-            data = load_run_dataset(model_dir, model, "test", data_dir)
+            data = recorded_dataset(model_dir, model, "test", data_dir)
             keep = subset(len(data), data.labels, n)
             x, _ = transform(data.images[keep])
             return x, f"{len(keep)} images of the {data.name} test split"
@@ -396,5 +365,5 @@ def write_inspect(model: VisionTransformer, images: torch.Tensor, out_dir: str |
 
 
 __all__ = ["FilterComponents", "principal_components", "patch_embed_components", "pos_embed_similarity",
-           "patch_distances", "attention_distance", "mean_attention_distance", "dataset_record",
-           "load_run_dataset", "inspect_images", "render_inspect", "write_inspect"]
+           "patch_distances", "attention_distance", "mean_attention_distance",
+           "inspect_images", "render_inspect", "write_inspect"]

@@ -29,9 +29,9 @@ from .engine.log import read_metrics
 from .engine.runtime import setup_runtime
 from .errors import ConfigError, RunDirError, VitlabError
 from .evaluate import reliability_bins, save_confusion_png
-from .inspect import NUM_IMAGES, figure_png, inspect_images, load_run_dataset, pyplot, render_inspect, subset
+from .inspect import NUM_IMAGES, figure_png, inspect_images, pyplot, render_inspect, subset
 from .util import atomic_write_text
-from .weights.modeldir import load_model
+from .weights.modeldir import load_model, recorded_dataset
 
 SECTIONS = {"config": "Configuration", "machine": "Machine and versions", "curves": "Training curves",
             "per-class": "Per-class accuracy", "confusion": "Confusion matrix",
@@ -454,7 +454,7 @@ def write_report(run_dir: str | os.PathLike, out_path: str | os.PathLike | None 
             why_no_eval = f"the model cannot be loaded: {e}"
     if model is not None:
         try:
-            data = load_run_dataset(model_dir, model, split, data_dir)
+            data = recorded_dataset(model_dir, model, split, data_dir)
             if limit is not None and limit < len(data):
                 keep = subset(len(data), data.labels, limit)
                 data.images, data.labels = data.images[keep], data.labels[keep]
