@@ -218,6 +218,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
     model.to(resolve_device(args.device))
     options = dict(layer=args.layer, head=args.head, head_fusion=args.head_fusion, discard_ratio=args.discard_ratio)
     files, failed = collect_files(args.paths)
+    files = list(dict.fromkeys(files))  # a file named twice (alone and in its folder) is explained once
     # Output names from the file names, made unique; nothing already in --out is ever replaced.
     targets, taken = {}, set()
     for f in files:
@@ -246,10 +247,10 @@ def cmd_attention(args: argparse.Namespace) -> int:
             what = {"raw": f"raw attention, layer {args.layer}, " + (f"head {args.head}" if args.head is not None
                                                                      else "mean of heads"),
                     "rollout": f"rollout ({args.head_fusion} of heads, discard {args.discard_ratio:g})",
-                    "gradient": f"gradient x attention for {names[explained]}"}[args.method]
+                    "gradient": f"gradient x attention for {printable(names[explained])}"}[args.method]
             dest = targets[row["file"]]
             if args.format == "png":
-                title = f"{printable(row['file'].name)}: {names[top]} ({row['probs'][top]:.1%})\n{what}"
+                title = f"{printable(row['file'].name)}: {printable(names[top])} ({row['probs'][top]:.1%})\n{what}"
                 save_figure(dest, row["image"], row["map"], title, args.alpha)
             else:
                 np.save(dest, row["map"].astype(np.float32))
@@ -263,8 +264,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
     atomic_write_text(out / "attention.json", json.dumps(meta, indent=2) + "\n")
     for f, problem in failed:
         print(f"vitlab attention: skipped {printable(f)}: {problem}", file=sys.stderr)
-    rows = index
-    print(f"wrote {len(rows)} {args.format.upper()} file(s) and attention.json to {out}")
+    print(f"wrote {len(index)} {args.format.upper()} file(s) and attention.json to {out}")
     return 0
 
 
