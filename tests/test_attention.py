@@ -284,3 +284,13 @@ def test_attention_command(trained, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
     assert not (out / "bad").exists()  # bad settings write nothing
+
+
+def test_pictures_without_matplotlib_are_one_clear_error(monkeypatch):
+    import sys
+
+    from vitlab.attention import heatmap_rgb
+    from vitlab.errors import VitlabError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the viz extra were not installed
+    with pytest.raises(VitlabError, match=r"pip install 'vitlab\[viz\]' \(or use --format npy\)"):
+        heatmap_rgb(np.zeros((2, 2)))

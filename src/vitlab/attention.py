@@ -33,7 +33,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from .errors import ConfigError, InputShapeError
+from .errors import ConfigError, InputShapeError, VitlabError
 from .model import VisionTransformer
 from .util import unwrap_model
 
@@ -250,9 +250,20 @@ def pointing_game(maps: torch.Tensor, targets: torch.Tensor) -> float:
     return (hit & ~flat_map).float().mean().item()
 
 
+def _matplotlib():
+    """matplotlib on the Agg backend (files only); VitlabError when the `viz` extra is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401  (registers the colormaps and pyplot)
+    except ImportError:
+        raise VitlabError("pictures need matplotlib: pip install 'vitlab[viz]' (or use --format npy)") from None
+    return matplotlib
+
+
 def heatmap_rgb(heat: np.ndarray, cmap: str = "inferno") -> np.ndarray:
     """(h, w) values in [0, 1] -> (h, w, 3) uint8 colours of a matplotlib colormap."""
-    from matplotlib import colormaps
+    colormaps = _matplotlib().colormaps
     return (colormaps[cmap](np.clip(heat, 0, 1))[..., :3] * 255).round().astype(np.uint8)
 
 
@@ -307,9 +318,7 @@ def explain_files(model: VisionTransformer, paths: list, method: str = "rollout"
 
 def save_figure(path, image: np.ndarray, heat: np.ndarray, title: str, alpha: float = 0.5) -> None:
     """A PNG: the image, and the map (scaled to [0, 1]) blended over it, under one title."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _matplotlib().pyplot
     heat = np.asarray(heat, dtype=np.float32)
     span = float(heat.max() - heat.min())
     scaled = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
