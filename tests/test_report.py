@@ -23,6 +23,8 @@ from vitlab.errors import ConfigError, RunDirError
 from vitlab.evaluate import evaluate
 from vitlab.report import SECTIONS, mistake_cards, predict_split, split_metrics, write_report
 from vitlab.train import train
+
+from conftest import write_shapes
 from vitlab.weights.modeldir import load_model, recorded_dataset
 
 CLASSES = ("<script>", "a&b", "dots")  # folder names are untrusted text
@@ -33,18 +35,7 @@ DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 def run(tmp_path_factory) -> Path:
     """A tiny trained run on 16-px stripe / dot patterns (as tests/test_train.py's `shapes`)."""
     root = tmp_path_factory.mktemp("data") / "shapes"
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        for i in range(30):
-            img = rng.integers(0, 60, (16, 16, 3)).astype(np.uint8)
-            if c == 0:
-                img[rng.integers(2, 14)::5, :, :] += 150
-            elif c == 1:
-                img[:, rng.integers(2, 14)::5, :] += 150
-            else:
-                img[rng.integers(0, 4)::4, rng.integers(0, 4)::4, :] += 150
-            Image.fromarray(img).save(root / name / f"{i}.png")
+    write_shapes(root, CLASSES, 30)
     sets = {"data.name": str(root), "model.preset": "vit_micro_patch4_32", "model.img_size": 16,
             "model.depth": 2, "model.embed_dim": 32, "model.num_heads": 2, "train.batch_size": 16,
             "train.epochs": 3, "optim.lr": 0.005, "augment.flip": False, "runtime.progress": False,

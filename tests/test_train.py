@@ -19,6 +19,8 @@ from vitlab.engine.checkpoint import latest_checkpoint, load_checkpoint
 from vitlab.errors import ConfigError, ModelFileError, RunDirError, TrainingError
 from vitlab.train import train
 
+from conftest import write_shapes
+
 CLASSES = ("horizontal", "vertical", "dots")
 
 
@@ -26,18 +28,7 @@ CLASSES = ("horizontal", "vertical", "dots")
 def shapes(tmp_path_factory) -> Path:
     """Three classes of 16-px stripe / dot patterns on noise: learnable in seconds."""
     root = tmp_path_factory.mktemp("data") / "shapes"
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        for i in range(60):
-            img = rng.integers(0, 60, (16, 16, 3)).astype(np.uint8)
-            if c == 0:
-                img[rng.integers(2, 14)::5, :, :] += 150
-            elif c == 1:
-                img[:, rng.integers(2, 14)::5, :] += 150
-            else:
-                img[rng.integers(0, 4)::4, rng.integers(0, 4)::4, :] += 150
-            Image.fromarray(img).save(root / name / f"{i}.png")
+    write_shapes(root, CLASSES, 60)
     return root
 
 

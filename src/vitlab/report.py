@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .data.augment import EvalTransform, to_float, to_model_input
-from .engine.log import read_metrics
+from .engine.log import curve_figure, read_metrics
 from .engine.runtime import setup_runtime
 from .errors import ConfigError, RunDirError, VitlabError
 from .evaluate import reliability_bins, save_confusion_png
@@ -256,24 +256,9 @@ def draw_curves(records: list[dict[str, Any]]) -> dict[str, bytes]:
     }
     pngs = {}
     for key, (ylabel, series) in specs.items():
-        fig, ax = plt.subplots(figsize=(6, 3.8))
-        drawn = False
-        for rows, yk, label in series:
-            pts = [(r["step"], r[yk]) for r in rows if isinstance(r.get(yk), (int, float))
-                   and isinstance(r.get("step"), (int, float))]
-            if pts:
-                ax.plot(*zip(*pts), label=label, marker="o" if rows is epochs else None, markersize=3)
-                drawn = True
-        if drawn:
-            ax.set_xlabel("optimizer step")
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-            ax.set_title(ylabel, fontsize=10)
-            fig.tight_layout()
+        fig = curve_figure(plt, ylabel, series, figsize=(6, 3.8), title=True, legend_size=8)
+        if fig is not None:
             pngs[key] = figure_png(fig)
-        else:
-            plt.close(fig)
     return pngs
 
 

@@ -127,27 +127,42 @@ def plot_curves(run_dir: Path) -> list[Path]:
     epochs = [r for r in records if r.get("kind") == "epoch"]
     out = []
     specs = [
-        ("loss.png", "loss", [(steps, "step", "loss", "train (step)"), (epochs, "step", "val_loss", "val")]),
-        ("accuracy.png", "accuracy", [(steps, "step", "acc", "train batch (step)"),
-                                      (epochs, "step", "val_top1", "val top-1"),
-                                      (epochs, "step", "val_ema_top1", "val top-1 (EMA)")]),
-        ("lr.png", "learning rate", [(steps, "step", "lr", "lr")]),
+        ("loss.png", "loss", [(steps, "loss", "train (step)"), (epochs, "val_loss", "val")]),
+        ("accuracy.png", "accuracy", [(steps, "acc", "train batch (step)"), (epochs, "val_top1", "val top-1"),
+                                      (epochs, "val_ema_top1", "val top-1 (EMA)")]),
+        ("lr.png", "learning rate", [(steps, "lr", "lr")]),
     ]
     for name, ylabel, series in specs:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        drawn = False
-        for rows, xk, yk, label in series:
-            pts = [(r[xk], r[yk]) for r in rows if yk in r]
-            if pts:
-                ax.plot(*zip(*pts), label=label, marker="o" if rows is epochs else None, markersize=3)
-                drawn = True
-        if drawn:
-            ax.set_xlabel("optimizer step")
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-            ax.legend()
-            fig.tight_layout()
+        fig = curve_figure(plt, ylabel, series)
+        if fig is not None:
             fig.savefig(run_dir / name, dpi=110)
             out.append(run_dir / name)
-        plt.close(fig)
+            plt.close(fig)
     return out
+
+
+def curve_figure(plt, ylabel: str, series: list[tuple[list[dict[str, Any]], str, str]],
+                 figsize: tuple[float, float] = (6, 4), title: bool = False, legend_size: float | None = None):
+    """One matplotlib figure of metrics records against the optimizer step: each series is
+    (records, key, label), epoch records drawn with markers; records whose key or step is not a
+    number are skipped. None (and no figure left open) when no series has a point."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    fig, ax = plt.subplots(figsize=figsize)
+    drawn = False
+    for rows, yk, label in series:
+        pts = [(r["step"], r[yk]) for r in rows if number(r.get(yk)) and number(r.get("step"))]
+        if pts:
+            ax.plot(*zip(*pts), label=label, marker="o" if rows[0].get("kind") == "epoch" else None, markersize=3)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    if title:
+        ax.set_title(ylabel, fontsize=10)
+    fig.tight_layout()
+    return fig
