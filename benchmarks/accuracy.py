@@ -47,6 +47,7 @@ def record_of(run_dir: Path, recipe: str, wall_s: float | None = None) -> dict:
         "epochs": cfg["train"]["epochs"], "val_top1": results["best"]["val_top1"],
         "test_top1": results.get("test", {}).get("top1"), "wall_s": round(wall_s, 1), "params": results["params"],
         "device": env.get("device"), "cpu": env.get("cpu"), "torch": env.get("torch"), "run_dir": str(run_dir),
+        **({"gpu": env["gpu"]} if str(env.get("device", "")).startswith("cuda") and env.get("gpu") else {}),
         "threads": env.get("threads"), "cpu_capability": env.get("cpu_capability"), "precision": env.get("precision"),
         "model": model_config(run_dir, cfg),
     }
@@ -141,7 +142,11 @@ def run_all(jobs: list[tuple[str, int]], parallel: int, data_dir: str | None, ou
 
 
 def _hardware(r: dict) -> str:
-    """"AMD EPYC (AVX512, bf16), cpu, torch 2.14.1": what a row ran on (older rows lack the middle)."""
+    """"AMD EPYC (AVX512, bf16), cpu, torch 2.14.1": what a row ran on (older rows lack the middle);
+    on a GPU its name comes first: "NVIDIA H100 80GB HBM3 (bf16), cuda:0, torch 2.11.0+cu130"."""
+    if r.get("gpu"):
+        precision = f" ({r['precision']})" if r.get("precision") else ""
+        return f"{r['gpu']}{precision}, {r['device']}, torch {r['torch']}"
     detail = ", ".join(str(r[k]) for k in ("cpu_capability", "precision") if r.get(k))
     return f"{r['cpu']}{f' ({detail})' if detail else ''}, {r['device']}, torch {r['torch']}"
 

@@ -97,3 +97,25 @@ def test_machine_record(monkeypatch):
             assert info["cpu"] == names[0]
     assert isinstance(info["cpu"], str) and info["cpu"]
     assert "gpu" not in info
+
+
+@pytest.mark.parametrize("asked", [False, True])
+def test_cuda_training_keeps_cudnn_attention_off_unless_asked(monkeypatch, asked):
+    """On an H100 (torch 2.11) SDPA's default, cuDNN attention, gave NaN gradients in bf16 at the
+    same steps run after run, and the runs trained cleanly with it off (benchmarks/results/sweep.json).
+    A CUDA runtime switches it off unless runtime.cudnn_attention; a CPU runtime leaves it alone."""
+    cuda(monkeypatch, True, bf16=True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: None)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(not asked)
+        rt = setup_runtime("cuda", "bf16", cudnn_attention=asked)
+        assert rt.device == torch.device("cuda", 0) and rt.precision == "bf16"
+        assert torch.backends.cuda.cudnn_sdp_enabled() is asked
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        cuda(monkeypatch, False)
+        setup_runtime("cpu", "fp32", cudnn_attention=False)
+        assert torch.backends.cuda.cudnn_sdp_enabled() is True
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

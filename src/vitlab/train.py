@@ -220,6 +220,8 @@ def write_run_files(out: Path, settings: RunConfig, rt: Runtime) -> None:
     atomic_write_text(out / "config.yaml", yaml.safe_dump(settings.to_dict(), sort_keys=False))
     env = {**describe_machine(), "vitlab": __version__, "argv": sys.argv, "precision": rt.precision,
            "device": str(rt.device), "world_size": rt.world_size, "autotune": rt.choice}
+    if rt.device.type == "cuda":
+        env["cudnn_attention"] = torch.backends.cuda.cudnn_sdp_enabled()
     atomic_write_text(out / "env.json", json.dumps(env, indent=2) + "\n")
 
 
@@ -289,7 +291,8 @@ def run_training(settings: RunConfig, out: Path, resume: bool = False) -> dict[s
     try:
         if not resume:
             check_fresh_out(out)  # reads only: a refusal leaves nothing behind, before any process group
-        rt = setup_runtime(settings.runtime.device, settings.runtime.precision, settings.runtime.threads)
+        rt = setup_runtime(settings.runtime.device, settings.runtime.precision, settings.runtime.threads,
+                           settings.runtime.cudnn_attention)
         if resume:
             lock = on_main(rt, lambda: claim_run_dir(out, True, 0))  # every rank stops if rank 0 cannot
             found = find_resume_point(out, settings)

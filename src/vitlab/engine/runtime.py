@@ -140,15 +140,31 @@ def dist_env() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def setup_runtime(device: str = "auto", precision: str = "auto", threads: int | None = None) -> Runtime:
+def set_cudnn_attention(enabled: bool) -> None:
+    """Whether scaled_dot_product_attention may dispatch to cuDNN's kernels (process-wide; CUDA only).
+
+    Off for training unless asked for. On an H100 with torch 2.11, SDPA's default pick for
+    vitlab's shapes (N=64 tokens, head dim 64, bf16) is cuDNN, and 6 of 15 CIFAR-10 runs of one
+    sweep stopped on a NaN gradient norm after 260-1470 healthy steps (finite loss, gradient norms
+    near 1; benchmarks/results/sweep.json). cuDNN's bf16 SDPA backward has open NaN reports of
+    exactly this kind (pytorch/pytorch#196678, NVIDIA/cudnn-frontend#160, huggingface/trl#7181).
+    With it off, SDPA takes flash or memory-efficient attention, which are as fast at these shapes
+    (forward + backward at batch 256, 3 heads: cuDNN 0.86 ms, flash 0.84, memory-efficient 0.73)."""
+    torch.backends.cuda.enable_cudnn_sdp(enabled)
+
+
+def setup_runtime(device: str = "auto", precision: str = "auto", threads: int | None = None,
+                  cudnn_attention: bool = False) -> Runtime:
     """Read torchrun's environment, start the process group (NCCL on GPUs, gloo on CPU) and pick
-    the device and precision."""
+    the device and precision. On CUDA, cuDNN's attention kernels stay off unless `cudnn_attention`
+    (see set_cudnn_attention)."""
     import torch.distributed as dist
     rank, world, local = dist_env()
     dev = resolve_device(device, local)
     prec = resolve_precision(precision, dev)  # checked before the process group starts
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+        set_cudnn_attention(cudnn_attention)
     if threads:
         torch.set_num_threads(threads)
     elif world > 1 and dev.type == "cpu":  # ranks on one machine share its cores
