@@ -73,6 +73,7 @@ class Job:
     def __init__(self, name: str, recipe: str, seed: int, sets: list[str], phase: int):
         self.name, self.recipe, self.seed, self.sets, self.phase = name, recipe, seed, sets, phase
         self.proc: subprocess.Popen | None = None
+        self.log = None  # the run's stdout + stderr file, open while it runs
         self.out: Path | None = None
         self.started = 0.0
 
@@ -112,6 +113,7 @@ def main() -> None:
 
     def finish(j: Job, status: str) -> None:
         nonlocal phase1_left
+        j.log.close()
         rec = {"sweep": sweep_id, "spec": str(args.spec), "candidate": j.name, "phase": j.phase, "sets": j.sets,
                "status": status, "seed": j.seed, "recipe": j.recipe, "run_dir": str(j.out),
                "wall_s": round(time.time() - j.started, 1), "parallel": args.parallel, "curve": curve(j.out)}
@@ -147,9 +149,9 @@ def main() -> None:
         while queue and len(running) < args.parallel:
             j = queue.pop(0)
             j.out = fresh_dir(out_root, f"{j.name}-s{j.seed}")
-            log = open(j.out.parent / f"{j.out.name}.log", "w")
+            j.log = open(j.out.parent / f"{j.out.name}.log", "w")
             cmd = train_command(j.recipe, j.seed, args.data_dir, j.out, j.sets, threads)
-            j.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            j.proc = subprocess.Popen(cmd, stdout=j.log, stderr=subprocess.STDOUT, start_new_session=True)
             j.started = time.time()
             running.append(j)
         time.sleep(1)

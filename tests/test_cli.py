@@ -30,7 +30,8 @@ OPTIONS = {
     "data": ["--data-dir", "--force", "--quiet"],
     "eval": ["--data", "--data-dir", "--split", "--tta", "--batch-size", "--limit", "--device", "--out", "--json"],
     "models": ["--json"],
-    "predict": ["--topk", "--format"],
+    "predict": ["--topk", "--format", "--backend"],
+    "export": ["--format", "--out", "--dynamic-batch", "--opset", "--int8", "--images"],
     "train": ["--recipe", "--set", "--out", "--resume", "--help-recipe"],
 }
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import yaml
 
+from .cli_args import (_attention_args, _bench_args, _convert_args, _data_args, _eval_args, _export_args,
+                       _inspect_args, _models_args, _predict_args, _report_args, _train_args)
 from .errors import ConfigError, VitlabError
 
 
@@ -160,11 +162,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Top-k labels for image files or folders, as a table, JSON or CSV."""
     from .predict import format_rows, predict
-    from .weights.modeldir import load_model
     if args.topk < 1:
         raise ConfigError(f"--topk {args.topk} must be >= 1")
-    model_dir, _ = _resolve_model_dir(args.model)
-    model = load_model(model_dir)
+    model = _predict_model(args.model, args.backend)
     rows, failed = predict(model, args.paths, topk=args.topk)
     from .util import printable
     if not rows:  # one line: what each path was
@@ -175,6 +175,71 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"vitlab predict: skipped {printable(f)}: {problem}", file=sys.stderr)
     print(format_rows(rows, args.format))
     return 0
+
+
+def _predict_model(path: str, backend: str):
+    """A vitlab model (directory, or run directory) on PyTorch, or an exported .onnx file on onnxruntime."""
+    from pathlib import Path
+    from .errors import ConfigError
+    is_onnx = Path(path).suffix == ".onnx"
+    if backend == "auto":
+        backend = "onnxruntime" if is_onnx else "torch"
+    if backend == "onnxruntime":
+        if not is_onnx:
+            raise ConfigError(f"--backend onnxruntime runs an exported .onnx file (vitlab export MODEL), not {path}")
+        from .weights.export import OnnxModel
+        return OnnxModel(path)
+    if is_onnx:
+        raise ConfigError(f"{path} is an ONNX file: use --backend onnxruntime (or auto)")
+    from .weights.modeldir import load_model
+    return load_model(_resolve_model_dir(path)[0])
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a model to ONNX (checked with onnx.checker and against PyTorch through onnxruntime) or TorchScript."""
+    from pathlib import Path
+    from .weights.export import check_settings, default_output, export_model
+    from .weights.modeldir import load_model, read_config
+    model_dir, _ = _resolve_model_dir(args.model)
+    read_config(model_dir)  # a clear error for a path that is no model, before --out is derived from it
+    out = Path(args.out) if args.out else default_output(Path(model_dir), args.format, args.int8)
+    check_settings(args.format, args.opset, args.int8, out)  # before the weights are loaded
+    model = load_model(model_dir)
+    inputs = _export_images(model, args.images) if args.images else None
+    rec = export_model(model, out, args.format, dynamic_batch=args.dynamic_batch, opset=args.opset, int8=args.int8,
+                       inputs=inputs, source=str(model_dir))
+    parity = rec.get("parity_int8") or rec["parity_fp32"]
+    worst = max(p["max_abs_diff"] for p in parity.values())
+    agree = min(p["top1_agreement"] for p in parity.values())
+    n = max(p["images"] for p in parity.values())
+    what = "int8 vs fp32 PyTorch" if args.int8 else "vs PyTorch"
+    print(f"wrote {out} ({rec['bytes'] / 1e6:.2f} MB) and {out.name}.json; max |dlogits| {what} {worst:.2g}, "
+          f"top-1 agreement {agree:.1%} on {n} {'images' if args.images else 'random inputs'}")
+    return 0
+
+
+def _export_images(model, paths: list[str]):
+    """The first readable images under `paths`, preprocessed as predict does: the parity inputs."""
+    import numpy as np
+    import torch
+    from .data.augment import EvalTransform
+    from .data.folders import decode_image
+    from .errors import DataError, ImageError
+    from .predict import collect_files
+    from .weights.export import PARITY_IMAGES
+    files, _ = collect_files(paths)
+    arrays = []
+    for f in files:
+        try:
+            arrays.append(decode_image(f, model.config.img_size, model.config.in_chans))
+        except ImageError:
+            continue
+        if len(arrays) == PARITY_IMAGES:
+            break
+    if not arrays:
+        raise DataError(f"--images {' '.join(paths)}: no readable image")
+    x, _ = EvalTransform(model.config)(torch.from_numpy(np.stack(arrays)))
+    return x
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
@@ -333,129 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect": (cmd_inspect, _inspect_args),
         "report": (cmd_report, _report_args),
         "bench": (cmd_bench, _bench_args),
+        "export": (cmd_export, _export_args),
     }
     for name, (fn, add_args) in commands.items():
         p = sub.add_parser(name, help=fn.__doc__.strip().splitlines()[0], description=fn.__doc__)
         add_args(p)
         p.set_defaults(func=fn)
     return parser
-
-
-def _models_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("filter", nargs="?", help="only names containing this text")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-
-def _convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="state-dict file (.pth/.safetensors) for timm/torchvision; "
-                   "save_pretrained directory for hf")
-    p.add_argument("--from", dest="source", required=True, choices=["timm", "torchvision", "hf"],
-                   help="layout of SRC")
-    p.add_argument("--out", required=True, help="model directory to write (config.json + model.safetensors); "
-                   "must not exist or be empty")
-    p.add_argument("--force", action="store_true", help="replace --out if it is a vitlab model directory "
-                   "(never the source)")
-    p.add_argument("--preset", help="preset whose head count, eps and mean/std apply (e.g. vit_base_patch16_224)")
-    p.add_argument("--num-heads", type=int, help="attention heads, if not width/64 and no preset")
-    p.add_argument("--img-size", type=int, help="input size, for checkpoints with fixed position embeddings")
-    p.add_argument("--pool", choices=["token", "avg"], help="how the head reads the tokens, where the weights "
-                   "cannot tell (a class-token model trained with average pooling and no fc_norm)")
-
-
-def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["list", "fetch", "verify"])
-    p.add_argument("name", nargs="?", help="dataset name (mnist, cifar10, cifar100)")
-    p.add_argument("--data-dir", help="data root searched first (then $VITLAB_DATA, then ~/.cache/vitlab); "
-                   "fetch writes here")
-    p.add_argument("--force", action="store_true", help="fetch: download again even if a copy exists")
-    p.add_argument("--quiet", action="store_true", help="fetch: no progress bar")
-
-
-def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", help="shipped recipe name (mnist, cifar10, ...) or a YAML file")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one setting, e.g. --set train.epochs=3 --set optim.lr=1e-3 (repeatable)")
-    p.add_argument("--out", help="run directory (default runs/RECIPE-TIMESTAMP)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped "
-                   "(its config.yaml must match its checkpoint; only runtime.* may be --set)")
-    p.add_argument("--help-recipe", action="store_true", help="list every setting with its default and meaning")
-
-
-def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="run directory (uses its model/) or model directory")
-    p.add_argument("--data", help="dataset name or folder (default: the one the model was trained on)")
-    p.add_argument("--data-dir", help="data root searched first")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--tta", action="store_true", help="average predictions over the image and its mirror")
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--limit", type=int, help="evaluate a stratified, seeded subset of this many images")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="folder for metrics.json and confusion.png")
-    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
-
-
-def _predict_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model directory (or run directory)")
-    p.add_argument("paths", nargs="+", help="image files or folders")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--format", default="table", choices=["table", "json", "csv"])
-
-
-def _attention_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model directory (or run directory)")
-    p.add_argument("paths", nargs="+", help="image files or folders")
-    p.add_argument("--out", required=True, help="folder for the maps (created; existing files are never replaced)")
-    p.add_argument("--method", default="rollout", choices=["raw", "rollout", "gradient"],
-                   help="raw: one layer's attention; rollout: attention flow through all layers (Abnar & "
-                   "Zuidema); gradient: class-specific relevance (Chefer et al. 2021)")
-    p.add_argument("--layer", type=int, default=-1, help="raw: which layer (0 first, -1 last)")
-    p.add_argument("--head", type=int, help="raw: which head (default: the mean over heads)")
-    p.add_argument("--head-fusion", default="mean", choices=["mean", "max", "min"], help="rollout: how heads combine")
-    p.add_argument("--discard-ratio", type=float, default=0.0,
-                   help="rollout: drop this fraction of each layer's weakest attention weights (e.g. 0.9)")
-    p.add_argument("--class", dest="cls", help="gradient: the class to explain, by name or index (default: top-1)")
-    p.add_argument("--format", default="png", choices=["png", "npy"],
-                   help="png: image + overlay with the prediction; npy: the raw (h, w) map over the patch grid")
-    p.add_argument("--alpha", type=float, default=0.5, help="png: opacity of the heat map")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
-
-
-def _inspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model directory (or run directory); a fresh `vitlab convert` or random model works too")
-    p.add_argument("--out", required=True, help="folder for the three PNGs and inspect.json")
-    p.add_argument("--images", nargs="+", metavar="PATH", help="image files or folders for the attention "
-                   "distances (default: the test split of the model's dataset, else noise)")
-    p.add_argument("--num-images", dest="images_count", type=int, default=64, help="images to average over")
-    p.add_argument("--data-dir", help="data root searched first for the model's dataset")
-
-
-def _report_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run directory (vitlab train --out)")
-    p.add_argument("--out", help="HTML file to write (default RUN/report.html; only an earlier report is replaced)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate")
-    p.add_argument("--data-dir", help="data root searched first for the run's dataset")
-    p.add_argument("--limit", type=int, help="evaluate a stratified, seeded subset of this many images")
-    p.add_argument("--mistakes", type=int, default=12, help="how many of the most confident mistakes to show")
-    p.add_argument("--device", default="auto")
-
-
-def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("preset", nargs="?", help="preset name or variant (default vit_tiny_patch4_32; `vitlab models`)")
-    p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
-                   help="override one model setting, e.g. --set model.depth=6 (repeatable)")
-    p.add_argument("--batch", type=int, help="images per step (default 128 up to 64 px, else 8)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: timed by autotune, as `vitlab train` does")
-    p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "math"], help="vitlab's attention kernel")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--rounds", type=int, default=5, help="rounds of turns; each figure is the median")
-    p.add_argument("--steps", type=int, default=3, help="steps per model per round")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
-    p.add_argument("--seed-vit", metavar="PATH", help="the write-up's model file (default ../shared/baselines/"
-                   "seed_vit.py beside the repository; skipped if absent)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def main(argv: list[str] | None = None) -> int:

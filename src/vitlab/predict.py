@@ -12,6 +12,7 @@ import io
 import json
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from .data.folders import IMAGE_EXTENSIONS, decode_image, file_kind, walk
 from .errors import DataError, ImageError
 from .util import printable
 from .model import VisionTransformer
+
+if TYPE_CHECKING:
+    from .weights.export import OnnxModel
 
 
 def collect_files(paths: list[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -52,9 +56,10 @@ def collect_files(paths: list[str | Path]) -> tuple[list[Path], list[tuple[Path,
 
 
 @torch.no_grad()
-def predict(model: VisionTransformer, paths: list[str | Path], topk: int = 5, batch_size: int = 64
+def predict(model: VisionTransformer | OnnxModel, paths: list[str | Path], topk: int = 5, batch_size: int = 64
             ) -> tuple[list[dict], list[tuple[Path, str]]]:
-    """([{"file", "top": [{"label", "index", "prob"}...]}], [(file, problem)])."""
+    """([{"file", "top": [{"label", "index", "prob"}...]}], [(file, problem)]). `model` is a vitlab model or
+    an exported ONNX model (vitlab.weights.export.OnnxModel): same preprocessing, same output."""
     cfg = model.config
     files, failed = collect_files(paths)
     ok = []
@@ -66,8 +71,10 @@ def predict(model: VisionTransformer, paths: list[str | Path], topk: int = 5, ba
     names = list(cfg.class_names or [str(i) for i in range(cfg.num_classes)])
     k = min(topk, cfg.num_classes)
     transform = EvalTransform(cfg)
-    model.eval()
-    device = next(model.parameters()).device
+    device = torch.device("cpu")  # an exported model (weights.export.OnnxModel) takes CPU tensors
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+        device = next(model.parameters()).device
     rows = []
     for start in range(0, len(ok), batch_size):
         chunk = ok[start:start + batch_size]

@@ -1,0 +1,123 @@
+"""benchmarks/sweep.py: which candidate phase 2 re-runs (the best on validation, never on test), the
+fixed jobs, the deadline, and what each record holds. The training command is replaced by a tiny
+script that writes a run directory whose numbers come from its arguments, so the orchestration is
+tested in seconds without training anything."""
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+FAKE_TRAIN = r"""
+import json, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+args = dict(a.split("=", 1) for a in sys.argv[2:])
+out.mkdir(parents=True)
+(out / "config.yaml").write_text(f"data: {{name: fake}}\ntrain: {{seed: {args['seed']}, epochs: 2}}\n")
+(out / "env.json").write_text(json.dumps({"device": "cuda:0", "gpu": "Fake GPU", "cpu": "x", "torch": "2",
+                                          "threads": 1, "precision": "bf16"}))
+val, test = float(args.get("fake.val", 0.5)), float(args.get("fake.test", 0.1))
+with open(out / "metrics.jsonl", "w") as f:
+    f.write(json.dumps({"kind": "epoch", "val_top1": val / 2}) + "\n")
+    f.flush()
+    time.sleep(float(args.get("fake.sleep", 0)))
+    f.write(json.dumps({"kind": "epoch", "val_top1": val}) + "\n")
+(out / "results.json").write_text(json.dumps({"best": {"val_top1": val}, "test": {"top1": test}, "params": 7}))
+"""
+
+
+@pytest.fixture
+def sweep(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sweep
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAIN)
+
+    def command(recipe, seed, data_dir, out, extra, threads=None):
+        return [sys.executable, str(fake), str(out), f"seed={seed}", f"recipe={recipe}", *extra]
+    monkeypatch.setattr(sweep, "train_command", command)
+    return sweep
+
+
+def run_sweep(sweep, monkeypatch, tmp_path, spec: dict, *args: str) -> list[dict]:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    results = tmp_path / "sweep.json"
+    monkeypatch.setattr(sys, "argv", ["sweep.py", str(path), "--out-root", str(tmp_path / "runs"),
+                                      "--results", str(results), *args])
+    sweep.main()
+    return json.loads(results.read_text())["runs"]
+
+
+def test_phase_two_reruns_the_best_validation_candidate_not_the_best_test_one(sweep, monkeypatch, tmp_path):
+    spec = {"recipe": "cifar10", "common": ["train.epochs=2"],
+            "candidates": {"a": ["fake.val=0.5", "fake.test=0.9"],   # best on test: must not matter
+                           "b": ["fake.val=0.8", "fake.test=0.2"],
+                           "c": ["fake.val=0.95"]},                 # best on val, but not selectable
+            "select": {"from": ["a", "b"], "seeds": [1, 2]},
+            "jobs": [{"recipe": "mnist", "seeds": [0, 1]}]}
+    runs = run_sweep(sweep, monkeypatch, tmp_path, spec, "--parallel", "2")
+    assert len(runs) == 3 + 2 + 2 and all(r["status"] == "done" for r in runs)
+    phase2 = [r for r in runs if r["phase"] == 2]
+    assert {(r["candidate"], r["seed"]) for r in phase2} == {("b", 1), ("b", 2)}
+    assert all(r["sets"] == ["train.epochs=2", "fake.val=0.8", "fake.test=0.2"] for r in phase2)
+    fixed = [r for r in runs if r["phase"] == 0]
+    assert {(r["recipe"], r["seed"]) for r in fixed} == {("mnist", 0), ("mnist", 1)}
+    assert all("train.epochs=2" not in r["sets"] for r in fixed)  # `common` is for candidates only
+    b0 = next(r for r in runs if r["candidate"] == "b" and r["seed"] == 0)
+    assert (b0["val_top1"], b0["test_top1"], b0["curve"], b0["gpu"]) == (0.8, 0.2, [0.4, 0.8], "Fake GPU")
+    assert len({r["sweep"] for r in runs}) == 1 and len({r["run_dir"] for r in runs}) == 7
+
+
+def test_the_deadline_stops_what_runs_and_keeps_its_curve(sweep, monkeypatch, tmp_path):
+    spec = {"recipe": "cifar10",
+            "candidates": {"slow": ["fake.val=0.9", "fake.sleep=60"], "quick": ["fake.val=0.6"]},
+            "select": {"seeds": [1], "by_min": 0.02}}  # phase 2 from what has finished after ~1 s
+    t = time.time()
+    runs = run_sweep(sweep, monkeypatch, tmp_path, spec, "--parallel", "2", "--deadline-min", "0.1")
+    assert time.time() - t < 30  # not the 60 s the slow run asked for
+    by = {(r["candidate"], r["seed"]): r for r in runs}
+    assert by[("quick", 0)]["status"] == "done" and by[("quick", 1)]["status"] == "done"  # chosen at by_min
+    slow = by[("slow", 0)]
+    assert slow["status"] == "stopped at the deadline" and slow["curve"] == [0.45] and "val_top1" not in slow
+    assert ("slow", 1) not in by
+
+
+def test_a_failed_run_is_recorded_and_the_rest_go_on(sweep, monkeypatch, tmp_path):
+    spec = {"recipe": "cifar10", "candidates": {"bad": ["fake.val=oops"], "good": ["fake.val=0.7"]},
+            "select": {"seeds": [1]}}
+    runs = run_sweep(sweep, monkeypatch, tmp_path, spec, "--parallel", "1")
+    by = {(r["candidate"], r["seed"]): r["status"] for r in runs}
+    assert by[("bad", 0)].startswith("failed rc=") and by[("good", 0)] == "done" and by[("good", 1)] == "done"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"candidates": {"a": []}}, "needs `recipe:`"),
+    ({"recipe": "cifar10", "candidates": {"a": []}, "select": {"from": ["zz"]}}, "unknown candidates ['zz']"),
+])
+def test_bad_specs_are_refused_before_anything_runs(sweep, monkeypatch, tmp_path, spec, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        run_sweep(sweep, monkeypatch, tmp_path, spec)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "sweep.json").exists()
+
+
+def test_the_shipped_specs_name_real_settings(sweep):
+    """Every candidate of the shipped specs resolves to valid settings (a typo would cost a GPU lease)."""
+    from vitlab.engine.args import load_run_config
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "sweeps"
+    specs = sorted(root.glob("*.yaml"))
+    assert specs
+    for path in specs:
+        spec = sweep.load_spec(path)
+        for sets in spec["candidates"].values():
+            load_run_config(spec["recipe"], list(spec.get("common") or []) + list(sets or []))
+        for job in spec.get("jobs") or []:
+            load_run_config(job["recipe"], list(job.get("sets") or []))
+    run = subprocess.run([sys.executable, str(root.parent / "sweep.py"), str(specs[0]), "--dry-run"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.count(" -m vitlab train ") >= len(sweep.load_spec(specs[0])["candidates"])
