@@ -191,3 +191,18 @@ def test_accuracy_record_says_how_many_threads_the_run_had(accuracy, tmp_path):
     (run / "env.json").write_text(json.dumps({"device": "cpu", "cpu": "x", "torch": "2", "threads": 1}))
     rec = accuracy.record_of(run, "mnist", wall_s=3.0)
     assert (rec["threads"], rec["test_top1"], rec["wall_s"]) == (1, 0.4, 3.0)
+
+
+def test_accuracy_record_names_the_gpu_it_ran_on(accuracy, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"best": {"val_top1": 0.5}, "test": {"top1": 0.4}, "params": 10}))
+    (run / "config.yaml").write_text("data: {name: cifar10}\ntrain: {seed: 1, epochs: 15}\n")
+    env = {"device": "cuda:0", "gpu": "NVIDIA H100 80GB HBM3", "cpu": "Xeon", "torch": "2.11.0", "precision": "bf16"}
+    (run / "env.json").write_text(json.dumps(env))
+    rec = accuracy.record_of(run, "cifar10", wall_s=60.0)
+    assert rec["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert accuracy._hardware(rec) == "NVIDIA H100 80GB HBM3 (bf16), cuda:0, torch 2.11.0"
+    (run / "env.json").write_text(json.dumps({**env, "device": "cpu", "cpu_capability": "AVX2", "precision": "fp32"}))
+    rec = accuracy.record_of(run, "cifar10", wall_s=60.0)  # a CPU run on a machine that has a GPU
+    assert "gpu" not in rec and accuracy._hardware(rec) == "Xeon (AVX2, fp32), cpu, torch 2.11.0"
