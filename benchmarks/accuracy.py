@@ -152,10 +152,12 @@ def _hardware(r: dict) -> str:
 
 
 def render() -> str:
+    """The README's results table: one row per recipe, epochs and machine (mean ± std over its seeds)."""
     runs = json.loads(RESULTS.read_text())["runs"] if RESULTS.is_file() else []
-    by: dict[str, list[dict]] = {}
+    by: dict[tuple[str, str], list[dict]] = {}
     for r in runs:
-        by.setdefault(f"{r['recipe']} ({r['epochs']} epoch{'s' if r['epochs'] != 1 else ''})", []).append(r)
+        name = f"{r['recipe']} ({r['epochs']} epoch{'s' if r['epochs'] != 1 else ''})"
+        by.setdefault((name, _hardware(r)), []).append(r)
 
     def ms(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
         values = [v * scale for v in values if v is not None]
@@ -166,12 +168,14 @@ def render() -> str:
         return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
     lines = ["| recipe | runs (seeds) | test top-1 % | val top-1 % | wall time / run | params | hardware |",
              "|---|---|---|---|---|---|---|"]
-    for name, rs in by.items():
+    for (name, hardware), rs in by.items():
         seeds = ",".join(str(r["seed"]) for r in rs)
         wall = statistics.mean(r["wall_s"] for r in rs) / 60
+        side = max(r.get("parallel") or 1 for r in rs)
+        shared = f" ({side} runs side by side)" if side > 1 else ""
         lines.append(f"| {name} | {len(rs)} ({seeds}) | {ms([r['test_top1'] for r in rs])} | "
-                     f"{ms([r['val_top1'] for r in rs])} | {wall:.1f} min | {rs[0]['params'] / 1e6:.2f}M | "
-                     f"{'; '.join(sorted({_hardware(r) for r in rs}))} |")
+                     f"{ms([r['val_top1'] for r in rs])} | {wall:.1f} min{shared} | {rs[0]['params'] / 1e6:.2f}M | "
+                     f"{hardware} |")
     return "\n".join(lines)
 
 

@@ -206,3 +206,19 @@ def test_accuracy_record_names_the_gpu_it_ran_on(accuracy, tmp_path):
     (run / "env.json").write_text(json.dumps({**env, "device": "cpu", "cpu_capability": "AVX2", "precision": "fp32"}))
     rec = accuracy.record_of(run, "cifar10", wall_s=60.0)  # a CPU run on a machine that has a GPU
     assert "gpu" not in rec and accuracy._hardware(rec) == "Xeon (AVX2, fp32), cpu, torch 2.11.0"
+
+
+def test_accuracy_table_has_a_row_per_recipe_and_machine(accuracy):
+    cpu = {"recipe": "cifar10", "epochs": 15, "params": 2_000_000, "device": "cpu", "cpu": "AMD EPYC",
+           "cpu_capability": "AVX512", "precision": "bf16", "torch": "2.14.1"}
+    gpu = {**cpu, "device": "cuda:0", "gpu": "NVIDIA H100 80GB HBM3", "cpu": "Xeon", "torch": "2.11.0"}
+    runs = [{**cpu, "seed": 0, "test_top1": 0.80, "val_top1": 0.79, "wall_s": 3000.0},
+            {**cpu, "seed": 1, "test_top1": 0.82, "val_top1": 0.81, "wall_s": 3120.0},
+            {**gpu, "seed": 0, "test_top1": 0.818, "val_top1": 0.81, "wall_s": 127.0, "parallel": 8}]
+    accuracy.RESULTS.write_text(json.dumps({"runs": runs}))
+    rows = accuracy.render().splitlines()[2:]
+    assert len(rows) == 2
+    assert rows[0].startswith("| cifar10 (15 epochs) | 2 (0,1) | 81.00 ± 1.41 | 80.00 ± 1.41 | 51.0 min | 2.00M | "
+                              "AMD EPYC (AVX512, bf16), cpu, torch 2.14.1 |")
+    assert rows[1] == ("| cifar10 (15 epochs) | 1 (0) | 81.80 | 81.00 | 2.1 min (8 runs side by side) | 2.00M | "
+                       "NVIDIA H100 80GB HBM3 (bf16), cuda:0, torch 2.11.0 |")
