@@ -90,3 +90,88 @@ def test_finetune_from_pretrained_with_layer_decay(tmp_path, monkeypatch):
     assert model.config.img_size == 24 and model.config.mean == (0.1, 0.2, 0.3) and model.config.std == (0.4, 0.5, 0.6)
     assert results["steps"] == 8  # 24 train images (6 carved for val, 6 for test) / 6 x 2 epochs
     assert model.head.weight.abs().sum() > 0  # the new head trained
+
+
+def _foreign(kind: str, root: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The `_pretrained` model written as another library would have it: (source path, its weights)."""
+    from safetensors.torch import save_file
+    from vitlab.weights.hf import to_hf
+    from vitlab.weights.torchvision import to_torchvision
+    original = _pretrained(root / "vitlab")
+    model = vitlab.load_model(root / "vitlab")
+    if kind == "timm.pth":
+        torch.save({"state_dict": model.state_dict()}, root / "w.pth")  # a training-checkpoint wrapper
+        return root / "w.pth", original
+    if kind == "timm.safetensors":
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "w.safetensors")
+        return root / "w.safetensors", original
+    if kind == "torchvision":
+        torch.save(to_torchvision(model)[1], root / "tv.pth")
+        return root / "tv.pth", original
+    to_hf(model, root / "hf")
+    return root / "hf", original
+
+
+def _start_of_run(tmp_path, monkeypatch, pretrained: Path, *sets: str) -> dict[str, torch.Tensor]:
+    seen = {}
+    real_fit = train_mod.fit
+
+    def inspecting_fit(trainer, *args, **kw):
+        seen["start"] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        return real_fit(trainer, *args, **kw)
+    monkeypatch.setattr(train_mod, "fit", inspecting_fit)
+    data = _folder(tmp_path / "data")
+    cfg = load_run_config(None, [f"data.name={data}", "data.val_size=6", f"model.pretrained={pretrained}",
+                                 "model.img_size=24", "train.batch_size=6", "train.max_steps=1",
+                                 "runtime.progress=false", "runtime.precision=fp32", "train.test_at_end=false",
+                                 *sets])
+    train_mod.train(cfg, tmp_path / "run")
+    return seen["start"]
+
+
+@pytest.mark.parametrize("kind", ["timm.pth", "timm.safetensors", "torchvision", "hf"])
+def test_finetune_from_a_foreign_checkpoint_converted_on_the_fly(tmp_path, monkeypatch, kind):
+    source, original = _foreign(kind, tmp_path / "src")
+    before = sorted(p.relative_to(tmp_path / "src") for p in (tmp_path / "src").rglob("*"))
+    heads = [] if kind == "hf" else ["model.num_heads=2"]  # width 16: shapes cannot tell the head count
+    start = _start_of_run(tmp_path, monkeypatch, source, *heads)
+    assert start["head.weight"].shape == (3, 16) and not start["head.weight"].any()
+    assert torch.equal(start["pos_embed"], resample_pos_embed(original["pos_embed"], 6, 1))
+    body = [k for k in original if not k.startswith(("head.", "pos_embed"))]
+    for k in body:
+        assert torch.equal(start[k], original[k]), k
+    model = vitlab.load_model(tmp_path / "run" / "model")
+    assert model.config.num_heads == 2 and model.config.img_size == 24
+    assert sorted(p.relative_to(tmp_path / "src") for p in (tmp_path / "src").rglob("*")) == before  # untouched
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("no_heads", "cannot infer the head count for width 16; give it with --set model.num_heads=N"),
+    ("hf_weights_file", "holds Hugging Face ViT weights: pass the save_pretrained directory"),
+    ("not_a_vit", "has neither timm nor torchvision ViT key names"),
+    ("two_files", "is a folder with 2 weight files"),
+    ("missing", "no such file or directory"),
+])
+def test_a_pretrained_source_that_cannot_be_read_is_one_line(tmp_path, capsys, setup, message):
+    from safetensors.torch import save_file
+    from vitlab.cli import main
+    source, _ = _foreign("timm.pth", tmp_path / "src")
+    if setup == "hf_weights_file":
+        _foreign("hf", tmp_path / "h")
+        source = next((tmp_path / "h" / "hf").glob("*.safetensors"))
+    elif setup == "not_a_vit":
+        save_file({"fc.weight": torch.zeros(2, 2)}, tmp_path / "lin.safetensors")
+        source = tmp_path / "lin.safetensors"
+    elif setup == "two_files":
+        (tmp_path / "two").mkdir()
+        save_file({"a": torch.zeros(1)}, tmp_path / "two" / "a.safetensors")
+        save_file({"a": torch.zeros(1)}, tmp_path / "two" / "b.safetensors")
+        source = tmp_path / "two"
+    elif setup == "missing":
+        source = tmp_path / "nothing.pth"
+    data = _folder(tmp_path / "data")
+    code = main(["train", "--recipe", "finetune", "--set", f"data.name={data}", "--set", f"model.pretrained={source}",
+                 "--set", "runtime.progress=false", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()

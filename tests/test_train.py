@@ -19,7 +19,7 @@ from vitlab.engine.checkpoint import latest_checkpoint, load_checkpoint
 from vitlab.errors import ConfigError, ModelFileError, RunDirError, TrainingError
 from vitlab.train import train
 
-from conftest import write_shapes
+from conftest import tiny_config, write_shapes
 
 CLASSES = ("horizontal", "vertical", "dots")
 
@@ -250,13 +250,19 @@ def test_user_mistakes_are_one_line_errors(shapes, tmp_path):
     assert r.returncode == 2 and "keeps its settings" in r.stderr
 
 
-def test_every_shipped_recipe_loads_and_builds():
+def test_every_shipped_recipe_loads_and_builds(tmp_path):
     from vitlab.engine.args import RECIPE_DIR
     from vitlab.train import base_model_config
     names = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
-    assert {"mnist", "cifar10", "cifar100", "seed", "cifar10-long"} <= set(names)
+    assert {"mnist", "cifar10", "cifar100", "seed", "cifar10-long", "finetune"} <= set(names)
+    vitlab.save_model(vitlab.VisionTransformer(tiny_config()), tmp_path / "pre")
+    with pytest.raises(ConfigError, match=r"finetune needs --set model.pretrained=\.\.\. and --set data.name=\.\.\."):
+        load_run_config("finetune")
+    with pytest.raises(ConfigError, match=r"finetune needs --set data.name=\.\.\.$"):
+        load_run_config("finetune", [f"model.pretrained={tmp_path / 'pre'}"])
+    user = {"finetune": [f"model.pretrained={tmp_path / 'pre'}", "data.name=my_folder"]}  # what the user gives
     for name in names:
-        cfg = load_run_config(name)
+        cfg = load_run_config(name, user.get(name))
         header = (RECIPE_DIR / f"{name}.yaml").read_text().splitlines()[0]
         assert header.startswith("#"), f"{name}.yaml must start with a header comment"
         model_cfg = base_model_config(cfg)

@@ -39,7 +39,8 @@ from .errors import ConfigError, DataError, DatasetNotFoundError, ModelFileError
 from .evaluate import evaluate, save_confusion_png
 from .model import VisionTransformer
 from .util import atomic_write_text
-from .weights.modeldir import load_model, read_config, save_model
+from .weights.modeldir import check_shapes, load_state_into, save_model
+from .weights.pretrained import forget as forget_pretrained, read_pretrained
 
 # Settings a resumed run may change: how it runs and what it keeps, never what it computes. (A
 # precision that resolves differently is refused when the checkpoint is restored; a moved dataset
@@ -59,7 +60,7 @@ def resumable(key: str) -> bool:
 def base_model_config(settings: RunConfig) -> ViTConfig:
     """The architecture before the data is known: the preset (or pretrained model) + overrides."""
     if settings.model.pretrained:
-        source = read_config(settings.model.pretrained)[0]
+        _, source, _ = read_pretrained(settings.model.pretrained, settings.model.num_heads)
         overrides = settings.model.overrides()
         stem = overrides.get("conv_stem", source.conv_stem)
         if stem != source.conv_stem:  # e.g. a recipe with a stem, over a model without one
@@ -178,12 +179,19 @@ def load_split(settings: RunConfig, split: str, model_cfg: ViTConfig, rt: Runtim
 
 def build_model(settings: RunConfig, train_set: ImageSet) -> VisionTransformer:
     """From scratch (the dataset's classes and statistics become the preprocessing record) or
-    from a pretrained model directory (its statistics kept; a new head when classes differ)."""
-    overrides = settings.model.overrides()
+    from pretrained weights: a vitlab model directory, or a timm / torchvision / Hugging Face
+    checkpoint converted on the fly (weights.pretrained). Their statistics are kept; a new,
+    zero-initialised head when the classes differ; learned positions resampled to a new size."""
     classes = tuple(train_set.classes)
     attn_impl = settings.runtime.attn_impl
     if settings.model.pretrained:
-        model = load_model(settings.model.pretrained, attn_impl=attn_impl, **overrides)
+        cfg = base_model_config(settings)
+        _, _, state = read_pretrained(settings.model.pretrained, settings.model.num_heads)
+        check_shapes(cfg, {k: tuple(v.shape) for k, v in state.items()}, str(settings.model.pretrained),
+                     resample_pos=True)  # before the model is allocated
+        model = VisionTransformer(cfg, attn_impl=attn_impl)
+        load_state_into(model, state, str(settings.model.pretrained))
+        forget_pretrained()
         if model.config.num_classes != len(classes) or model.config.class_names != classes:
             model.reset_classifier(len(classes), class_names=classes)
         return model

@@ -368,6 +368,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     else:
         return value
     name = getattr(tp, "__name__", str(tp))
+    if value is None:  # a recipe that leaves a required setting to the user (e.g. finetune's data.name)
+        raise ConfigError(f"{source}: {key} is not set; give it with --set {key}=...")
     raise ConfigError(f"{source}: {key} must be {name}, got {value!r} ({type(value).__name__})")
 
 
@@ -431,11 +433,22 @@ def merge_sets(d: dict[str, Any], sets: list[str] | None, source: str) -> RunCon
 
 
 def load_run_config(recipe: str | None, sets: list[str] | None = None) -> RunConfig:
-    """A recipe (name or path; None for the defaults) with `--set` overrides applied."""
+    """A recipe (name or path; None for the defaults) with `--set` overrides applied.
+
+    A recipe may list settings the user must give (`required: [model.pretrained, data.name]`, e.g.
+    the finetune recipe): a run without them is refused, naming the --set to add."""
     if not recipe:
         return merge_sets({}, sets, "defaults")
     path = recipe_path(recipe)
-    return merge_sets(read_settings_file(path), sets, str(path))
+    d = read_settings_file(path)
+    required = d.pop("required", None) or []
+    if not isinstance(required, list) or not all(isinstance(k, str) and k.count(".") == 1 for k in required):
+        raise ConfigError(f"{path}: required must be a list of SECTION.KEY names, got {required!r}")
+    given = {f"{section}.{key}" for section, values in parse_set(sets or []).items() for key in values}
+    missing = [k for k in required if k not in given and (d.get(k.split(".")[0]) or {}).get(k.split(".")[1]) is None]
+    if missing:
+        raise ConfigError(f"{path.stem} needs " + " and ".join(f"--set {k}=..." for k in missing))
+    return merge_sets(d, sets, str(path))
 
 
 def describe_settings() -> str:
