@@ -192,11 +192,16 @@ def _export_torchscript(model: VisionTransformer, tmp: Path) -> None:
 def _quantize(src: Path, dst: Path) -> None:
     quantization = _need("onnxruntime.quantization")
     onnx = _need("onnx")
+    import logging
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # its advice to pre-process the graph first, on the root logger
     try:  # a ModelProto, not a path: its shape-inference file then goes to the system temp folder
         quantization.quantize_dynamic(onnx.load(str(src)), str(dst), weight_type=quantization.QuantType.QInt8,
                                       op_types_to_quantize=["MatMul"])
     except Exception as e:
         raise ExportError(f"int8 quantisation failed: {_first_line(e)}") from None
+    finally:
+        logging.disable(previous)
 
 
 def _publish(tmp: Path, final: Path) -> None:
