@@ -290,21 +290,15 @@ def explain_files(model: VisionTransformer, paths: list, method: str = "rollout"
     them. ([{"file", "image" (C, H, W) uint8, "map" (h, w) raw values, "probs" (classes,)}], [(file,
     problem)]); `options` go to explain()."""
     from .data.augment import EvalTransform
-    from .data.folders import decode_image
-    from .errors import ImageError
-    from .predict import collect_files
+    from .predict import collect_files, decode_files
     cfg = model.config
     files, failed = collect_files(paths)
     transform = EvalTransform(cfg)
     device = next(model.parameters()).device
     rows = []
     for start in range(0, len(files), batch_size):
-        chunk = []
-        for f in files[start:start + batch_size]:
-            try:
-                chunk.append((f, decode_image(f, cfg.img_size, cfg.in_chans)))
-            except ImageError as e:
-                failed.append((f, e.reason))
+        chunk, unreadable = decode_files(files[start:start + batch_size], cfg)
+        failed += unreadable
         if not chunk:
             continue
         images = np.stack([a for _, a in chunk])

@@ -180,7 +180,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _predict_model(path: str, backend: str):
     """A vitlab model (directory, or run directory) on PyTorch, or an exported .onnx file on onnxruntime."""
     from pathlib import Path
-    from .errors import ConfigError
     is_onnx = Path(path).suffix == ".onnx"
     if backend == "auto":
         backend = "onnxruntime" if is_onnx else "torch"
@@ -223,22 +222,13 @@ def _export_images(model, paths: list[str]):
     import numpy as np
     import torch
     from .data.augment import EvalTransform
-    from .data.folders import decode_image
-    from .errors import DataError, ImageError
-    from .predict import collect_files
+    from .errors import DataError
+    from .predict import collect_files, decode_files
     from .weights.export import PARITY_IMAGES
-    files, _ = collect_files(paths)
-    arrays = []
-    for f in files:
-        try:
-            arrays.append(decode_image(f, model.config.img_size, model.config.in_chans))
-        except ImageError:
-            continue
-        if len(arrays) == PARITY_IMAGES:
-            break
-    if not arrays:
+    ok, _ = decode_files(collect_files(paths)[0], model.config, limit=PARITY_IMAGES)
+    if not ok:
         raise DataError(f"--images {' '.join(paths)}: no readable image")
-    x, _ = EvalTransform(model.config)(torch.from_numpy(np.stack(arrays)))
+    x, _ = EvalTransform(model.config)(torch.from_numpy(np.stack([a for _, a in ok])))
     return x
 
 

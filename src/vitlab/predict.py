@@ -55,6 +55,21 @@ def collect_files(paths: list[str | Path]) -> tuple[list[Path], list[tuple[Path,
     return files, failed
 
 
+def decode_files(files: list[Path], cfg, limit: int | None = None
+                 ) -> tuple[list[tuple[Path, np.ndarray]], list[tuple[Path, str]]]:
+    """([(file, uint8 image decoded for a model of config `cfg`)], [(file, why it is unreadable)]),
+    stopping once `limit` images are decoded."""
+    ok, failed = [], []
+    for f in files:
+        if limit is not None and len(ok) == limit:
+            break
+        try:
+            ok.append((f, decode_image(f, cfg.img_size, cfg.in_chans)))
+        except ImageError as e:
+            failed.append((f, e.reason))
+    return ok, failed
+
+
 @torch.no_grad()
 def predict(model: VisionTransformer | OnnxModel, paths: list[str | Path], topk: int = 5, batch_size: int = 64
             ) -> tuple[list[dict], list[tuple[Path, str]]]:
@@ -62,12 +77,8 @@ def predict(model: VisionTransformer | OnnxModel, paths: list[str | Path], topk:
     an exported ONNX model (vitlab.weights.export.OnnxModel): same preprocessing, same output."""
     cfg = model.config
     files, failed = collect_files(paths)
-    ok = []
-    for f in files:
-        try:
-            ok.append((f, decode_image(f, cfg.img_size, cfg.in_chans)))
-        except ImageError as e:
-            failed.append((f, e.reason))
+    ok, unreadable = decode_files(files, cfg)
+    failed += unreadable
     names = list(cfg.class_names or [str(i) for i in range(cfg.num_classes)])
     k = min(topk, cfg.num_classes)
     transform = EvalTransform(cfg)

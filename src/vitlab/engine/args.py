@@ -445,7 +445,11 @@ def load_run_config(recipe: str | None, sets: list[str] | None = None) -> RunCon
     if not isinstance(required, list) or not all(isinstance(k, str) and k.count(".") == 1 for k in required):
         raise ConfigError(f"{path}: required must be a list of SECTION.KEY names, got {required!r}")
     given = {f"{section}.{key}" for section, values in parse_set(sets or []).items() for key in values}
-    missing = [k for k in required if k not in given and (d.get(k.split(".")[0]) or {}).get(k.split(".")[1]) is None]
+    def in_recipe(key: str) -> Any:
+        section, name = key.split(".")
+        values = d.get(section)
+        return values.get(name) if isinstance(values, dict) else None  # a bad section: merge_sets names it
+    missing = [k for k in required if k not in given and in_recipe(k) is None]
     if missing:
         raise ConfigError(f"{path.stem} needs " + " and ".join(f"--set {k}=..." for k in missing))
     return merge_sets(d, sets, str(path))

@@ -21,6 +21,7 @@ exported).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -147,14 +148,23 @@ def parity_batches(cfg: ViTConfig, dynamic_batch: bool, inputs: torch.Tensor | N
     return [inputs[i:i + 1] for i in range(len(inputs))]
 
 
+@contextlib.contextmanager
 def _quiet():
     """The exporters' tracer and deprecation warnings are about torch internals, not the user's model."""
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.simplefilter("ignore", torch.jit.TracerWarning)
-    warnings.simplefilter("ignore", FutureWarning)
-    warnings.simplefilter("ignore", DeprecationWarning)
-    return ctx
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+def _within(parity: dict[str, Any], tol: float, what: str) -> dict[str, Any]:
+    """`parity` (from compare) if its largest difference is at most `tol`, else an ExportError."""
+    worst = max(p["max_abs_diff"] for p in parity.values())
+    if not worst <= tol:
+        raise ExportError(f"{what}'s logits differ from PyTorch's by {worst:.3g} > {tol:g} "
+                          f"(per batch size: {parity}); nothing was written")
+    return parity
 
 
 def _export_onnx(model: VisionTransformer, tmp: Path, opset: int, dynamic_batch: bool) -> None:
@@ -162,13 +172,11 @@ def _export_onnx(model: VisionTransformer, tmp: Path, opset: int, dynamic_batch:
     kwargs: dict[str, Any] = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
     if dynamic_batch:
         kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
-    ctx = _quiet()
     try:  # the TorchScript-based exporter: dynamic_axes and every opset from 14 on, no onnxscript needed
-        torch.onnx.export(model, (x,), str(tmp), dynamo=False, **kwargs)
+        with _quiet():
+            torch.onnx.export(model, (x,), str(tmp), dynamo=False, **kwargs)
     except Exception as e:  # the exporter's own errors: name what failed, keep it one line
         raise ExportError(f"torch.onnx.export failed at opset {opset}: {_first_line(e)}") from None
-    finally:
-        ctx.__exit__(None, None, None)
     onnx = _need("onnx")
     try:
         onnx.checker.check_model(str(tmp), full_check=True)
@@ -178,15 +186,12 @@ def _export_onnx(model: VisionTransformer, tmp: Path, opset: int, dynamic_batch:
 
 def _export_torchscript(model: VisionTransformer, tmp: Path) -> None:
     x = sample_inputs(model.config, 1)
-    ctx = _quiet()
     try:
-        with torch.no_grad():
+        with _quiet(), torch.no_grad():
             traced = torch.jit.trace(model, (x,), check_trace=False)
         traced.save(str(tmp))
     except Exception as e:
         raise ExportError(f"TorchScript tracing failed: {_first_line(e)}") from None
-    finally:
-        ctx.__exit__(None, None, None)
 
 
 def _quantize(src: Path, dst: Path) -> None:
@@ -249,11 +254,7 @@ def export_model(model: VisionTransformer, out: str | os.PathLike, fmt: str = "o
             _export_onnx(model, model_tmp, opset, dynamic_batch)
             session = ort_session(model_tmp)
             parity = compare(model, lambda a: session.run([OUTPUT_NAME], {INPUT_NAME: a})[0], checks)
-            worst = max(p["max_abs_diff"] for p in parity.values())
-            if not worst <= tol:
-                raise ExportError(f"onnxruntime's logits differ from PyTorch's by {worst:.3g} > {tol:g} "
-                                  f"(per batch size: {parity}); nothing was written")
-            record.update(opset=opset, parity_fp32=parity)
+            record.update(opset=opset, parity_fp32=_within(parity, tol, "onnxruntime"))
             if int8:
                 q_tmp = tmp_name(".onnx")
                 _quantize(model_tmp, q_tmp)
@@ -264,16 +265,10 @@ def export_model(model: VisionTransformer, out: str | os.PathLike, fmt: str = "o
                 model_tmp = q_tmp
         else:
             _export_torchscript(model, model_tmp)
-            ctx = _quiet()
-            try:
+            with _quiet():
                 loaded = torch.jit.load(str(model_tmp))
-            finally:
-                ctx.__exit__(None, None, None)
             parity = compare(model, lambda a: loaded(torch.from_numpy(a)).numpy(), checks)
-            worst = max(p["max_abs_diff"] for p in parity.values())
-            if not worst <= tol:
-                raise ExportError(f"the TorchScript module's logits differ from PyTorch's by {worst:.3g} > {tol:g}")
-            record["parity_fp32"] = parity
+            record["parity_fp32"] = _within(parity, tol, "the TorchScript module")
         import vitlab
         batch = "batch" if dynamic_batch else 1
         record.update({
