@@ -1,6 +1,7 @@
 """One end-to-end fine-tuning run from `model.pretrained`: a 10-class 16-px model fine-tuned on a
 3-class 24-px image folder with layer-wise lr decay. The run's starting point (new head, resampled
 position embedding, pretrained body) and its parameter groups' lrs are checked exactly."""
+import re
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +176,96 @@ def test_a_pretrained_source_that_cannot_be_read_is_one_line(tmp_path, capsys, s
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+class Killed(Exception):
+    pass
+
+
+def _probe_run(tmp_path, monkeypatch, out: str, kill_at_step: int | None = None, resume: bool = False,
+               *sets: str) -> tuple[dict, list]:
+    """A fine-tuning run over a pretrained model with a BatchNorm conv stem and stochastic depth:
+    (the pretrained weights, [(state after each epoch, names that required grad in it)])."""
+    import vitlab.engine.loop as loop
+    pre = tmp_path / "pre"
+    if not pre.exists():
+        torch.manual_seed(2)
+        cfg = ViTConfig(img_size=16, patch_size=4, num_classes=10, embed_dim=16, depth=2, num_heads=2,
+                        conv_stem=(4,), drop_path_rate=0.2, drop_rate=0.1,
+                        class_names=tuple(str(i) for i in range(10)))
+        save_model(vitlab.VisionTransformer(cfg), pre)
+    data = tmp_path / "data" if (tmp_path / "data").exists() else _folder(tmp_path / "data")
+    snapshots, steps = [], [0]
+    real_epoch, real_step = loop.train_one_epoch, loop.train_step
+
+    def epoch_then_snapshot(trainer, *args, **kw):
+        stats = real_epoch(trainer, *args, **kw)
+        snapshots.append(({k: v.clone() for k, v in trainer.model.state_dict().items()},
+                          sorted(n for n, p in trainer.model.named_parameters() if p.requires_grad)))
+        return stats
+
+    def step_or_die(*args, **kw):
+        steps[0] += 1
+        if steps[0] == kill_at_step:
+            raise Killed
+        return real_step(*args, **kw)
+    monkeypatch.setattr(loop, "train_one_epoch", epoch_then_snapshot)
+    monkeypatch.setattr(loop, "train_step", step_or_die)
+    cfg = load_run_config(None, [f"data.name={data}", "data.val_size=6", f"model.pretrained={pre}", "optim.lr=0.01",
+                                 "optim.warmup_epochs=0", "train.batch_size=6", "train.epochs=3", "train.ckpt_every=2",
+                                 "optim.freeze=backbone", "runtime.progress=false", "runtime.precision=fp32",
+                                 "train.test_at_end=false", *sets])
+    train_mod.train(cfg, tmp_path / out, resume=resume)
+    return vitlab.load_model(pre).state_dict(), snapshots
+
+
+def test_a_linear_probe_trains_the_head_alone_then_unfreezes(tmp_path, monkeypatch, capsys):
+    original, snaps = _probe_run(tmp_path, monkeypatch, "run", None, False, "optim.unfreeze_epoch=2")
+    assert len(snaps) == 3
+    body = [k for k in original if not k.startswith("head.")]
+    assert "patch_embed.stem.0.norm.running_mean" in body
+    heads = []
+    for state, learning in snaps[:2]:  # epochs 1 and 2: the head alone learns
+        assert learning == ["head.bias", "head.weight"]
+        for k in body:  # weights and BatchNorm statistics untouched
+            assert torch.equal(state[k], original[k]), k
+        heads.append(state["head.weight"])
+    assert heads[0].abs().sum() > 0 and not torch.equal(heads[0], heads[1])
+    state, learning = snaps[2]  # epoch 3: everything
+    assert len(learning) > 20 and "patch_embed.proj.weight" in learning
+    assert not torch.equal(state["blocks.0.attn.qkv.weight"], original["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(state["patch_embed.stem.0.norm.running_mean"], original["patch_embed.stem.0.norm.running_mean"])
+    out = capsys.readouterr().out
+    assert "epoch 1: backbone frozen, only the head learns" in out
+    assert "epoch 3: backbone unfrozen: every weight learns (optim.unfreeze_epoch=2)" in out
+
+
+def test_a_probe_resumed_mid_run_unfreezes_exactly_as_the_uninterrupted_one(tmp_path, monkeypatch):
+    _, full = _probe_run(tmp_path, monkeypatch, "full", None, False, "optim.unfreeze_epoch=2")
+    # 4 steps an epoch; killed in step 7 (epoch 2, frozen), after step 6's checkpoint
+    with pytest.raises(Killed):
+        _probe_run(tmp_path, monkeypatch, "killed", 7, False, "optim.unfreeze_epoch=2")
+    assert latest_checkpoint_step(tmp_path / "killed") == 6
+    _, resumed = _probe_run(tmp_path, monkeypatch, "killed", None, True, "optim.unfreeze_epoch=2")
+    a, b = full[-1][0], resumed[-1][0]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def latest_checkpoint_step(run: Path) -> int:
+    from vitlab.engine.checkpoint import latest_checkpoint
+    return latest_checkpoint(run)["step"]
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["optim.freeze=head"], "optim.freeze='head' must be one of ('none', 'backbone')"),
+    (["optim.unfreeze_epoch=2"], "optim.unfreeze_epoch=2 needs optim.freeze=backbone"),
+    (["optim.freeze=backbone", "optim.unfreeze_epoch=0"], "optim.unfreeze_epoch=0 must be >= 1"),
+    (["optim.freeze=backbone", "optim.unfreeze_epoch=15"], "optim.unfreeze_epoch=15 is not before the end of the run "
+                                                           "(train.epochs=15)"),
+])
+def test_freeze_settings_are_checked(sets, message):
+    from vitlab.errors import ConfigError
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_run_config(None, sets + ["train.epochs=15"])

@@ -136,6 +136,9 @@ class ModelArgs:
         return out
 
 
+FREEZE_MODES = ("none", "backbone")
+
+
 @dataclass(frozen=True)
 class OptimArgs:
     """AdamW with a linear-warmup + cosine learning-rate schedule."""
@@ -159,6 +162,13 @@ class OptimArgs:
     """Clip the global gradient norm to this (null disables)."""
     label_smoothing: float = 0.1
     """Cross-entropy label smoothing, in [0, 1)."""
+    freeze: str = "none"
+    """none: every weight learns. backbone: only the classifier head learns (a linear probe); the
+    backbone runs as in evaluation (no dropout, patch dropout or stochastic depth; BatchNorm keeps
+    its statistics) and its gradients are never computed."""
+    unfreeze_epoch: int | None = None
+    """With optim.freeze=backbone: the epoch (counted from 0) from which the whole model learns, e.g.
+    2 = a linear probe for two epochs, then full fine-tuning. null: frozen for the whole run."""
 
     def __post_init__(self) -> None:
         # Every check is written so that NaN fails it (`not x >= 0`, never `x < 0`).
@@ -175,6 +185,14 @@ class OptimArgs:
             bad.append(f"optim.layer_decay={self.layer_decay} must be in (0, 1]")
         if self.clip_grad is not None and not self.clip_grad > 0:
             bad.append(f"optim.clip_grad={self.clip_grad} must be > 0 or null")
+        if self.freeze not in FREEZE_MODES:
+            bad.append(f"optim.freeze={self.freeze!r} must be one of {FREEZE_MODES}")
+        if self.unfreeze_epoch is not None:
+            if self.freeze == "none":
+                bad.append(f"optim.unfreeze_epoch={self.unfreeze_epoch} needs optim.freeze=backbone (nothing is "
+                           f"frozen to unfreeze)")
+            if self.unfreeze_epoch < 1:
+                bad.append(f"optim.unfreeze_epoch={self.unfreeze_epoch} must be >= 1 (0 is optim.freeze=none)")
         _raise_if(bad)
 
 
@@ -305,6 +323,13 @@ class RunConfig:
     optim: OptimArgs = field(default_factory=OptimArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     runtime: RuntimeArgs = field(default_factory=RuntimeArgs)
+
+    def __post_init__(self) -> None:
+        o, t = self.optim, self.train
+        if o.unfreeze_epoch is not None and t.time_budget is None and o.unfreeze_epoch >= t.epochs:
+            raise ConfigError(f"optim.unfreeze_epoch={o.unfreeze_epoch} is not before the end of the run "
+                              f"(train.epochs={t.epochs}): the backbone would never learn; use optim.unfreeze_epoch"
+                              f"=null for a linear probe")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -96,12 +96,40 @@ class Trainer:
             model.dynamic_img_size = True  # the unwrapped model: DDP and compile wrap the same module
         self.shown_size: int | None = None  # the stage last announced
         self.scaler = torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16")
-        self.net = model
-        if cfg.runtime.compile:
-            self.net = torch.compile(self.net)
-        if rt.distributed:
+        self.frozen = False  # optim.freeze: set per epoch by `freeze_for`
+        self.net = self._wrap()
+
+    def _wrap(self) -> torch.nn.Module:
+        """The module the steps call: the model, compiled and/or under DDP. DDP registers the
+        parameters that need gradients when it wraps, so it wraps again when that set changes."""
+        net = self.model
+        if self.cfg.runtime.compile:
+            net = torch.compile(net)
+        if self.rt.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            self.net = DDP(self.net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+            net = DDP(net, device_ids=[self.rt.device.index] if self.rt.device.type == "cuda" else None)
+        return net
+
+    def frozen_at(self, epoch: int) -> bool:
+        """Whether the backbone is frozen during `epoch` (optim.freeze, optim.unfreeze_epoch)."""
+        o = self.cfg.optim
+        return o.freeze == "backbone" and (o.unfreeze_epoch is None or epoch < o.unfreeze_epoch)
+
+    def freeze_for(self, epoch: int) -> bool:
+        """Freeze or unfreeze every weight outside the head (`head.*`) for `epoch`; True when that
+        changed anything. A function of the epoch alone, so a resumed run freezes the same way.
+        The optimizer holds every parameter throughout: AdamW skips those without a gradient (no
+        update, no weight decay), and a parameter's moments start when it first learns."""
+        frozen = self.frozen_at(epoch)
+        if frozen == self.frozen:
+            return False
+        for name, p in self.model.named_parameters():
+            if not name.startswith("head."):
+                p.requires_grad_(not frozen)
+        self.frozen = frozen
+        if self.rt.distributed:
+            self.net = self._wrap()
+        return True
 
     def progress(self) -> float:
         """p in [0, 1]: optimizer steps done / total steps, or training seconds / budget seconds
@@ -312,7 +340,11 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int, pos: Position, logger:
     `pos.batch`. Returns the epoch's training measurements."""
     cfg = trainer.cfg
     accum = cfg.train.accum_steps
-    trainer.net.train()
+    if trainer.freeze_for(epoch):
+        logger.info(f"epoch {epoch + 1}: " + ("backbone frozen, only the head learns (optim.freeze=backbone)"
+                                              if trainer.frozen else "backbone unfrozen: every weight learns "
+                                              f"(optim.unfreeze_epoch={cfg.optim.unfreeze_epoch})"))
+    trainer.net.train(not trainer.frozen)  # a frozen backbone runs as evaluated: no dropout, BatchNorm kept
     usable = (len(loader) // accum) * accum  # micro-batches that complete an optimizer step
     batches = enumerate(loader, start=loader.start_batch)
     loss_sum = correct = seen = 0.0
