@@ -136,7 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < len(data):  # a stratified, seeded subset
         from .data import stratified_split
         keep = torch.from_numpy(stratified_split(data.labels.numpy(), args.limit)[1])
-        data.images, data.labels = data.images[keep], data.labels[keep]
+        data = data.take(keep)
     rt = setup_runtime(args.device)
     model.to(rt.device)
     loader = BatchLoader(data, args.batch_size, False, EvalTransform(model.config))

@@ -442,7 +442,7 @@ def write_report(run_dir: str | os.PathLike, out_path: str | os.PathLike | None 
             data = recorded_dataset(model_dir, model, split, data_dir)
             if limit is not None and limit < len(data):
                 keep = subset(len(data), data.labels, limit)
-                data.images, data.labels = data.images[keep], data.labels[keep]
+                data = data.take(keep)
             if len(data) == 0:
                 raise VitlabError(f"the {split} split holds no images")
         except (VitlabError, OSError) as e:

@@ -46,7 +46,7 @@ from .weights.pretrained import forget as forget_pretrained, read_pretrained
 # precision that resolves differently is refused when the checkpoint is restored; a moved dataset
 # is md5-checked wherever it is found.)
 RESUMABLE_SECTIONS = ("runtime",)
-RESUMABLE_KEYS = ("data.data_dir", "data.download", "train.log_every", "train.keep_last", "train.test_at_end",
+RESUMABLE_KEYS = ("data.data_dir", "data.download", "data.storage", "data.cache_dir", "data.workers", "train.log_every", "train.keep_last", "train.test_at_end",
                   "train.eval_batch_size")
 
 
@@ -163,8 +163,9 @@ def load_split(settings: RunConfig, split: str, model_cfg: ViTConfig, rt: Runtim
     """A split of the run's dataset; named datasets are fetched when missing and allowed. Image
     folders are decoded straight at the model's size and channels."""
     data = settings.data
-    kw: dict[str, Any] = dict(data_dir=data.data_dir, val_size=data.val_size,
-                              image_size=model_cfg.img_size, channels=model_cfg.in_chans)
+    kw: dict[str, Any] = dict(data_dir=data.data_dir, val_size=data.val_size, image_size=model_cfg.img_size,
+                              channels=model_cfg.in_chans, storage=data.storage, cache_dir=data.cache_dir,
+                              workers=data.workers)
     try:
         return load_dataset(data.name, split, **kw)
     except DatasetNotFoundError:

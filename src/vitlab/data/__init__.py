@@ -21,7 +21,7 @@ import torch
 
 from ..config import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import DataError, DatasetNotFoundError
-from . import folders
+from . import folders, stored
 from .sources import DATASETS, get_source, read_idx_pair, verify
 
 SPLITS = ("train", "val", "test")
@@ -30,7 +30,7 @@ SPLIT_SEED = 0  # the validation split never depends on the training seed
 
 @dataclass
 class ImageSet:
-    images: torch.Tensor  # uint8 (N, C, H, W)
+    images: torch.Tensor | stored.FolderStream | stored.DecodedCache  # uint8 (N, C, H, W); see data.stored
     labels: torch.Tensor  # int64 (N,)
     classes: list[str]
     name: str
@@ -43,6 +43,11 @@ class ImageSet:
 
     def label_counts(self) -> list[int]:
         return torch.bincount(self.labels, minlength=len(self.classes)).tolist()
+
+    def take(self, idx: torch.Tensor) -> ImageSet:
+        """The images at `idx` (streamed and cached images stay on disk)."""
+        images = self.images[idx] if isinstance(self.images, torch.Tensor) else self.images.subset(idx)
+        return ImageSet(images, self.labels[idx], self.classes, self.name, self.split, self.mean, self.std)
 
 
 def stratified_split(labels: np.ndarray, n_val: int, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
@@ -95,13 +100,16 @@ def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, 
 
 def load_dataset(name: str | os.PathLike, split: str = "train", data_dir: str | os.PathLike | None = None,
                  val_size: int | float | None = None, image_size: int = 224, channels: int = 3,
-                 strict: bool = False) -> ImageSet:
-    """A dataset split in memory.
+                 strict: bool = False, storage: str = "auto", cache_dir: str | os.PathLike | None = None,
+                 workers: int | None = None) -> ImageSet:
+    """A dataset split.
 
     `name` is a known dataset (`vitlab data list`) or a path: a folder of IDX files, or an image
     folder `root/<class>/*` (optionally `root/{train,val,test}/<class>/*`). `val_size` is a count
     or a fraction of the training set. Image folders are decoded at `image_size` with `channels`;
-    unreadable files are skipped with a warning, or are an error when `strict`.
+    unreadable files are skipped with a warning, or are an error when `strict`. How an image
+    folder is held (`storage`: auto, memory, stream, cache; `cache_dir`; `workers` decoding
+    processes) is described in vitlab.data.stored; everything else is held in memory.
     """
     _check_split(split)
     key = str(name)
@@ -118,7 +126,7 @@ def load_dataset(name: str | os.PathLike, split: str = "train", data_dir: str | 
     idx = _idx_folder_files(path)
     if idx is not None:
         return _load_idx_folder(path, idx, split, val_size)
-    return _load_image_folder(path, split, val_size, image_size, channels, strict)
+    return _load_image_folder(path, split, val_size, image_size, channels, strict, storage, cache_dir, workers)
 
 
 def _val_count(val_size: int | float | None, default: int | float, n: int) -> int:
@@ -151,7 +159,8 @@ def _load_idx_folder(path: Path, files: dict, split: str, val_size) -> ImageSet:
     return _imageset(images, labels, classes, path.name, split, mean, std)
 
 
-def _load_image_folder(path: Path, split: str, val_size, image_size: int, channels: int, strict: bool) -> ImageSet:
+def _load_image_folder(path: Path, split: str, val_size, image_size: int, channels: int, strict: bool,
+                       storage: str = "auto", cache_dir=None, workers: int | None = None) -> ImageSet:
     if folders.has_split_dirs(path):
         scanned = path / "train"
         files, labels, classes = folders.scan(scanned, within=path)
@@ -176,11 +185,20 @@ def _load_image_folder(path: Path, split: str, val_size, image_size: int, channe
         train, val = stratified_split(all_labels[rest], n_hold, seed=SPLIT_SEED)
         keep = {"train": rest[train], "val": rest[val], "test": test}[split]
         files, labels = [files[i] for i in keep], [labels[i] for i in keep]
-    images, kept = folders.decode_files(files, image_size, channels, strict=strict, labels=labels, classes=classes,
-                                        root=scanned)
-    labels = np.asarray(labels)[kept]
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
-    return _imageset(images, labels, classes, path.name, split, mean, std)
+    how = stored.choose_storage(storage, len(files), (channels, image_size, image_size))
+    checks = dict(strict=strict, labels=labels, classes=classes)
+    if how == "memory":
+        images, kept = folders.decode_files(files, image_size, channels, workers=workers, root=scanned, **checks)
+        return _imageset(images, np.asarray(labels)[kept], classes, path.name, split, mean, std)
+    if how == "stream":
+        kept = folders.probe_files(files, image_size, workers=workers, root=scanned, **checks)
+        lazy = stored.FolderStream([str(files[i]) for i in kept], image_size, channels, workers)
+    else:
+        lazy, kept = stored.open_cache(files, labels, image_size, channels, path, cache_dir or stored.default_cache_dir(),
+                                       workers, strict, classes)
+    labels_kept = torch.from_numpy(np.asarray(labels, dtype=np.int64)[kept])
+    return ImageSet(lazy, labels_kept, classes, path.name, split, tuple(mean), tuple(std))
 
 
 __all__ = ["ImageSet", "load_dataset", "stratified_split", "DATASETS", "SPLITS"]

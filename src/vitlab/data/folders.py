@@ -24,6 +24,7 @@ Pixel values, whatever the file stores, become 0..255:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import warnings
@@ -215,14 +216,12 @@ def _flatten(im, box, bits):
     return im, box  # RGBA / LA are resized premultiplied by Pillow, then composited
 
 
-def decode_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
-    """One image file -> (channels, size, size) uint8: centre square, resized (see the module docstring).
-
-    Raises ImageTooLargeError (pixel count or aspect ratio beyond the limits) or ImageError (anything
-    else: not a regular file, unreadable, not an image, truncated), both naming the file.
-    """
+@contextlib.contextmanager
+def _open_image(path: str, size: int):
+    """The image at `path` (Pillow, lazily decoded), its header checked against the limits: a JPEG
+    at the scale it will be decoded at (`draft`: 1/2, 1/4 or 1/8, still >= size), others as stored.
+    Raises ImageTooLargeError or ImageError naming the file."""
     from PIL import Image
-    path = os.fspath(path)
     with _open_regular(path) as f, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow's bomb and EXIF warnings: the limits here decide, one line
         try:
@@ -237,31 +236,52 @@ def decode_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarra
             if im.format != "JPEG":  # a JPEG is checked at the scale it will be decoded at
                 check_size(path, *im.size)
             try:
-                im.draft(None, (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still >= size
-                w, h = im.size
-                check_size(path, w, h)
-                try:
-                    orientation = im.getexif().get(0x0112)
-                except Exception:  # a damaged EXIF block is not a damaged image
-                    orientation = None
-                bits = getattr(im, "tag_v2", {}).get(258) if im.format == "TIFF" else None
-                bits = bits[0] if isinstance(bits, tuple) else bits
-                side = min(w, h)
-                left, top = (w - side) // 2, (h - side) // 2
-                im.load()
-                im, box = _flatten(im, (left, top, left + side, top + side), bits)
-                out = im.resize((size, size), Image.BICUBIC, box=box, reducing_gap=3.0)
-                if out.mode in ("RGBA", "LA"):  # over white, as a viewer shows transparency
-                    out = Image.alpha_composite(Image.new("RGBA", out.size, (255, 255, 255, 255)),
-                                                out.convert("RGBA"))
-                out = out.convert("L" if channels == 1 else "RGB")
-                if orientation in _ORIENTATION:
-                    out = out.transpose(getattr(Image.Transpose, _ORIENTATION[orientation]))
-                arr = np.asarray(out, dtype=np.uint8)
-            except ImageError:
-                raise
+                im.draft(None, (size, size))
             except Exception as e:
                 raise ImageError(path, f"cannot decode it ({type(e).__name__}: {e})") from None
+            check_size(path, *im.size)
+            yield im
+
+
+def probe_image(path: str | os.PathLike, size: int) -> None:
+    """decode_image's checks that need only the file's header (regular file, an image Pillow reads,
+    within the size limits), without decoding pixels. Raises as decode_image does."""
+    with _open_image(os.fspath(path), size):
+        pass
+
+
+def decode_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
+    """One image file -> (channels, size, size) uint8: centre square, resized (see the module docstring).
+
+    Raises ImageTooLargeError (pixel count or aspect ratio beyond the limits) or ImageError (anything
+    else: not a regular file, unreadable, not an image, truncated), both naming the file.
+    """
+    from PIL import Image
+    path = os.fspath(path)
+    with _open_image(path, size) as im:
+        try:
+            w, h = im.size
+            try:
+                orientation = im.getexif().get(0x0112)
+            except Exception:  # a damaged EXIF block is not a damaged image
+                orientation = None
+            bits = getattr(im, "tag_v2", {}).get(258) if im.format == "TIFF" else None
+            bits = bits[0] if isinstance(bits, tuple) else bits
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            im.load()
+            flat, box = _flatten(im, (left, top, left + side, top + side), bits)
+            out = flat.resize((size, size), Image.BICUBIC, box=box, reducing_gap=3.0)
+            if out.mode in ("RGBA", "LA"):  # over white, as a viewer shows transparency
+                out = Image.alpha_composite(Image.new("RGBA", out.size, (255, 255, 255, 255)), out.convert("RGBA"))
+            out = out.convert("L" if channels == 1 else "RGB")
+            if orientation in _ORIENTATION:
+                out = out.transpose(getattr(Image.Transpose, _ORIENTATION[orientation]))
+            arr = np.asarray(out, dtype=np.uint8)
+        except ImageError:
+            raise
+        except Exception as e:
+            raise ImageError(path, f"cannot decode it ({type(e).__name__}: {e})") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
 
 
@@ -275,26 +295,37 @@ def _decode_or_error(args: tuple[str, int, int]) -> np.ndarray | ImageError:
         return e
 
 
-def decode_files(files: list[Path], size: int, channels: int, strict: bool = False, workers: int | None = None,
-                 labels: list[int] | None = None, classes: list[str] | None = None,
-                 root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(N, C, size, size) uint8 for the readable files, and the indices of those files.
+def _probe_or_error(args: tuple[str, int, int]) -> None | ImageError:
+    """A worker's result for probe_image(path, size): None, or the ImageError as a value."""
+    try:
+        return probe_image(args[0], args[1])
+    except ImageError as e:
+        return e
 
-    Unreadable files are skipped with one warning listing them (an error when `strict`); an image
-    beyond the size limits is always an error. With `labels` and `classes`, a class that had files
-    here but none readable is an error naming the class and its folder (`root / class`).
-    """
-    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def _map(fn, files: list[Path], size: int, channels: int, workers: int | None) -> list:
+    workers = workers if workers is not None else default_workers()
     jobs = [(str(f), size, channels) for f in files]
     if workers > 1 and len(jobs) > 64:
         try:
             with ProcessPoolExecutor(workers) as pool:
-                results = list(pool.map(_decode_or_error, jobs, chunksize=64))
+                return list(pool.map(fn, jobs, chunksize=64))
         except BrokenProcessPool:
             raise DataError(f"a process decoding images died (out of memory?) while reading {len(files)} files "
                             f"under {printable(os.path.commonpath([str(f) for f in files]))}") from None
-    else:
-        results = [_decode_or_error(j) for j in jobs]
+    return [fn(j) for j in jobs]
+
+
+def usable(results: list, files: list[Path], strict: bool = False, labels: list[int] | None = None,
+           classes: list[str] | None = None, root: Path | None = None) -> np.ndarray:
+    """The indices of the files whose result is not an ImageError, after the checks: an image beyond
+    the size limits is an error; unreadable files are skipped with one warning listing them (an
+    error when `strict`); with `labels` and `classes`, a class that had files but none usable is an
+    error naming the class and its folder (`root / class`)."""
     too_large = [r for r in results if isinstance(r, ImageTooLargeError)]
     if too_large:
         more = f" ({len(too_large) - 1} more such file(s))" if len(too_large) > 1 else ""
@@ -317,5 +348,22 @@ def decode_files(files: list[Path], size: int, channels: int, strict: bool = Fal
             raise DataError(f"class {classes[c]!r} ({printable(folder)}) has no usable image: none of its {n} "
                             f"file(s) could be read (e.g. {first}); fix or remove them, or remove the class folder")
     if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable file(s): {listing}", stacklevel=2)
+        warnings.warn(f"skipped {len(bad)} unreadable file(s): {listing}", stacklevel=3)
+    return keep
+
+
+def decode_files(files: list[Path], size: int, channels: int, strict: bool = False, workers: int | None = None,
+                 labels: list[int] | None = None, classes: list[str] | None = None,
+                 root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C, size, size) uint8 for the usable files (see `usable`), and the indices of those files."""
+    results = _map(_decode_or_error, files, size, channels, workers)
+    keep = usable(results, files, strict, labels, classes, root)
     return np.stack([results[i] for i in keep]), keep
+
+
+def probe_files(files: list[Path], size: int, strict: bool = False, workers: int | None = None,
+                labels: list[int] | None = None, classes: list[str] | None = None,
+                root: Path | None = None) -> np.ndarray:
+    """The indices of the usable files (see `usable`), from their headers alone: what a streamed
+    folder is checked with before training (a file damaged past its header shows when it is decoded)."""
+    return usable(_map(_probe_or_error, files, size, 1, workers), files, strict, labels, classes, root)

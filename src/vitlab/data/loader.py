@@ -64,9 +64,12 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = self._indices()
         images, labels = self.data.images, self.data.labels
-        for i in range(self.start_batch, len(self)):
-            sel = idx[i * self.batch_size:(i + 1) * self.batch_size]
-            x, y = images[sel], labels[sel]
+        order = range(self.start_batch, len(self))
+        sels = [idx[i * self.batch_size:(i + 1) * self.batch_size] for i in order]
+        # images on disk (data.stored) are read a few batches ahead, by worker processes if streamed
+        gathered = images.batches(sels) if hasattr(images, "batches") else (images[sel] for sel in sels)
+        for i, sel, x in zip(order, sels, gathered):
+            y = labels[sel]
             if self.train:
                 gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, i, self.rank))
                 yield self.transform(x, y, gen)

@@ -53,11 +53,27 @@ class DataArgs:
     """Validation images carved from train: a count, or a fraction < 1 (default: 5000, or 10% for folders)."""
     download: bool = True
     """Fetch a named dataset that is not on disk (official archives, checksum-verified)."""
+    storage: str = "auto"
+    """How an image folder is held: memory (decoded once, whole), stream (decoded batch by batch in
+    worker processes, bounded memory), cache (decoded once into a file under data.cache_dir, reused
+    by later runs), or auto (memory if it takes under a quarter of the available memory, else
+    stream). Named datasets are always in memory. The batches, and so the results, are the same."""
+    cache_dir: str | None = None
+    """Where data.storage=cache keeps decoded images (default ~/.cache/vitlab/decoded)."""
+    workers: int | None = None
+    """Processes decoding image files (default: min(4, CPU count))."""
 
     def __post_init__(self) -> None:
         problems = _finite_floats(self, "data")
         if not self.name.strip():
             problems.append("data.name is empty: give a dataset name (mnist, cifar10, cifar100) or a folder")
+        from ..data.stored import STORAGES
+        if self.storage not in STORAGES:
+            problems.append(f"data.storage={self.storage!r} must be one of {STORAGES}")
+        if self.workers is not None and self.workers < 1:
+            problems.append(f"data.workers={self.workers} must be >= 1 or null")
+        if self.cache_dir is not None and not self.cache_dir.strip():
+            problems.append("data.cache_dir is empty: give a folder, or null for ~/.cache/vitlab/decoded")
         v = self.val_size
         if v is not None and not problems and not (v >= 0 and (v < 1 or v == int(v))):
             problems.append(f"data.val_size={v} must be a fraction in [0, 1) or a whole number of images")
