@@ -14,7 +14,7 @@ from collections.abc import Callable
 import yaml
 
 from .cli_args import (_attention_args, _bench_args, _convert_args, _data_args, _eval_args, _export_args,
-                       _inspect_args, _models_args, _predict_args, _report_args, _train_args)
+                       _inspect_args, _models_args, _predict_args, _serve_args, _report_args, _train_args)
 from .errors import ConfigError, VitlabError
 
 
@@ -371,6 +371,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a model over HTTP: a JSON API with dynamic batching, and a page to try it (vitlab[serve])."""
+    from .serve import ServeSettings, serve
+    settings = ServeSettings(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                             max_queue=args.max_queue, max_upload_mb=args.max_upload_mb, timeout_s=args.timeout,
+                             cors=tuple(args.cors), threads=args.threads)
+    serve(args.model, settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers: train, fine-tune, "
                                      "evaluate, inspect and export.")
@@ -389,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         "report": (cmd_report, _report_args),
         "bench": (cmd_bench, _bench_args),
         "export": (cmd_export, _export_args),
+        "serve": (cmd_serve, _serve_args),
     }
     for name, (fn, add_args) in commands.items():
         p = sub.add_parser(name, help=fn.__doc__.strip().splitlines()[0], description=fn.__doc__)

@@ -79,6 +79,22 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    "random inputs")
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model directory (or run directory), or an exported .onnx file")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only; 0.0.0.0 "
+                   "exposes the server to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="images per forward pass at most")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long the first request of a batch waits "
+                   "for others (0: no waiting; with --max-batch 1, one at a time)")
+    p.add_argument("--max-queue", type=int, default=64, help="images waiting at most; past it: 503 + Retry-After")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (413 past it)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait for its answer (504)")
+    p.add_argument("--cors", nargs="+", default=[], metavar="ORIGIN", help="origins allowed to call the API from "
+                   "a browser page (default: none)")
+    p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's choice)")
+
+
 def _attention_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model directory (or run directory)")
     p.add_argument("paths", nargs="+", help="image files or folders")

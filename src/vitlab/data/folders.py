@@ -25,6 +25,7 @@ Pixel values, whatever the file stores, become 0..255:
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import stat
 import warnings
@@ -217,12 +218,15 @@ def _flatten(im, box, bits):
 
 
 @contextlib.contextmanager
-def _open_image(path: str, size: int):
-    """The image at `path` (Pillow, lazily decoded), its header checked against the limits: a JPEG
-    at the scale it will be decoded at (`draft`: 1/2, 1/4 or 1/8, still >= size), others as stored.
-    Raises ImageTooLargeError or ImageError naming the file."""
+def _open_image(path: str, size: int, data: bytes | None = None):
+    """The image at `path` (or in `data`, named `path`; Pillow, lazily decoded), its header checked
+    against the limits: a JPEG at the scale it will be decoded at (`draft`: 1/2, 1/4 or 1/8, still
+    >= size), others as stored. Raises ImageTooLargeError or ImageError naming the file."""
     from PIL import Image
-    with _open_regular(path) as f, warnings.catch_warnings():
+    if data is not None and not data:
+        raise ImageError(path, "empty file (0 bytes)")
+    source = _open_regular(path) if data is None else io.BytesIO(data)
+    with source as f, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow's bomb and EXIF warnings: the limits here decide, one line
         try:
             im = Image.open(f)
@@ -250,15 +254,16 @@ def probe_image(path: str | os.PathLike, size: int) -> None:
         pass
 
 
-def decode_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
+def decode_image(path: str | os.PathLike, size: int, channels: int, data: bytes | None = None) -> np.ndarray:
     """One image file -> (channels, size, size) uint8: centre square, resized (see the module docstring).
+    With `data`, the file's bytes (an upload), `path` only names it in errors.
 
     Raises ImageTooLargeError (pixel count or aspect ratio beyond the limits) or ImageError (anything
     else: not a regular file, unreadable, not an image, truncated), both naming the file.
     """
     from PIL import Image
     path = os.fspath(path)
-    with _open_image(path, size) as im:
+    with _open_image(path, size, data) as im:
         try:
             w, h = im.size
             try:

@@ -1,0 +1,488 @@
+"""`vitlab serve`: a JSON HTTP API over a model, with dynamic batching, and a page to try it.
+
+    vitlab serve runs/c10 --port 8000 --max-batch 16 --max-wait-ms 5
+
+Endpoints (FastAPI on uvicorn, the `vitlab[serve]` extra):
+- `POST /v1/predict?topk=5`: one image, as the raw body (`image/*` or `application/octet-stream`)
+  or as the `file` field of a `multipart/form-data` body -> JSON {label, index, prob, topk: [[class,
+  probability], ...], model, latency_ms, batch_size};
+- `POST /v1/attention?method=rollout`: the same upload -> a PNG of the map over the image (raw,
+  rollout or gradient: vitlab.attention.explain);
+- `GET /v1/model`: config, classes, preprocessing, batching and limits; `GET /healthz`;
+- `GET /metrics`: Prometheus text (requests by endpoint and status, latency histogram, batch sizes,
+  queue depth); `GET /`: the page (no network: everything it needs is in it).
+
+Dynamic batching (`Batcher`): requests wait in one bounded queue; one thread takes the first and
+whatever else arrives within `max_wait_ms`, up to `max_batch` images, and runs them as one forward
+pass, decoded and normalised exactly as `vitlab predict` does. Past `max_queue` waiting images the
+answer is 503 with Retry-After; a request not answered within `timeout_s` gets 504 and leaves the
+queue. Uploads are read up to `max_upload_mb` (413 past it), then decoded with predict's checks
+(pixel count, aspect ratio: a decompression bomb is refused from its header). Every error is JSON
+{"error": ...} naming the problem. The server binds to loopback unless told otherwise, never reads
+a path from a request, and sends CORS headers only for the origins given with --cors.
+"""
+
+import asyncio
+import contextlib
+import email.parser
+import email.policy
+import io
+import math
+import queue
+import signal
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data.augment import EvalTransform
+from .data.folders import decode_image
+from .errors import ConfigError, ImageError, ImageTooLargeError
+
+ATTENTION_METHODS = ("rollout", "raw", "gradient")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+ENDPOINTS = ("/", "/healthz", "/metrics", "/v1/model", "/v1/predict", "/v1/attention")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How the server batches and what it accepts; checked before the model is loaded."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 16
+    max_wait_ms: float = 5.0
+    max_queue: int = 64
+    max_upload_mb: float = 20.0
+    timeout_s: float = 30.0
+    cors: tuple[str, ...] = ()
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        bad = []
+        if not 1 <= self.max_batch <= 1024:
+            bad.append(f"--max-batch {self.max_batch} must be in [1, 1024]")
+        if not (math.isfinite(self.max_wait_ms) and 0 <= self.max_wait_ms <= 10_000):
+            bad.append(f"--max-wait-ms {self.max_wait_ms} must be in [0, 10000]")
+        if not 1 <= self.max_queue <= 100_000:
+            bad.append(f"--max-queue {self.max_queue} must be in [1, 100000]")
+        if not (math.isfinite(self.max_upload_mb) and 0 < self.max_upload_mb <= 1024):
+            bad.append(f"--max-upload-mb {self.max_upload_mb} must be in (0, 1024]")
+        if not (math.isfinite(self.timeout_s) and 0 < self.timeout_s <= 3600):
+            bad.append(f"--timeout {self.timeout_s} must be in (0, 3600] seconds")
+        if not 0 <= self.port <= 65535:
+            bad.append(f"--port {self.port} must be in [0, 65535]")
+        if self.threads is not None and self.threads < 1:
+            bad.append(f"--threads {self.threads} must be >= 1")
+        if bad:
+            raise ConfigError("; ".join(bad))
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+
+class ApiError(Exception):
+    """A request the server answers with `status` and {"error": message}."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+# ---- metrics --------------------------------------------------------------------------------
+class Metrics:
+    """Counters and histograms in the Prometheus text format (version 0.0.4)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.latency: dict[str, list] = {}  # endpoint -> [bucket counts..., sum, count]
+        self.batches = [0] * len(BATCH_BUCKETS) + [0, 0]
+        self.queue_depth = lambda: 0
+
+    @staticmethod
+    def _observe(hist: list, buckets: tuple, value: float) -> None:
+        for i, b in enumerate(buckets):
+            if value <= b:
+                hist[i] += 1
+        hist[-2] += value
+        hist[-1] += 1
+
+    def request(self, endpoint: str, status: int, seconds: float) -> None:
+        with self.lock:
+            key = (endpoint, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            hist = self.latency.setdefault(endpoint, [0] * len(LATENCY_BUCKETS) + [0.0, 0])
+            self._observe(hist, LATENCY_BUCKETS, seconds)
+
+    def batch(self, size: int) -> None:
+        with self.lock:
+            self._observe(self.batches, BATCH_BUCKETS, size)
+
+    def render(self) -> str:
+        def hist_lines(name: str, labels: str, hist: list, buckets: tuple) -> list[str]:
+            sep = "," if labels else ""
+            out = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {n}' for b, n in zip(buckets, hist)]
+            out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {hist[-1]}')
+            out.append(f"{name}_sum{{{labels}}} {hist[-2]:.6f}" if labels else f"{name}_sum {hist[-2]:.6f}")
+            out.append(f"{name}_count{{{labels}}} {hist[-1]}" if labels else f"{name}_count {hist[-1]}")
+            return out
+        with self.lock:
+            lines = ["# HELP vitlab_requests_total HTTP requests by endpoint and status code.",
+                     "# TYPE vitlab_requests_total counter"]
+            lines += [f'vitlab_requests_total{{endpoint="{e}",status="{s}"}} {n}'
+                      for (e, s), n in sorted(self.requests.items())]
+            lines += ["# HELP vitlab_request_latency_seconds Time from a request's arrival to its answer.",
+                      "# TYPE vitlab_request_latency_seconds histogram"]
+            for e, hist in sorted(self.latency.items()):
+                lines += hist_lines("vitlab_request_latency_seconds", f'endpoint="{e}"', hist, LATENCY_BUCKETS)
+            lines += ["# HELP vitlab_batch_size Images per forward pass.", "# TYPE vitlab_batch_size histogram"]
+            lines += hist_lines("vitlab_batch_size", "", self.batches, BATCH_BUCKETS)
+            lines += ["# HELP vitlab_queue_depth Images waiting for the model.", "# TYPE vitlab_queue_depth gauge",
+                      f"vitlab_queue_depth {self.queue_depth()}"]
+        return "\n".join(lines) + "\n"
+
+
+# ---- dynamic batching -----------------------------------------------------------------------
+@dataclass
+class Job:
+    kind: str  # "predict" or "attention"
+    image: np.ndarray  # (C, H, W) uint8, decoded for the model
+    future: Future
+    options: dict = field(default_factory=dict)
+
+
+class Overloaded(Exception):
+    pass
+
+
+class Batcher:
+    """One thread runs the model: prediction jobs are grouped, up to `max_batch` images arriving
+    within `max_wait_ms` of the first; an attention job runs alone. Jobs whose waiter has gone
+    (timed out) are dropped before they are computed."""
+
+    def __init__(self, model, settings: ServeSettings, metrics: Metrics):
+        self.model, self.settings, self.metrics = model, settings, metrics
+        self.transform = EvalTransform(model.config)
+        self.jobs: queue.Queue = queue.Queue()
+        self.waiting = 0
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._loop, name="vitlab-batcher", daemon=True)
+        metrics.queue_depth = lambda: self.waiting
+        self.thread.start()
+
+    def submit(self, job: Job) -> Future:
+        with self.lock:
+            if self.waiting >= self.settings.max_queue:
+                raise Overloaded
+            self.waiting += 1
+        self.jobs.put(job)
+        return job.future
+
+    def close(self) -> None:
+        """Finish every job already queued, then stop."""
+        self.jobs.put(None)
+        self.thread.join()
+
+    def _take(self, job: Job) -> bool:
+        with self.lock:
+            self.waiting -= 1
+        return job.future.set_running_or_notify_cancel()  # False: its request has gone
+
+    def _loop(self) -> None:
+        wait = self.settings.max_wait_ms / 1000
+        stopping = False
+        while not stopping:
+            job = self.jobs.get()
+            if job is None:
+                return
+            batch, alone = [], []
+            (batch if job.kind == "predict" else alone).append(job)
+            deadline = time.monotonic() + wait
+            while len(batch) < self.settings.max_batch and batch:
+                left = deadline - time.monotonic()
+                try:
+                    nxt = self.jobs.get(timeout=left) if left > 0 else self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                (batch if nxt.kind == "predict" else alone).append(nxt)
+            live = [j for j in batch if self._take(j)]
+            if live:
+                self._predict(live)
+            for j in alone:
+                if self._take(j):
+                    self._attention(j)
+
+    def _predict(self, jobs: list[Job]) -> None:
+        try:
+            x, _ = self.transform(torch.from_numpy(np.stack([j.image for j in jobs])))
+            with torch.inference_mode():
+                logits = self.model(x)
+            probs = logits.float().softmax(-1).cpu()
+        except Exception as e:  # a model failure answers these requests; the server goes on
+            for j in jobs:
+                j.future.set_exception(e)
+            return
+        self.metrics.batch(len(jobs))
+        for j, p in zip(jobs, probs):
+            j.future.set_result((p, len(jobs)))
+
+    def _attention(self, job: Job) -> None:
+        try:
+            job.future.set_result(attention_png(self.model, self.transform, job.image, **job.options))
+        except Exception as e:
+            job.future.set_exception(e)
+
+
+def attention_png(model, transform, image: np.ndarray, method: str = "rollout", alpha: float = 0.5) -> bytes:
+    """A PNG of `method`'s map over the image, shown at least 224 px wide."""
+    from PIL import Image
+
+    from .attention import explain, overlay
+    x, _ = transform(torch.from_numpy(image[None].copy()))  # decoded arrays are read-only views
+    maps, _ = explain(model, x, method)
+    side = max(224, image.shape[-1])
+    mode = "L" if image.shape[0] == 1 else "RGB"
+    pic = Image.fromarray(image[0] if mode == "L" else image.transpose(1, 2, 0), mode)
+    shown = np.asarray(pic.resize((side, side), Image.BICUBIC))
+    shown = shown[None] if shown.ndim == 2 else shown.transpose(2, 0, 1)
+    buf = io.BytesIO()
+    Image.fromarray(overlay(shown, maps[0].cpu(), alpha=alpha)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+# ---- reading an upload ----------------------------------------------------------------------
+def upload_bytes(content_type: str | None, body: bytes) -> tuple[bytes, str]:
+    """(the image file's bytes, its name) from a request body: raw, or the `file` field (else the
+    first file) of a multipart form. ApiError for anything else."""
+    if not body:
+        raise ApiError(400, "empty body: send an image file (raw bytes, or the `file` field of a multipart form)")
+    full = (content_type or "").strip()
+    ctype = full.split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        try:
+            msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+                b"Content-Type: " + full.encode("latin-1") + b"\r\n\r\n" + body)
+        except (UnicodeEncodeError, ValueError) as e:
+            raise ApiError(400, f"malformed multipart body ({e})") from None
+        if not msg.is_multipart():
+            raise ApiError(400, "malformed multipart body: no parts found (is the boundary right?)")
+        parts = list(msg.iter_parts())
+        named = [p for p in parts if p.get_param("name", header="content-disposition") == "file"]
+        files = named or [p for p in parts if p.get_filename() is not None]
+        if not files:
+            raise ApiError(400, "the multipart form has no file: send the image as the field `file`")
+        data = files[0].get_payload(decode=True) or b""
+        if not data:
+            raise ApiError(400, "the multipart form's file is empty (0 bytes)")
+        name = files[0].get_filename() or "upload"
+        return data, "".join(c if c.isprintable() else "?" for c in name)[:200]
+    if ctype.startswith("image/") or ctype in ("application/octet-stream", ""):
+        return body, "upload"
+    raise ApiError(415, f"unsupported content type {ctype!r}: send the image as image/*, "
+                        f"application/octet-stream or the `file` field of multipart/form-data")
+
+
+def decode_upload(data: bytes, name: str, cfg) -> np.ndarray:
+    """The upload decoded as `vitlab predict` decodes a file; ApiError naming the problem."""
+    try:
+        return decode_image(name, cfg.img_size, cfg.in_chans, data=data)
+    except ImageTooLargeError as e:
+        raise ApiError(413, f"image refused: {e.reason}") from None
+    except ImageError as e:
+        raise ApiError(400, f"not a usable image: {e.reason}") from None
+
+
+# ---- the app --------------------------------------------------------------------------------
+def page_html() -> str:
+    return resources.files("vitlab").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+def describe(model, backend: str, settings: ServeSettings, source: str) -> dict[str, Any]:
+    cfg = model.config
+    return {"model": cfg.name or source, "source": source, "backend": backend,
+            "classes": list(cfg.class_names or [str(i) for i in range(cfg.num_classes)]),
+            "preprocessing": {"img_size": cfg.img_size, "channels": cfg.in_chans, "mean": list(cfg.mean),
+                              "std": list(cfg.std), "resize": "centre square, bicubic, to img_size"},
+            "config": cfg.to_dict(),
+            "batching": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
+                         "max_queue": settings.max_queue},
+            "limits": {"max_upload_bytes": settings.max_upload_bytes, "timeout_s": settings.timeout_s},
+            "attention": list(ATTENTION_METHODS) if backend == "torch" else []}
+
+
+def create_app(model, settings: ServeSettings, backend: str = "torch", source: str = ""):
+    """The FastAPI app serving `model` (a VisionTransformer or an exported OnnxModel)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+    from starlette.exceptions import HTTPException
+
+    metrics = Metrics()
+    info = describe(model, backend, settings, source)
+    names = info["classes"]
+    state: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state["batcher"] = Batcher(model, settings, metrics)
+        yield
+        await asyncio.to_thread(state["batcher"].close)  # requests in flight are answered first
+
+    app = FastAPI(title="vitlab", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    if settings.cors:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors), allow_methods=["GET", "POST"])
+
+    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return error(e.status, e.message, e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        if e.status_code == 404:
+            return error(404, f"no endpoint {request.url.path!r}; endpoints: {', '.join(ENDPOINTS)}")
+        if e.status_code == 405:
+            return error(405, f"{request.method} is not allowed on {request.url.path}", dict(e.headers or {}))
+        return error(e.status_code, str(e.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "query")
+        return error(400, f"bad parameter {where}: {first.get('msg', 'invalid')}")
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        path = request.url.path
+        metrics.request(path if path in ENDPOINTS else "other", response.status_code, time.perf_counter() - start)
+        return response
+
+    async def read_image(request: Request) -> np.ndarray:
+        limit = settings.max_upload_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise ApiError(400, f"bad Content-Length {declared[:40]!r}")
+            if int(declared) > limit:
+                raise ApiError(413, f"upload of {int(declared):,} bytes exceeds the {limit:,}-byte limit "
+                                    f"(--max-upload-mb {settings.max_upload_mb:g})")
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise ApiError(413, f"upload exceeds the {limit:,}-byte limit (--max-upload-mb "
+                                    f"{settings.max_upload_mb:g})")
+            chunks.append(chunk)
+        data, name = upload_bytes(request.headers.get("content-type"), b"".join(chunks))
+        return await asyncio.to_thread(decode_upload, data, name, model.config)
+
+    async def run(job: Job):
+        try:
+            fut = state["batcher"].submit(job)
+        except Overloaded:
+            raise ApiError(503, f"busy: {settings.max_queue} images are already waiting; retry shortly",
+                           {"Retry-After": "1"}) from None
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), settings.timeout_s)
+        except asyncio.TimeoutError:
+            fut.cancel()
+            raise ApiError(504, f"no answer within {settings.timeout_s:g} s (--timeout); the server is "
+                                f"overloaded") from None
+
+    @app.post("/v1/predict")
+    async def predict(request: Request, topk: int = 5):
+        start = time.perf_counter()
+        if topk < 1:
+            raise ApiError(400, f"topk={topk} must be >= 1")
+        image = await read_image(request)
+        probs, batch = await run(Job("predict", image, Future()))
+        values, indices = probs.topk(min(topk, len(probs)))
+        pairs = [[names[i], v] for i, v in zip(indices.tolist(), values.tolist())]
+        return {"label": pairs[0][0], "index": int(indices[0]), "prob": pairs[0][1], "topk": pairs,
+                "model": info["model"], "latency_ms": round((time.perf_counter() - start) * 1e3, 2),
+                "batch_size": batch}
+
+    @app.post("/v1/attention")
+    async def attention(request: Request, method: str = "rollout"):
+        if backend != "torch":
+            raise ApiError(501, "attention maps need the PyTorch model: serve the model directory, not the "
+                                ".onnx export")
+        if method not in ATTENTION_METHODS:
+            raise ApiError(400, f"method={method[:40]!r} must be one of {', '.join(ATTENTION_METHODS)}")
+        image = await read_image(request)
+        png = await run(Job("attention", image, Future(), {"method": method}))
+        return Response(png, media_type="image/png")
+
+    @app.get("/v1/model")
+    async def model_info():
+        return info
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "model": info["model"]}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    page = page_html()
+
+    @app.get("/")
+    async def index():
+        return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+                                           "style-src 'unsafe-inline'; script-src 'unsafe-inline'"})
+    return app
+
+
+def load_served_model(path: str, threads: int | None = None):
+    """(model, backend): a model or run directory on PyTorch, or an exported .onnx on onnxruntime."""
+    from pathlib import Path
+    if Path(path).suffix == ".onnx":
+        from .weights.export import OnnxModel
+        return OnnxModel(path, threads), "onnxruntime"
+    from .cli import _resolve_model_dir
+    from .weights.modeldir import load_model
+    model = load_model(_resolve_model_dir(path)[0])
+    return model.eval(), "torch"
+
+
+def serve(path: str, settings: ServeSettings) -> None:
+    """Load the model, then serve until SIGINT / SIGTERM (uvicorn finishes the requests in flight)."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise ConfigError("vitlab serve needs its extra: pip install 'vitlab[serve]'") from None
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    model, backend = load_served_model(path, settings.threads)
+    app = create_app(model, settings, backend, path)
+    print(f"serving {path} ({backend}) on http://{settings.host}:{settings.port}/ ; batches up to "
+          f"{settings.max_batch} within {settings.max_wait_ms:g} ms", flush=True)
+    # uvicorn stops on SIGTERM after answering the requests in flight, then raises the signal again
+    # for the handler it found: this one makes that a clean exit (0) instead of death by signal.
+    stopped = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=30)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stopped:
+        print("stopped on SIGTERM: every request in flight was answered", flush=True)
+
+
+__all__ = ["ServeSettings", "create_app", "serve", "Batcher", "Metrics", "upload_bytes", "attention_png"]
