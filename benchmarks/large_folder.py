@@ -63,7 +63,7 @@ def make(root: Path, per_class: int = PER_CLASS) -> None:
 
 
 def tree_memory(pid: int) -> tuple[int, int]:
-    """(sum of PSS over pid and its descendants, pid's RSS) in bytes; 0s for what has gone."""
+    """(sum of PSS over pid and its descendants now, pid's peak RSS so far) in bytes; 0s for what has gone."""
     def children(p: int) -> list[int]:
         out = []
         for task in Path(f"/proc/{p}/task").glob("*/children"):
@@ -81,7 +81,7 @@ def tree_memory(pid: int) -> tuple[int, int]:
                     total += int(line.split()[1]) * 1024
             if p == pid:
                 for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
+                    if line.startswith("VmHWM:"):  # the main process's peak RSS so far
                         rss = int(line.split()[1]) * 1024
         except OSError:
             continue

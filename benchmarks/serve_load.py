@@ -7,8 +7,9 @@ For each preset (random weights, 10 classes: speed does not depend on the values
 runs as its own process, three times:
 - batched:     --max-batch 16 --max-wait-ms 10, with CLIENTS concurrent clients;
 - one at a time: --max-batch 1 --max-wait-ms 0, the same clients;
-- overload:    batched, with 2 x CLIENTS clients and --max-queue CLIENTS: the excess gets 503s, and
-               nothing else may fail.
+- overload:    batched, with 2 x CLIENTS clients and --max-queue CLIENTS (image requests admitted at
+               once, from receiving to answering): about half are refused with 503 before their
+               body is read, and nothing else may fail.
 Each client is a thread that sends one 400x300 JPEG after another (raw body, keep-alive connection)
 for `--seconds`, bounded in count and time; the first `--warmup` seconds are not counted.
 Latency is per request, from sending to the full answer. Every status code is counted.
@@ -39,8 +40,9 @@ def free_port() -> int:
 
 
 def start(model_dir: Path, port: int, *flags: str) -> subprocess.Popen:
+    log = open(model_dir.with_suffix(f".{port}.log"), "w")  # a pipe nobody reads could stall the server
     proc = subprocess.Popen([sys.executable, "-m", "vitlab", "serve", str(model_dir), "--port", str(port), *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -50,7 +52,7 @@ def start(model_dir: Path, port: int, *flags: str) -> subprocess.Popen:
                 return proc
         except OSError:
             if proc.poll() is not None:
-                raise SystemExit(f"server exited: {proc.stdout.read()}")
+                raise SystemExit(f"server exited; see {model_dir.with_suffix(f'.{port}.log')}")
             time.sleep(0.2)
     raise SystemExit("server did not start")
 

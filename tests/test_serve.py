@@ -171,6 +171,13 @@ BAD = [
      "upload of 300,000 bytes exceeds the 262,144-byte limit"),
     ("multipart without a file", "POST", "/v1/predict", b"--b\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1"
      b"\r\n--b--\r\n", {"Content-Type": "multipart/form-data; boundary=b"}, 400, "the multipart form has no file"),
+    ("too many parts", "POST", "/v1/predict", b"--b\r\n\r\nx\r\n" * 40 + b"--b--\r\n",
+     {"Content-Type": "multipart/form-data; boundary=b"}, 400, "the multipart form has more than 16 parts"),
+    ("nested parts", "POST", "/v1/predict", b"--b\r\nContent-Type: multipart/mixed; boundary=c\r\n\r\n" +
+     b"--c\r\n" * 5000 + b"\r\n--b--\r\n", {"Content-Type": "multipart/form-data; boundary=b"}, 400,
+     "the multipart form has no file"),
+    ("no boundary", "POST", "/v1/predict", b"x", {"Content-Type": "multipart/form-data"}, 400,
+     "without a boundary parameter"),
     ("topk 0", "POST", "/v1/predict?topk=0", None, {"Content-Type": "image/png"}, 400, "topk=0 must be >= 1"),
     ("topk text", "POST", "/v1/predict?topk=many", None, {"Content-Type": "image/png"}, 400, "bad parameter topk"),
     ("unknown method", "POST", "/v1/attention?method=magic", None, {"Content-Type": "image/png"}, 400,
@@ -242,13 +249,42 @@ def test_a_full_queue_answers_503_with_retry_after_and_a_slow_answer_504(model_d
         codes = sorted(status for status, _, _ in answers)
         assert codes.count(200) >= 2 and codes.count(503) >= 1 and set(codes) <= {200, 503}, codes
         busy = next((h, body) for status, h, body in answers if status == 503)
-        assert busy[0]["retry-after"] == "1" and "busy: 2 images are already waiting" in busy[1]["error"]
+        assert busy[0]["retry-after"] == "1" and "busy: 2 image requests are already in progress" in busy[1]["error"]
     finally:
         s.close()
     s = Server(SlowModel(model, 1.0), max_batch=1, max_wait_ms=0, timeout_s=0.3)
     try:
         status, _, body = s.post_image(images[0])
         assert status == 504 and "no answer within 0.3 s" in body["error"]
+    finally:
+        s.close()
+
+
+class BrokenModel(SlowModel):
+    def __call__(self, x):
+        raise RuntimeError("weights on fire")
+
+
+def test_a_failing_model_a_stalled_body_are_json_errors_and_counted(model_dir, images):
+    s = Server(BrokenModel(vitlab.load_model(model_dir).eval(), 0), timeout_s=1.0, max_wait_ms=0)
+    try:
+        status, _, body = s.post_image(images[0])
+        assert status == 500 and body["error"] == "the model failed: RuntimeError: weights on fire"
+        # a client that announces 1000 bytes and sends 10: 408 when the request's time is up
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: 1000\r\n\r\n" + b"\0" * 10)
+        answer = ""
+        while not answer.rstrip().endswith("}"):  # the JSON body may come in a later packet
+            chunk = sock.recv(65536).decode("latin-1")
+            if not chunk:
+                break
+            answer += chunk
+        sock.close()
+        assert answer.startswith("HTTP/1.1 408") and "did not arrive within 1 s" in answer, answer
+        _, _, text = s.request("GET", "/metrics")
+        assert 'vitlab_requests_total{endpoint="/v1/predict",status="500"} 1' in text.decode()
+        assert 'vitlab_requests_total{endpoint="/v1/predict",status="408"} 1' in text.decode()
     finally:
         s.close()
 
@@ -333,6 +369,8 @@ def test_the_cli_checks_settings_and_binds_to_loopback(model_dir, capsys):
     err = capsys.readouterr().err
     assert "--max-batch 0 must be in [1, 1024]" in err and len(err.strip().splitlines()) == 1
     assert main(["serve", str(model_dir.parent / "nothing")]) == 2
+    assert main(["serve", str(model_dir), "--timeout", "0.01", "--max-wait-ms", "50"]) == 2
+    assert "--timeout 0.01 s must be longer than --max-wait-ms 50" in capsys.readouterr().err
 
 
 def _driver():

@@ -14,24 +14,27 @@ Endpoints (FastAPI on uvicorn, the `vitlab[serve]` extra):
 
 Dynamic batching (`Batcher`): requests wait in one bounded queue; one thread takes the first and
 whatever else arrives within `max_wait_ms`, up to `max_batch` images, and runs them as one forward
-pass, decoded and normalised exactly as `vitlab predict` does. Past `max_queue` waiting images the
-answer is 503 with Retry-After; a request not answered within `timeout_s` gets 504 and leaves the
-queue. Uploads are read up to `max_upload_mb` (413 past it), then decoded with predict's checks
-(pixel count, aspect ratio: a decompression bomb is refused from its header). Every error is JSON
-{"error": ...} naming the problem. The server binds to loopback unless told otherwise, never reads
+pass, decoded and normalised exactly as `vitlab predict` does. At most `max_queue` image requests are
+admitted at once (being received, decoded, waiting or in the model): past it the answer is 503 with
+Retry-After, before the body is read. A request has `timeout_s` in all (receiving, decoding,
+waiting): past it, 408 while its body is still arriving, else 504. Uploads are read up to
+`max_upload_mb` (413 past it), then decoded with predict's checks (pixel count, aspect ratio: a
+decompression bomb is refused from its header), at most as many at once as there are cores. Every
+error is JSON {"error": ...} naming the problem, an unexpected one included (500). The server binds to loopback unless told otherwise, never reads
 a path from a request, and sends CORS headers only for the origins given with --cors.
 """
 
 import asyncio
 import contextlib
-import email.parser
-import email.policy
 import io
 import math
+import os
 import queue
+import re
 import signal
 import threading
 import time
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from importlib import resources
@@ -77,6 +80,8 @@ class ServeSettings:
             bad.append(f"--timeout {self.timeout_s} must be in (0, 3600] seconds")
         if not 0 <= self.port <= 65535:
             bad.append(f"--port {self.port} must be in [0, 65535]")
+        if not bad and self.timeout_s * 1000 <= self.max_wait_ms:
+            bad.append(f"--timeout {self.timeout_s:g} s must be longer than --max-wait-ms {self.max_wait_ms:g}")
         if self.threads is not None and self.threads < 1:
             bad.append(f"--threads {self.threads} must be >= 1")
         if bad:
@@ -261,30 +266,50 @@ def attention_png(model, transform, image: np.ndarray, method: str = "rollout", 
 
 
 # ---- reading an upload ----------------------------------------------------------------------
+MAX_PARTS = 16  # a form with more parts than this is refused unparsed
+
+
+def _disposition(headers: bytes) -> dict[str, str]:
+    """name= and filename= of a part's Content-Disposition header (quoted or not)."""
+    for line in headers.split(b"\r\n"):
+        key, _, value = line.decode("latin-1").partition(":")
+        if key.strip().lower() == "content-disposition":
+            return {k.lower(): v for k, v in re.findall(r';\s*([A-Za-z*]+)="?([^";]*)"?', value)}
+    return {}
+
+
 def upload_bytes(content_type: str | None, body: bytes) -> tuple[bytes, str]:
     """(the image file's bytes, its name) from a request body: raw, or the `file` field (else the
-    first file) of a multipart form. ApiError for anything else."""
+    first part with a filename) of a multipart form, split at its top level only (no nesting, at most
+    MAX_PARTS parts). ApiError for anything else."""
     if not body:
         raise ApiError(400, "empty body: send an image file (raw bytes, or the `file` field of a multipart form)")
     full = (content_type or "").strip()
     ctype = full.split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        try:
-            msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-                b"Content-Type: " + full.encode("latin-1") + b"\r\n\r\n" + body)
-        except (UnicodeEncodeError, ValueError) as e:
-            raise ApiError(400, f"malformed multipart body ({e})") from None
-        if not msg.is_multipart():
+        found = re.search(r'boundary="?([^";]{1,200})"?', full)
+        if not found:
+            raise ApiError(400, "multipart/form-data without a boundary parameter")
+        delimiter = b"--" + found.group(1).encode("latin-1", "replace")
+        pieces = body.split(delimiter, MAX_PARTS + 2)
+        if len(pieces) > MAX_PARTS + 2:
+            raise ApiError(400, f"the multipart form has more than {MAX_PARTS} parts")
+        parts = []
+        for piece in pieces[1:]:
+            if piece.startswith(b"--"):  # the closing delimiter
+                break
+            head, sep, data = piece.removeprefix(b"\r\n").partition(b"\r\n\r\n")
+            if sep:
+                parts.append((_disposition(head), data.removesuffix(b"\r\n")))
+        if not parts:
             raise ApiError(400, "malformed multipart body: no parts found (is the boundary right?)")
-        parts = list(msg.iter_parts())
-        named = [p for p in parts if p.get_param("name", header="content-disposition") == "file"]
-        files = named or [p for p in parts if p.get_filename() is not None]
+        files = [p for p in parts if p[0].get("name") == "file"] or [p for p in parts if "filename" in p[0]]
         if not files:
             raise ApiError(400, "the multipart form has no file: send the image as the field `file`")
-        data = files[0].get_payload(decode=True) or b""
+        info, data = files[0]
         if not data:
             raise ApiError(400, "the multipart form's file is empty (0 bytes)")
-        name = files[0].get_filename() or "upload"
+        name = info.get("filename") or "upload"
         return data, "".join(c if c.isprintable() else "?" for c in name)[:200]
     if ctype.startswith("image/") or ctype in ("application/octet-stream", ""):
         return body, "upload"
@@ -292,8 +317,9 @@ def upload_bytes(content_type: str | None, body: bytes) -> tuple[bytes, str]:
                         f"application/octet-stream or the `file` field of multipart/form-data")
 
 
-def decode_upload(data: bytes, name: str, cfg) -> np.ndarray:
+def decode_upload(content_type: str | None, body: bytes, cfg) -> np.ndarray:
     """The upload decoded as `vitlab predict` decodes a file; ApiError naming the problem."""
+    data, name = upload_bytes(content_type, body)
     try:
         return decode_image(name, cfg.img_size, cfg.in_chans, data=data)
     except ImageTooLargeError as e:
@@ -309,7 +335,7 @@ def page_html() -> str:
 
 def describe(model, backend: str, settings: ServeSettings, source: str) -> dict[str, Any]:
     cfg = model.config
-    return {"model": cfg.name or source, "source": source, "backend": backend,
+    return {"model": cfg.name or os.path.basename(os.path.normpath(source)), "backend": backend,
             "classes": list(cfg.class_names or [str(i) for i in range(cfg.num_classes)]),
             "preprocessing": {"img_size": cfg.img_size, "channels": cfg.in_chans, "mean": list(cfg.mean),
                               "std": list(cfg.std), "resize": "centre square, bicubic, to img_size"},
@@ -326,7 +352,11 @@ def create_app(model, settings: ServeSettings, backend: str = "torch", source: s
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
+    from PIL import Image  # decode_upload's threads (see folders._open_image): the limits decide, not warnings
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    warnings.filterwarnings("ignore", message=r"(Possibly )?[Cc]orrupt EXIF")
     metrics = Metrics()
     info = describe(model, backend, settings, source)
     names = info["classes"]
@@ -358,6 +388,10 @@ def create_app(model, settings: ServeSettings, backend: str = "torch", source: s
             return error(405, f"{request.method} is not allowed on {request.url.path}", dict(e.headers or {}))
         return error(e.status_code, str(e.detail))
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception):
+        return error(500, f"internal error ({type(e).__name__}: {str(e)[:200]})")
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
@@ -367,12 +401,30 @@ def create_app(model, settings: ServeSettings, backend: str = "torch", source: s
     @app.middleware("http")
     async def count(request: Request, call_next):
         start = time.perf_counter()
-        response = await call_next(request)
         path = request.url.path
-        metrics.request(path if path in ENDPOINTS else "other", response.status_code, time.perf_counter() - start)
-        return response
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            metrics.request(path if path in ENDPOINTS else "other", status, time.perf_counter() - start)
 
-    async def read_image(request: Request) -> np.ndarray:
+    admitted = [0]  # image requests being received, decoded, waiting or computed
+    decoding = asyncio.Semaphore(os.cpu_count() or 1)
+
+    @contextlib.contextmanager
+    def admission():
+        if admitted[0] >= settings.max_queue:
+            raise ApiError(503, f"busy: {settings.max_queue} image requests are already in progress (--max-queue); "
+                                f"retry shortly", {"Retry-After": "1"})
+        admitted[0] += 1  # the event loop's thread alone counts: no lock needed
+        try:
+            yield
+        finally:
+            admitted[0] -= 1
+
+    async def receive(request: Request) -> bytes:
         limit = settings.max_upload_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
@@ -382,35 +434,49 @@ def create_app(model, settings: ServeSettings, backend: str = "torch", source: s
                 raise ApiError(413, f"upload of {int(declared):,} bytes exceeds the {limit:,}-byte limit "
                                     f"(--max-upload-mb {settings.max_upload_mb:g})")
         chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                raise ApiError(413, f"upload exceeds the {limit:,}-byte limit (--max-upload-mb "
-                                    f"{settings.max_upload_mb:g})")
-            chunks.append(chunk)
-        data, name = upload_bytes(request.headers.get("content-type"), b"".join(chunks))
-        return await asyncio.to_thread(decode_upload, data, name, model.config)
+        try:
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > limit:
+                    raise ApiError(413, f"upload exceeds the {limit:,}-byte limit (--max-upload-mb "
+                                        f"{settings.max_upload_mb:g})")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ApiError(400, "the client closed the connection before sending the whole body") from None
+        return b"".join(chunks)
 
-    async def run(job: Job):
+    async def read_image(request: Request, deadline: float) -> np.ndarray:
+        try:
+            body = await asyncio.wait_for(receive(request), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {settings.timeout_s:g} s (--timeout)") from None
+        async with decoding:
+            ctype = request.headers.get("content-type")
+            return await asyncio.to_thread(decode_upload, ctype, body, model.config)
+
+    async def run(job: Job, deadline: float):
         try:
             fut = state["batcher"].submit(job)
         except Overloaded:
             raise ApiError(503, f"busy: {settings.max_queue} images are already waiting; retry shortly",
                            {"Retry-After": "1"}) from None
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(fut), settings.timeout_s)
+            return await asyncio.wait_for(asyncio.wrap_future(fut), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             fut.cancel()
             raise ApiError(504, f"no answer within {settings.timeout_s:g} s (--timeout); the server is "
                                 f"overloaded") from None
+        except Exception as e:  # the model failed on this batch
+            raise ApiError(500, f"the model failed: {type(e).__name__}: {str(e)[:200]}") from None
 
     @app.post("/v1/predict")
     async def predict(request: Request, topk: int = 5):
-        start = time.perf_counter()
+        start, deadline = time.perf_counter(), time.monotonic() + settings.timeout_s
         if topk < 1:
             raise ApiError(400, f"topk={topk} must be >= 1")
-        image = await read_image(request)
-        probs, batch = await run(Job("predict", image, Future()))
+        with admission():
+            image = await read_image(request, deadline)
+            probs, batch = await run(Job("predict", image, Future()), deadline)
         values, indices = probs.topk(min(topk, len(probs)))
         pairs = [[names[i], v] for i, v in zip(indices.tolist(), values.tolist())]
         return {"label": pairs[0][0], "index": int(indices[0]), "prob": pairs[0][1], "topk": pairs,
@@ -424,8 +490,10 @@ def create_app(model, settings: ServeSettings, backend: str = "torch", source: s
                                 ".onnx export")
         if method not in ATTENTION_METHODS:
             raise ApiError(400, f"method={method[:40]!r} must be one of {', '.join(ATTENTION_METHODS)}")
-        image = await read_image(request)
-        png = await run(Job("attention", image, Future(), {"method": method}))
+        deadline = time.monotonic() + settings.timeout_s
+        with admission():
+            image = await read_image(request, deadline)
+            png = await run(Job("attention", image, Future(), {"method": method}), deadline)
         return Response(png, media_type="image/png")
 
     @app.get("/v1/model")
@@ -478,7 +546,8 @@ def serve(path: str, settings: ServeSettings) -> None:
     stopped = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=30)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
+                    timeout_graceful_shutdown=math.ceil(settings.timeout_s) + 5)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if stopped:

@@ -226,8 +226,12 @@ def _open_image(path: str, size: int, data: bytes | None = None):
     if data is not None and not data:
         raise ImageError(path, "empty file (0 bytes)")
     source = _open_regular(path) if data is None else io.BytesIO(data)
-    with source as f, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Pillow's bomb and EXIF warnings: the limits here decide, one line
+    # Pillow's bomb and EXIF warnings are silenced: the limits here decide, in one line. catch_warnings
+    # is not thread-safe, so a caller decoding in threads (`vitlab serve`, which passes `data`) installs
+    # those filters once instead.
+    with source as f, warnings.catch_warnings() if data is None else contextlib.nullcontext():
+        if data is None:
+            warnings.simplefilter("ignore")
         try:
             im = Image.open(f)
         except Image.DecompressionBombError as e:
