@@ -182,18 +182,22 @@ def run_all(args, steps: int = STEPS) -> None:
 def table(records: list[dict]) -> str:
     runs = [r for r in records if r.get("method") in METHODS]
     pre = [r for r in records if r.get("method") == "pretrain"]
-    lines = ["| images per class | method | test top-1 % (mean ± std) | seeds | val top-1 % | wall per run | machine |",
-             "|---|---|---|---|---|---|---|"]
-    groups: dict[tuple, list[dict]] = {}
+    lines = ["| images per class | method | test top-1 % (mean ± std) | seeds | val top-1 % | steps | wall per run | machine |",
+             "|---|---|---|---|---|---|---|---|"]
+    latest: dict[tuple, dict] = {}  # a seed run again (same steps and machine) replaces its earlier record
     for r in runs:
-        groups.setdefault((r["per_class"], METHODS.index(r["method"]), machine(r)), []).append(r)
-    for (n, m, where), rs in sorted(groups.items()):
+        latest[(r["per_class"], METHODS.index(r["method"]), r.get("steps"), machine(r), r["seed"])] = r
+    groups: dict[tuple, list[dict]] = {}
+    for (n, m, steps, where, _), r in latest.items():
+        groups.setdefault((n, m, steps, where), []).append(r)
+    for (n, m, steps, where), rs in sorted(groups.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
         test = [100 * r["test_top1"] for r in rs]
         val = [100 * r["val_top1"] for r in rs]
         sd = statistics.stdev(test) if len(test) > 1 else 0.0
         lines.append(f"| {n} | {METHODS[m]} | {statistics.mean(test):.1f} ± {sd:.1f} | "
-                     f"{len(rs)} ({', '.join(str(r['seed']) for r in rs)}) | {statistics.mean(val):.1f} | "
-                     f"{statistics.mean(r['wall_s'] for r in rs) / 60:.1f} min | {where} |")
+                     f"{len(rs)} ({', '.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))}) | "
+                     f"{statistics.mean(val):.1f} | {steps} | {statistics.mean(r['wall_s'] for r in rs) / 60:.1f} min | "
+                     f"{where} |")
     for r in pre:
         lines.append("")
         lines.append(f"Pretrained model: `cifar10` recipe on classes 0-4, seed {r['seed']}: test top-1 "

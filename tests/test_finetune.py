@@ -182,11 +182,15 @@ class Killed(Exception):
     pass
 
 
+import vitlab.engine.loop as loop  # noqa: E402
+
+REAL_EPOCH, REAL_STEP = loop.train_one_epoch, loop.train_step  # wrapped afresh by each run below
+
+
 def _probe_run(tmp_path, monkeypatch, out: str, kill_at_step: int | None = None, resume: bool = False,
                *sets: str) -> tuple[dict, list]:
     """A fine-tuning run over a pretrained model with a BatchNorm conv stem and stochastic depth:
     (the pretrained weights, [(state after each epoch, names that required grad in it)])."""
-    import vitlab.engine.loop as loop
     pre = tmp_path / "pre"
     if not pre.exists():
         torch.manual_seed(2)
@@ -196,7 +200,7 @@ def _probe_run(tmp_path, monkeypatch, out: str, kill_at_step: int | None = None,
         save_model(vitlab.VisionTransformer(cfg), pre)
     data = tmp_path / "data" if (tmp_path / "data").exists() else _folder(tmp_path / "data")
     snapshots, steps = [], [0]
-    real_epoch, real_step = loop.train_one_epoch, loop.train_step
+    real_epoch, real_step = REAL_EPOCH, REAL_STEP
 
     def epoch_then_snapshot(trainer, *args, **kw):
         stats = real_epoch(trainer, *args, **kw)
@@ -247,10 +251,12 @@ def test_a_probe_resumed_mid_run_unfreezes_exactly_as_the_uninterrupted_one(tmp_
         _probe_run(tmp_path, monkeypatch, "killed", 7, False, "optim.unfreeze_epoch=2")
     assert latest_checkpoint_step(tmp_path / "killed") == 6
     _, resumed = _probe_run(tmp_path, monkeypatch, "killed", None, True, "optim.unfreeze_epoch=2")
+    assert len(full) == 3 and len(resumed) == 2  # the resumed run did epochs 2 (from step 6) and 3
     a, b = full[-1][0], resumed[-1][0]
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(a["blocks.0.attn.qkv.weight"], full[1][0]["blocks.0.attn.qkv.weight"])  # it unfroze
 
 
 def latest_checkpoint_step(run: Path) -> int:
