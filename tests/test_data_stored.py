@@ -196,3 +196,29 @@ def test_training_gives_the_same_weights_whichever_storage(tmp_path):
     for how in ("stream", "cache"):
         for k, v in weights["memory"].items():
             assert torch.equal(v, weights[how][k]), (how, k)
+
+
+def test_resume_refuses_a_folder_that_changed_size(tmp_path, monkeypatch):
+    import vitlab.engine.loop as loop
+    from conftest import write_shapes
+    from vitlab.errors import RunDirError
+    from vitlab.train import run_training
+    data = write_shapes(tmp_path / "shapes", ("h", "v", "d"), 30)
+    sets = [f"data.name={data}", "model.preset=vit_micro_patch4_32", "model.img_size=16", "model.depth=1",
+            "model.embed_dim=16", "model.num_heads=2", "model.conv_stem=[]", "train.batch_size=8", "train.epochs=3",
+            "runtime.progress=false", "runtime.precision=fp32", "runtime.attn_impl=math"]
+    real, calls = loop.train_step, []
+
+    def dies(*a, **k):
+        calls.append(1)
+        if len(calls) == 12:  # after the first epoch's checkpoint (9 steps)
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(loop, "train_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(load_run_config("cifar10", sets), tmp_path / "run")
+    monkeypatch.setattr(loop, "train_step", real)
+    for f in sorted((data / "h").iterdir())[:3]:
+        f.unlink()
+    with pytest.raises(RunDirError, match=r"trained on 72 images but .* now gives 69"):
+        run_training(load_run_config("cifar10", sets), tmp_path / "run", resume=True)

@@ -166,6 +166,11 @@ def load_split(settings: RunConfig, split: str, model_cfg: ViTConfig, rt: Runtim
     kw: dict[str, Any] = dict(data_dir=data.data_dir, val_size=data.val_size, image_size=model_cfg.img_size,
                               channels=model_cfg.in_chans, storage=data.storage, cache_dir=data.cache_dir,
                               workers=data.workers)
+    if rt is not None and rt.distributed and data.storage == "cache" and data.name not in DATASETS:
+        # rank 0 builds the decoded cache (once, not once per rank); the others then open it
+        first = on_main(rt, lambda: load_dataset(data.name, split, **kw))
+        barrier(rt)
+        return first if rt.is_main else load_dataset(data.name, split, **kw)
     try:
         return load_dataset(data.name, split, **kw)
     except DatasetNotFoundError:
@@ -327,6 +332,12 @@ def run_training(settings: RunConfig, out: Path, resume: bool = False) -> dict[s
         from .engine.autotune import tune_run  # auto kernel/precision timed here; a resumed run keeps its own
         rt = tune_run(model, settings.runtime, rt, micro, out, found[1] if found else None)
         trainer = Trainer(model, settings, rt, len(train_loader) // settings.train.accum_steps)
+        trainer.train_images = len(train_set)
+        saved_n = found[1].get("train_images") if found else None
+        if saved_n is not None and saved_n != len(train_set):
+            raise RunDirError(f"cannot resume {out}: its checkpoint was trained on {saved_n} images but "
+                              f"{settings.data.name} now gives {len(train_set)} (files added, removed or no longer "
+                              f"readable), so its batches would differ; restore the folder, or start a new run")
         pos = restore(trainer, found) if found else Position()
         lock = start_writing(out, settings, rt, resume, found is not None, lock)  # ends in a barrier
         logger = RunLogger(out, rt.is_main, settings.runtime.progress, resume_step=pos.step if resume else None)

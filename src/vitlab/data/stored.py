@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -47,30 +48,53 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "vitlab" / "decoded"
 
 
+def _read_int(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" (no limit) and junk: None
+
+
 def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux MemAvailable), or None if unknown."""
+    """Bytes of memory available to new allocations: Linux MemAvailable, lowered to what this
+    process's cgroup (a container's limit, v2 or v1) still allows; None if unknown."""
+    free = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
     except OSError:
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, used = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and used is not None and limit < 1 << 60:
+            room = max(0, limit - used)
+            free = room if free is None else min(free, room)
+            break
+    return free
 
 
 def choose_storage(storage: str, n: int, shape: tuple[int, int, int]) -> str:
-    """`storage` with auto resolved for a split of n images of `shape` (C, H, W)."""
+    """`storage` with auto resolved for a split of n images of `shape` (C, H, W): memory when they
+    take under MEMORY_FRACTION of the available memory, shared by the processes torchrun starts on
+    this machine (LOCAL_WORLD_SIZE), else stream."""
     if storage not in STORAGES:
         raise ConfigError(f"data.storage={storage!r} must be one of {STORAGES}")
     if storage != "auto":
         return storage
     need = n * int(np.prod(shape))
     free = available_memory()
-    return "memory" if free is None or need <= MEMORY_FRACTION * free else "stream"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return "memory" if free is None or need <= MEMORY_FRACTION * free / max(1, local) else "stream"
 
 
 # ---- worker jobs ----------------------------------------------------------------------------
@@ -217,8 +241,10 @@ class DecodedCache:
 
 def cache_key(root: Path, files: list[Path], size: int, channels: int) -> str:
     """A hash of what the decoded images depend on: each file's path relative to `root`, its size
-    and modification time, the image size, the channels and the decoder's version."""
-    h = hashlib.sha256(f"vitlab-decoded-v{CACHE_VERSION}|{size}|{channels}|{len(files)}".encode())
+    and modification time, the image size, the channels, the decoder's version and Pillow's."""
+    import PIL
+    h = hashlib.sha256(f"vitlab-decoded-v{CACHE_VERSION}|Pillow {PIL.__version__}|{size}|{channels}|"
+                       f"{len(files)}".encode())  # another Pillow may decode (resize) differently
     for f in files:
         st = os.stat(f)
         h.update(f"\0{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}".encode("utf-8", "surrogateescape"))
@@ -247,10 +273,19 @@ def open_cache(files: list[Path], labels: list[int], size: int, channels: int, r
         except (OSError, ValueError, KeyError, TypeError):
             ok = False
         if ok:
+            if len(keep) < len(files):  # the files skipped when it was built: said again, or refused
+                skipped = sorted(set(range(len(files))) - set(keep.tolist()))
+                listing = folders._listing([(files[i], "unreadable when the cache was built") for i in skipped])
+                if strict:
+                    raise DataError(f"{len(skipped)} unreadable file(s): {listing}")
+                warnings.warn(f"skipped {len(skipped)} unreadable file(s): {listing}", stacklevel=3)
             return DecodedCache(data_path, np.arange(len(keep)), size, channels), keep
         log(f"decoded cache {printable(data_path)} does not match its index; rebuilding it")
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
+        for stale in cache_dir.glob("*.partial"):  # builds killed a day ago or more (OOM, kill -9)
+            if time.time() - stale.stat().st_mtime > 86400:
+                stale.unlink(missing_ok=True)
         free = shutil.disk_usage(cache_dir).free
     except OSError as e:
         raise DataError(f"cannot use the cache folder {printable(cache_dir)} (data.cache_dir): {e.strerror or e}") \
@@ -286,6 +321,10 @@ def open_cache(files: list[Path], labels: list[int], size: int, channels: int, r
         index_tmp.write_text(json.dumps({"key": key, "size": size, "channels": channels, "root": str(root),
                                          "files": len(files), "keep": keep.tolist()}))
         os.replace(index_tmp, index_path)
+    except OSError as e:  # a full disk, a vanished folder
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write the decoded cache {printable(data_path)}: {e.strerror or e}; set "
+                        f"data.cache_dir to a larger disk or use data.storage=stream") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

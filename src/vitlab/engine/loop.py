@@ -97,6 +97,7 @@ class Trainer:
         self.shown_size: int | None = None  # the stage last announced
         self.scaler = torch.amp.GradScaler("cuda", enabled=rt.precision == "fp16")
         self.frozen = False  # optim.freeze: set per epoch by `freeze_for`
+        self.train_images: int | None = None  # the training split's size, checked when resuming
         self.net = self._wrap()
 
     def _wrap(self) -> torch.nn.Module:
@@ -186,7 +187,7 @@ class Trainer:
             "step": pos.step, "epoch": pos.epoch, "batch": pos.batch, "best": pos.best, "history": pos.history,
             "train_s": self.train_s,
             "rng": rng_state(), "run_config": self.cfg.to_dict(), "model_config": model_config,
-            "precision": self.rt.precision, "world_size": self.rt.world_size,
+            "precision": self.rt.precision, "world_size": self.rt.world_size, "train_images": self.train_images,
         }
 
     def restore(self, state: dict[str, Any]) -> Position:
