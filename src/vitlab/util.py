@@ -83,3 +83,13 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 __all__ = ["atomic_write", "atomic_write_text", "printable", "unwrap_model", "why_unloadable", "TMP_SUFFIX"]
+
+
+def cache_root() -> Path:
+    """$VITLAB_CACHE, else $XDG_CACHE_HOME/vitlab, else ~/.cache/vitlab (where data/sources.py
+    also looks for datasets): autotune results, decoded image folders, on-the-fly ONNX exports."""
+    if os.environ.get("VITLAB_CACHE"):
+        return Path(os.environ["VITLAB_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "vitlab"
+    return Path.home() / ".cache" / "vitlab"

@@ -7,7 +7,7 @@
   decoded when needed by `data.workers` processes, a few batches ahead. Memory holds those batches
   only; every epoch decodes every image again;
 - cache: decoded once into a file of raw uint8 images under `data.cache_dir` (default
-  ~/.cache/vitlab/decoded), built with bounded memory and reused by later epochs and later runs:
+  ~/.cache/vitlab/decoded, or under $VITLAB_CACHE), built with bounded memory and reused by later epochs and later runs:
   a batch is then a few reads the OS serves from its page cache. The file's name is a hash of the
   folder's content (each file's path relative to the folder, size and modification time), the
   image size and the channels: an edited folder gets a new cache, an unchanged one is never
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError, ImageError
-from ..util import printable
+from ..util import cache_root, printable
 from . import folders
 
 STORAGES = ("auto", "memory", "stream", "cache")
@@ -45,7 +45,7 @@ MEMORY_FRACTION = 0.25  # auto: in memory when the decoded split needs at most t
 
 
 def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "vitlab" / "decoded"
+    return cache_root() / "decoded"
 
 
 def _read_int(path: str) -> int | None:

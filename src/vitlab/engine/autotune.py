@@ -29,6 +29,7 @@ from torch import nn
 from ..config import ViTConfig
 from ..model import ATTN_IMPLS, VisionTransformer, pick_attn_impl
 from ..util import atomic_write_text
+from ..util import cache_root as cache_dir  # one rule for every vitlab cache
 from .runtime import (PRECISIONS, Runtime, broadcast_ints, cpu_model, fast_bf16_available, on_main,
                       resolve_precision)
 
@@ -56,14 +57,6 @@ class Choice:
         return dataclasses.asdict(self)
 
 
-def cache_dir() -> Path:
-    """$VITLAB_CACHE, else $XDG_CACHE_HOME/vitlab, else ~/.cache/vitlab (where data/sources.py
-    also looks for datasets)."""
-    if os.environ.get("VITLAB_CACHE"):
-        return Path(os.environ["VITLAB_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "vitlab"
-    return Path.home() / ".cache" / "vitlab"
 
 
 def precision_candidates(device: torch.device) -> list[str]:
