@@ -3,6 +3,7 @@
 Parity is measured on real image files (decoded and normalised the way `predict` does it) at batch
 1 and 32. A failed or refused export must leave the output folder exactly as it was."""
 import json
+import os
 import re
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def test_onnx_export_matches_pytorch_on_real_images_and_predict_agrees(tmp_path,
         want = model(x).numpy()
     assert got.shape == (36, 3) and np.abs(got - want).max() <= 1e-4 and np.abs(want).max() > 0.1
     # predict: same rows from PyTorch and from onnxruntime, in every format
-    assert main(["predict", str(model_dir), str(images), "--format", "json", "--topk", "3"]) == 0
+    assert main(["predict", str(model_dir), str(images), "--format", "json", "--topk", "3", "--backend", "torch"]) == 0
     torch_rows = json.loads(capsys.readouterr().out)
     assert main(["predict", str(out), str(images), "--format", "json", "--topk", "3"]) == 0
     ort_rows = json.loads(capsys.readouterr().out)
@@ -88,7 +89,7 @@ def test_a_fixed_batch_export_still_predicts_any_number_of_images(tmp_path, imag
     # the batch-1 graph runs image by image, each image its own answer
     assert main(["predict", str(out), str(images), "--format", "json"]) == 0
     got = json.loads(capsys.readouterr().out)
-    assert main(["predict", str(model_dir), str(images), "--format", "json"]) == 0
+    assert main(["predict", str(model_dir), str(images), "--format", "json", "--backend", "torch"]) == 0
     want = json.loads(capsys.readouterr().out)
     assert len({tuple(t["prob"] for t in r["top"]) for r in got}) > 1
     for a, b in zip(want, got):
@@ -162,10 +163,35 @@ def test_an_export_that_fails_its_parity_check_leaves_no_file(tmp_path, monkeypa
     assert listing(model_dir) == before  # no model.onnx, no sidecar, no temporary file
 
 
+def test_predict_on_a_model_directory_runs_onnxruntime_through_a_cached_export(tmp_path, images, capsys,
+                                                                              monkeypatch):
+    import vitlab.weights.export as ex
+    monkeypatch.setenv("VITLAB_CACHE", str(tmp_path / "cache"))
+    model_dir = saved_model(tmp_path / "m")
+    before = listing(model_dir)
+    made = []
+    real_export = ex.export_model
+    monkeypatch.setattr(ex, "export_model", lambda *a, **k: made.append(1) or real_export(*a, **k))
+    assert main(["predict", str(model_dir), str(images), "--format", "json", "--topk", "3"]) == 0  # auto
+    auto_rows = json.loads(capsys.readouterr().out)
+    assert made == [1] and len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 1
+    assert listing(model_dir) == before  # nothing written beside the model
+    assert main(["predict", str(model_dir), str(images), "--format", "json", "--topk", "3",
+                 "--backend", "onnxruntime"]) == 0
+    assert json.loads(capsys.readouterr().out) == auto_rows and made == [1]  # the cached export, reused
+    assert main(["predict", str(model_dir), str(images), "--format", "json", "--topk", "3", "--backend", "torch"]) == 0
+    torch_rows = json.loads(capsys.readouterr().out)
+    for a, b in zip(torch_rows, auto_rows):
+        assert [t["label"] for t in a["top"]] == [t["label"] for t in b["top"]]
+        assert max(abs(s["prob"] - t["prob"]) for s, t in zip(a["top"], b["top"])) < 1e-5
+    # new weights, a new export
+    os.utime(model_dir / "model.safetensors", ns=(1, 1))
+    assert main(["predict", str(model_dir), str(images), "--topk", "1"]) == 0
+    assert made == [1, 1]
+
+
 def test_predict_backend_mistakes(tmp_path, images, capsys):
     model_dir = saved_model(tmp_path / "m")
-    assert main(["predict", str(model_dir), str(images), "--backend", "onnxruntime"]) == 2
-    assert "runs an exported .onnx file" in capsys.readouterr().err
     assert main(["export", str(model_dir)]) == 0
     capsys.readouterr()
     assert main(["predict", str(model_dir / "model.onnx"), str(images), "--backend", "torch"]) == 2

@@ -178,20 +178,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _predict_model(path: str, backend: str):
-    """A vitlab model (directory, or run directory) on PyTorch, or an exported .onnx file on onnxruntime."""
+    """A vitlab model (directory, or run directory) on PyTorch or onnxruntime, or an exported .onnx
+    file on onnxruntime. auto: onnxruntime where it is installed, the fastest backend measured
+    (README, "Inference latency"), through an export made once and cached (weights.export.cached_onnx);
+    else, or if the model cannot be exported, PyTorch."""
     from pathlib import Path
     is_onnx = Path(path).suffix == ".onnx"
-    if backend == "auto":
-        backend = "onnxruntime" if is_onnx else "torch"
-    if backend == "onnxruntime":
-        if not is_onnx:
-            raise ConfigError(f"--backend onnxruntime runs an exported .onnx file (vitlab export MODEL), not {path}")
+    if is_onnx:
+        if backend == "torch":
+            raise ConfigError(f"{path} is an ONNX file: use --backend onnxruntime (or auto)")
         from .weights.export import OnnxModel
         return OnnxModel(path)
-    if is_onnx:
-        raise ConfigError(f"{path} is an ONNX file: use --backend onnxruntime (or auto)")
     from .weights.modeldir import load_model
-    return load_model(_resolve_model_dir(path)[0])
+    model_dir = _resolve_model_dir(path)[0]
+    model = load_model(model_dir)
+    if backend == "torch":
+        return model
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        if backend == "onnxruntime":
+            raise ConfigError("--backend onnxruntime needs onnxruntime: pip install 'vitlab[onnx]'") from None
+        return model
+    from .weights.export import ExportError, OnnxModel, cached_onnx
+    try:
+        return OnnxModel(cached_onnx(model_dir, model))
+    except ExportError as e:
+        if backend == "onnxruntime":
+            raise
+        warnings.warn(f"running on PyTorch: the model could not be exported for onnxruntime ({e})", stacklevel=2)
+        return model
 
 
 def cmd_export(args: argparse.Namespace) -> int:

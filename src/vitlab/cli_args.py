@@ -63,7 +63,8 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--format", default="table", choices=["table", "json", "csv"])
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
-                   help="auto: onnxruntime for a .onnx file, else PyTorch")
+                   help="auto: onnxruntime where installed (for a model directory through an export made once "
+                   "and cached), else PyTorch")
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
