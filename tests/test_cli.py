@@ -33,6 +33,8 @@ OPTIONS = {
     "predict": ["--topk", "--format", "--backend"],
     "export": ["--format", "--out", "--dynamic-batch", "--opset", "--int8", "--images"],
     "train": ["--recipe", "--set", "--out", "--resume", "--help-recipe"],
+    "serve": ["--host", "--port", "--max-batch", "--max-wait-ms", "--max-queue", "--max-upload-mb", "--timeout",
+              "--cors", "--threads"],
 }
 
 
