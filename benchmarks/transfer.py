@@ -44,7 +44,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- transfer:begin -->", "<!-- transfer:end -->"
 PRETRAIN_CLASSES, TARGET_CLASSES = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 VAL_PER_CLASS = 50
-STEPS, BATCH = 800, 32
+STEPS, BATCH = 500, 32
 METHODS = ("scratch", "probe", "full")
 
 
