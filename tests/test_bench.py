@@ -81,13 +81,16 @@ def test_a_conv_stem_model_is_timed_without_timm(tmp_path, capsys, monkeypatch):
     """timm has no conv stem: it is left out with the reason, not timed on a different network."""
     import vitlab.bench
     monkeypatch.setattr(vitlab.bench, "SEED_PATH", tmp_path / "none.py")
-    assert main(["bench", *TINY, "--set", "model.conv_stem=[8,16]", "--precision", "fp32", "--json"]) == 0
+    # the kernel fixed: under `auto` a loaded machine may time the other one faster, whose FLOPs the
+    # profiler counts slightly differently (a CI run failed on that, 1.495 vs 1.511 MFLOP)
+    assert main(["bench", *TINY, "--set", "model.conv_stem=[8,16]", "--precision", "fp32", "--attn", "math",
+                 "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert set(r["models"]) == {"vitlab"} and "no convolutional stem" in r["skipped"]["timm"]
     flops = {}
     for stem in ((), (8, 16)):
         cfg = get_config("vit_tiny_patch4_32", img_size=16, depth=1, embed_dim=32, num_heads=2, conv_stem=stem)
-        flops[stem] = count_flops(VisionTransformer(cfg), cfg, "fp32", torch.device("cpu"), 2)[0]
+        flops[stem] = count_flops(VisionTransformer(cfg, attn_impl="math"), cfg, "fp32", torch.device("cpu"), 2)[0]
     assert flops[(8, 16)] > flops[()]  # the stem's convolutions are counted...
     assert r["models"]["vitlab"]["train_gflop_per_image"] * 1e9 == pytest.approx(flops[(8, 16)], rel=0.01)
 
