@@ -202,7 +202,7 @@ def _predict_model(path: str, backend: str):
         return model
     from .weights.export import ExportError, OnnxModel, cached_onnx
     try:
-        return OnnxModel(cached_onnx(model_dir, model))
+        return OnnxModel(cached_onnx(model_dir, model, log=lambda m: print(f"vitlab predict: {m}", file=sys.stderr)))
     except ExportError as e:
         if backend == "onnxruntime":
             raise

@@ -1,6 +1,7 @@
-"""An in-memory batched loader for datasets that fit in RAM as one uint8 tensor.
+"""A batched loader: images in memory as one uint8 tensor, or on disk (data.stored: streamed or cached).
 
-No per-sample Python: a batch is one index gather and one call to a batched transform. The order
+No per-sample Python: a batch is one index gather (or one read of those images from disk, a few
+batches ahead) and one call to a batched transform. The order
 of epoch e is a permutation seeded by (seed, e); batch i's augmentation is seeded by
 (seed, e, i, rank). So any batch can be rebuilt from those numbers alone, which is what makes
 resuming mid-epoch exact: the loader's state is just (epoch, next batch).

@@ -361,7 +361,7 @@ class OnnxModel:
         return torch.from_numpy(np.concatenate([self._run(a[i:i + 1]) for i in range(len(a))]))
 
 
-def cached_onnx(model_dir: str | os.PathLike, model: VisionTransformer) -> Path:
+def cached_onnx(model_dir: str | os.PathLike, model: VisionTransformer, log=None) -> Path:
     """An ONNX export (fp32, any batch size, parity-checked) of a model directory, made on first use
     and kept under the cache (util.cache_root()/onnx), keyed by the directory's files (resolved path,
     size, modification time) and the exporter's versions: `vitlab predict`'s fastest backend
@@ -378,6 +378,8 @@ def cached_onnx(model_dir: str | os.PathLike, model: VisionTransformer) -> Path:
     if path.is_file() and sidecar_path(path).is_file():
         return path
     folder.mkdir(parents=True, exist_ok=True)
+    if log is not None:
+        log(f"exporting {model_dir} for onnxruntime, once (kept as {path})")
     try:
         export_model(model, path, "onnx", dynamic_batch=True, source=str(model_dir))
     except ExportError:
