@@ -269,7 +269,8 @@ def open_cache(files: list[Path], labels: list[int], size: int, channels: int, r
             index = json.loads(index_path.read_text())
             keep = np.asarray(index["keep"], dtype=np.int64)
             ok = (index.get("key") == key and data_path.stat().st_size == len(keep) * row
-                  and (keep.size == 0 or (keep.min() >= 0 and keep.max() < len(files))))
+                  and (keep.size == 0 or (keep.min() >= 0 and keep.max() < len(files)
+                                          and bool(np.all(np.diff(keep) > 0)))))  # increasing: one row a file
         except (OSError, ValueError, KeyError, TypeError):
             ok = False
         if ok:
@@ -284,8 +285,11 @@ def open_cache(files: list[Path], labels: list[int], size: int, channels: int, r
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         for stale in cache_dir.glob("*.partial"):  # builds killed a day ago or more (OOM, kill -9)
-            if time.time() - stale.stat().st_mtime > 86400:
-                stale.unlink(missing_ok=True)
+            try:
+                if time.time() - stale.stat().st_mtime > 86400:
+                    stale.unlink()
+            except OSError:  # another process's, gone meanwhile
+                pass
         free = shutil.disk_usage(cache_dir).free
     except OSError as e:
         raise DataError(f"cannot use the cache folder {printable(cache_dir)} (data.cache_dir): {e.strerror or e}") \
