@@ -172,6 +172,10 @@ def test_predict_on_a_model_directory_runs_onnxruntime_through_a_cached_export(t
     made = []
     real_export = ex.export_model
     monkeypatch.setattr(ex, "export_model", lambda *a, **k: made.append(1) or real_export(*a, **k))
+    (tmp_path / "text.png").write_text("not an image")  # nothing to predict: one line, and no export for it
+    assert main(["predict", str(model_dir), str(tmp_path / "text.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no image to predict" in err and made == []
     assert main(["predict", str(model_dir), str(images), "--format", "json", "--topk", "3"]) == 0  # auto
     auto_rows = json.loads(capsys.readouterr().out)
     assert made == [1] and len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 1

@@ -161,16 +161,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Top-k labels for image files or folders, as a table, JSON or CSV."""
-    from .predict import format_rows, predict
+    from .predict import collect_files, decode_files, format_rows, predict_decoded
     if args.topk < 1:
         raise ConfigError(f"--topk {args.topk} must be >= 1")
-    model = _predict_model(args.model, args.backend)
-    rows, failed = predict(model, args.paths, topk=args.topk)
+    if args.backend == "onnxruntime":  # settings first, before any work
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise ConfigError("--backend onnxruntime needs onnxruntime: pip install 'vitlab[onnx]'") from None
+    model, model_dir = _predict_model(args.model, args.backend)
+    files, failed = collect_files(args.paths)
+    ok, unreadable = decode_files(files, model.config)
+    failed += unreadable
     from .util import printable
-    if not rows:  # one line: what each path was
+    if not ok:  # one line: what each path was (and no export made for nothing)
         from .errors import DataError
         raise DataError("no image to predict: " + "; ".join(f"{printable(f)}: {p}" for f, p in failed[:5]) +
                         (f"; and {len(failed) - 5} more" if len(failed) > 5 else ""))
+    if model_dir is not None and args.backend != "torch":
+        model = _onnx_backend(model, model_dir, args.backend)
+    rows = predict_decoded(model, ok, topk=args.topk)
     for f, problem in failed:  # the others still get their predictions
         print(f"vitlab predict: skipped {printable(f)}: {problem}", file=sys.stderr)
     print(format_rows(rows, args.format))
@@ -178,28 +188,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _predict_model(path: str, backend: str):
-    """A vitlab model (directory, or run directory) on PyTorch or onnxruntime, or an exported .onnx
-    file on onnxruntime. auto: onnxruntime where it is installed, the fastest backend measured
-    (README, "Inference latency"), through an export made once and cached (weights.export.cached_onnx);
-    else, or if the model cannot be exported, PyTorch."""
+    """(model, its model directory): a vitlab model (directory, or run directory) loaded on PyTorch, or
+    (an exported .onnx file on onnxruntime, None)."""
     from pathlib import Path
-    is_onnx = Path(path).suffix == ".onnx"
-    if is_onnx:
+    if Path(path).suffix == ".onnx":
         if backend == "torch":
             raise ConfigError(f"{path} is an ONNX file: use --backend onnxruntime (or auto)")
         from .weights.export import OnnxModel
-        return OnnxModel(path)
+        return OnnxModel(path), None
     from .weights.modeldir import load_model
     model_dir = _resolve_model_dir(path)[0]
-    model = load_model(model_dir)
-    if backend == "torch":
-        return model
+    return load_model(model_dir), model_dir
+
+
+def _onnx_backend(model, model_dir, backend: str):
+    """`model` on onnxruntime (backend onnxruntime or auto) or PyTorch. auto: onnxruntime where it is
+    installed, the fastest backend measured (README, "Inference latency"), through an export made once
+    and cached (weights.export.cached_onnx); else, or if the model cannot be exported, PyTorch. Called
+    once there is an image to predict, so bad input costs no export."""
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        if backend == "onnxruntime":
-            raise ConfigError("--backend onnxruntime needs onnxruntime: pip install 'vitlab[onnx]'") from None
-        return model
+        return model  # auto (onnxruntime was checked for before)
     from .weights.export import ExportError, OnnxModel, cached_onnx
     try:
         return OnnxModel(cached_onnx(model_dir, model, log=lambda m: print(f"vitlab predict: {m}", file=sys.stderr)))

@@ -75,10 +75,16 @@ def predict(model: VisionTransformer | OnnxModel, paths: list[str | Path], topk:
             ) -> tuple[list[dict], list[tuple[Path, str]]]:
     """([{"file", "top": [{"label", "index", "prob"}...]}], [(file, problem)]). `model` is a vitlab model or
     an exported ONNX model (vitlab.weights.export.OnnxModel): same preprocessing, same output."""
-    cfg = model.config
     files, failed = collect_files(paths)
-    ok, unreadable = decode_files(files, cfg)
-    failed += unreadable
+    ok, unreadable = decode_files(files, model.config)
+    return predict_decoded(model, ok, topk, batch_size), failed + unreadable
+
+
+@torch.no_grad()
+def predict_decoded(model: VisionTransformer | OnnxModel, ok: list[tuple[Path, np.ndarray]], topk: int = 5,
+                    batch_size: int = 64) -> list[dict]:
+    """Rows as `predict` gives them, for images already decoded by `decode_files` for this model."""
+    cfg = model.config
     names = list(cfg.class_names or [str(i) for i in range(cfg.num_classes)])
     k = min(topk, cfg.num_classes)
     transform = EvalTransform(cfg)
@@ -95,7 +101,7 @@ def predict(model: VisionTransformer | OnnxModel, paths: list[str | Path], topk:
         values, indices = probs.topk(k, dim=-1)
         for (f, _), v, i in zip(chunk, values.tolist(), indices.tolist()):
             rows.append({"file": str(f), "top": [{"label": names[j], "index": j, "prob": p} for j, p in zip(i, v)]})
-    return rows, failed
+    return rows
 
 
 def _utf8(text: str) -> str:
