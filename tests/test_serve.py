@@ -107,6 +107,26 @@ def server(model_dir):
     s.close()
 
 
+def test_jobs_whose_request_has_gone_take_no_place_in_a_batch():
+    from concurrent.futures import Future
+    from vitlab.serve import Batcher, Job, Metrics
+    model = vitlab.create_model(tiny_config()).eval()
+    sizes = []
+    forward = model.forward
+    model.forward = lambda x: sizes.append(len(x)) or forward(x)
+    batcher = Batcher(model, ServeSettings(max_batch=4, max_wait_ms=2000, max_queue=8), Metrics())
+    image = np.zeros((3, 16, 16), np.uint8)
+    gone = [Future() for _ in range(2)]
+    for f in gone:
+        f.cancel()  # as the server does when a request times out
+    live = [Future() for _ in range(4)]
+    for f in gone + live:
+        batcher.submit(Job("predict", image, f))
+    assert all(f.result(timeout=30)[1] == 4 for f in live)
+    batcher.close()
+    assert sizes == [4] and batcher.waiting == 0  # one full batch of the four live jobs
+
+
 def expected(model_dir, files, topk=3):
     rows, failed = predict(vitlab.load_model(model_dir), [str(f) for f in files], topk=topk)
     assert not failed

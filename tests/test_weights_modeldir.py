@@ -119,6 +119,21 @@ def test_weights_that_do_not_match_the_config(saved):
         vitlab.load_model(saved)
 
 
+def test_non_finite_weights_are_refused_by_name(saved):
+    from safetensors.torch import load_file, save_file
+    from vitlab.cli import main
+    f = saved / "model.safetensors"
+    assert vitlab.load_model(saved).training is False  # loaded for inference; fine-tuning calls .train()
+    state = load_file(f)
+    state["blocks.1.mlp.fc1.weight"][3, 5] = float("nan")
+    state["head.bias"][0] = float("inf")
+    save_file(state, f)
+    with pytest.raises(ModelFileError, match=r"NaN or infinite values in 2 tensor\(s\): .*blocks\.1\.mlp\.fc1\.weight"):
+        vitlab.load_model(saved)
+    assert main(["export", str(saved)]) == 2  # the CLI: one line, and nothing written
+    assert not (saved / "model.onnx").exists()
+
+
 class _Boom:
     def __reduce__(self):
         import os

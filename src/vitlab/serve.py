@@ -170,7 +170,7 @@ class Overloaded(Exception):
 class Batcher:
     """One thread runs the model: prediction jobs are grouped, up to `max_batch` images arriving
     within `max_wait_ms` of the first; an attention job runs alone. Jobs whose waiter has gone
-    (timed out) are dropped before they are computed."""
+    (timed out) are dropped as they are taken, so they take no place in a batch."""
 
     def __init__(self, model, settings: ServeSettings, metrics: Metrics):
         self.model, self.settings, self.metrics = model, settings, metrics
@@ -196,9 +196,11 @@ class Batcher:
         self.thread.join()
 
     def _take(self, job: Job) -> bool:
+        """Out of the queue and, unless its request has gone (False), running: from here its
+        request waits for the answer."""
         with self.lock:
             self.waiting -= 1
-        return job.future.set_running_or_notify_cancel()  # False: its request has gone
+        return job.future.set_running_or_notify_cancel()
 
     def _loop(self) -> None:
         wait = self.settings.max_wait_ms / 1000
@@ -207,6 +209,8 @@ class Batcher:
             job = self.jobs.get()
             if job is None:
                 return
+            if not self._take(job):  # its request has gone: it takes no place in a batch
+                continue
             batch, alone = [], []
             (batch if job.kind == "predict" else alone).append(job)
             deadline = time.monotonic() + wait
@@ -219,13 +223,12 @@ class Batcher:
                 if nxt is None:
                     stopping = True
                     break
-                (batch if nxt.kind == "predict" else alone).append(nxt)
-            live = [j for j in batch if self._take(j)]
-            if live:
-                self._predict(live)
+                if self._take(nxt):
+                    (batch if nxt.kind == "predict" else alone).append(nxt)
+            if batch:
+                self._predict(batch)
             for j in alone:
-                if self._take(j):
-                    self._attention(j)
+                self._attention(j)
 
     def _predict(self, jobs: list[Job]) -> None:
         try:

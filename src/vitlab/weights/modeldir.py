@@ -197,12 +197,16 @@ def load_state_into(model: VisionTransformer, state: dict[str, torch.Tensor], so
              for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
         raise ModelFileError(f"{source} does not match the config: {_mismatch(missing, unexpected, wrong)}")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # a run that diverged, or a damaged file: it would predict NaN for every image
+        raise ModelFileError(f"{source} has NaN or infinite values in {len(bad)} tensor(s): "
+                             f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}")
     model.load_state_dict(state, strict=True)
 
 
 def load_model(path: str | os.PathLike, img_size: int | None = None, attn_impl: str = "auto",
                **overrides: Any) -> VisionTransformer:
-    """Rebuild the exact model saved in directory `path`.
+    """Rebuild the exact model saved in directory `path`, in eval mode (call `.train()` to train it).
 
     `img_size` runs the weights at another resolution (learned position embeddings are resampled
     to the new patch grid); other keyword arguments override config fields that do not change
@@ -219,7 +223,7 @@ def load_model(path: str | os.PathLike, img_size: int | None = None, attn_impl: 
         check_shapes(cfg, shapes, f"{weights} (with overrides {overrides})", resample_pos=True)
     model = VisionTransformer(cfg, attn_impl=attn_impl)
     load_state_into(model, read_state_dict(weights), str(weights))
-    return model
+    return model.eval()
 
 
 def dataset_record(extra: dict[str, Any] | None) -> dict[str, Any]:
