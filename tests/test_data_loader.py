@@ -4,7 +4,7 @@ import torch
 from vitlab import ConfigError, ViTConfig
 from vitlab.data import ImageSet
 from vitlab.data.augment import (AugmentArgs, EvalTransform, TrainTransform, mix, pad_crop, rand_augment,
-                                 random_erase)
+                                 random_erase, random_rotation_zoom, rotation_zoom)
 from vitlab.data.loader import BatchLoader
 
 
@@ -108,9 +108,37 @@ def test_rand_augment_stays_in_range_and_changes_images():
     assert ((grey - x).abs().flatten(1).amax(1) > 1e-4).sum() >= 7  # one-channel images are augmented too
 
 
+def test_rotation_and_zoom_turn_and_enlarge_about_the_centre():
+    import math
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 1, 5] = 1.0  # near the top-right corner
+    quarter = rotation_zoom(x, torch.tensor([math.pi / 2]), torch.ones(1))
+    torch.testing.assert_close(quarter, torch.rot90(x, 1, (2, 3)))  # counter-clockwise, exactly
+    x = torch.rand(3, 2, 8, 8)
+    torch.testing.assert_close(rotation_zoom(x, torch.zeros(3), torch.ones(3)), x)  # the identity
+    dot = torch.zeros(1, 1, 16, 16)
+    dot[0, 0, 6:10, 6:10] = 1.0  # a 4x4 square at the centre
+    for zoom in (2.0, 0.5):
+        out = rotation_zoom(dot, torch.zeros(1), torch.tensor([zoom]))
+        assert out.sum().item() == pytest.approx(16 * zoom**2, rel=0.02)  # area scales with zoom squared
+        torch.testing.assert_close(out, out.flip(-1).flip(-2))  # still centred
+    # random draws: each image its own angle within +-rotate degrees, reproducible from the generator
+    bar = torch.zeros(200, 1, 17, 17)
+    bar[:, :, 8, 2:15] = 1.0  # a horizontal bar through the centre
+    y = random_rotation_zoom(bar, 20.0, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(y, random_rotation_zoom(bar, 20.0, 0.0, torch.Generator().manual_seed(0)))
+    rows = torch.arange(17.0).view(1, 17, 1)
+    yy = y[:, 0]
+    ends = (yy[:, :, 2:4] * rows).sum((1, 2)) / yy[:, :, 2:4].sum((1, 2)) - 8  # height of the left end
+    slope = ends / 5.5  # tan(angle): the left end sits ~5.5 px from the centre
+    angles = torch.rad2deg(torch.atan(slope))
+    assert angles.abs().max() < 21 and angles.max() > 15 and angles.min() < -15 and angles.std() > 8
+
+
 def test_augmentation_is_seeded():
     data = fake_set(32)
-    tf = TrainTransform(AugmentArgs(randaug_ops=2, mixup_alpha=0.8, cutmix_alpha=1.0, erase_prob=0.25),
+    tf = TrainTransform(AugmentArgs(rotate=15, scale=0.1, randaug_ops=2, mixup_alpha=0.8, cutmix_alpha=1.0,
+                                    erase_prob=0.25),
                         record(data))
     a = tf(data.images, data.labels, torch.Generator().manual_seed(7))
     b = tf(data.images, data.labels, torch.Generator().manual_seed(7))
@@ -158,3 +186,7 @@ def test_augment_config_validation():
         AugmentArgs(erase_prob=1.5)
     with pytest.raises(ConfigError, match="randaug_magnitude=11"):
         AugmentArgs(randaug_magnitude=11)
+    with pytest.raises(ConfigError, match=r"rotate=200.*\[0, 180\] degrees.*scale=1.0 must be in \[0, 1\)"):
+        AugmentArgs(rotate=200, scale=1.0)
+    with pytest.raises(ConfigError, match="rotate=nan"):
+        AugmentArgs(rotate=float("nan"))

@@ -1,8 +1,8 @@
 """Batched tensor augmentation: every op works on a whole (B, C, H, W) batch at once, with
 per-sample randomness drawn from one torch.Generator, so a batch is reproducible from its seed.
 
-Order: uint8 -> [0, 1] float -> pad + random crop -> horizontal flip -> RandAugment-style ops ->
-normalise -> random erasing -> mixup / cutmix (soft targets). The evaluation transform is built
+Order: uint8 -> [0, 1] float -> pad + random crop -> rotation + zoom -> horizontal flip ->
+RandAugment-style ops -> normalise -> random erasing -> mixup / cutmix (soft targets). The evaluation transform is built
 from a model's preprocessing record (resize, channels, mean/std), so it always matches the model.
 
 References: RandAugment (arXiv 1909.13719), TrivialAugment (arXiv 2103.10158), mixup
@@ -34,6 +34,10 @@ class AugmentArgs:
     """Zero-pad by this many pixels, then crop back at a random offset (0 disables; at most the image side)."""
     flip: bool = True
     """Random horizontal flips (turn off for digits and text)."""
+    rotate: float = 0.0
+    """Rotate each image by a random angle in [-rotate, rotate] degrees (0 disables; corners filled with black)."""
+    scale: float = 0.0
+    """Zoom each image by a random factor in [1 - scale, 1 + scale] (0 disables), with the rotation."""
     randaug_ops: int = 0
     """RandAugment ops applied to each image (0 disables)."""
     randaug_magnitude: float = 9.0
@@ -58,6 +62,10 @@ class AugmentArgs:
             problems.append(f"augment.randaug_ops={self.randaug_ops} must be in [0, {len(OPS)}]")
         if not 0 <= self.randaug_magnitude <= 10:
             problems.append(f"augment.randaug_magnitude={self.randaug_magnitude} must be in [0, 10]")
+        if not 0 <= self.rotate <= 180:
+            problems.append(f"augment.rotate={self.rotate} must be in [0, 180] degrees")
+        if not 0 <= self.scale < 1:
+            problems.append(f"augment.scale={self.scale} must be in [0, 1)")
         for key in ("mix_prob", "erase_prob"):
             if not 0 <= getattr(self, key) <= 1:
                 problems.append(f"augment.{key}={getattr(self, key)} must be in [0, 1]")
@@ -100,6 +108,26 @@ def pad_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
 def hflip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     mask = _uniform(gen, x.shape[0]) < 0.5
     return torch.where(mask[:, None, None, None], x.flip(-1), x)
+
+
+def rotation_zoom(x: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor) -> torch.Tensor:
+    """Each image of the (B, C, H, W) batch rotated counter-clockwise by angle[b] radians and zoomed by
+    zoom[b] (> 1 enlarges) about its centre, bilinear, with zeros where no pixel maps."""
+    B = x.shape[0]
+    cos, sin = angle.cos() / zoom, angle.sin() / zoom  # affine_grid maps output to input coordinates
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(B)], 1),
+                         torch.stack([sin, cos, torch.zeros(B)], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_rotation_zoom(x: torch.Tensor, rotate: float, scale: float, gen: torch.Generator) -> torch.Tensor:
+    """Per-image angle uniform in [-rotate, rotate] degrees and zoom uniform in [1 - scale, 1 + scale]
+    (the random affine of the classic MNIST recipes; translation comes from pad + crop)."""
+    B = x.shape[0]
+    angle = (2 * _uniform(gen, B) - 1) * math.radians(rotate)
+    zoom = 1 + (2 * _uniform(gen, B) - 1) * scale
+    return rotation_zoom(x, angle, zoom)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -251,6 +279,8 @@ class TrainTransform:
         x = to_model_input(to_float(images), self.in_chans, self.size)
         if aug.crop_pad:
             x = pad_crop(x, aug.crop_pad, gen)
+        if aug.rotate or aug.scale:
+            x = random_rotation_zoom(x, aug.rotate, aug.scale, gen)
         if aug.flip:
             x = hflip(x, gen)
         if aug.randaug_ops or aug.trivial:
