@@ -124,10 +124,13 @@ def test_non_finite_weights_are_refused_by_name(saved):
     from vitlab.cli import main
     f = saved / "model.safetensors"
     assert vitlab.load_model(saved).training is False  # loaded for inference; fine-tuning calls .train()
+    from safetensors import safe_open
+    with safe_open(f, "pt") as h:
+        metadata = h.metadata()  # the same save: only the values differ
     state = load_file(f)
     state["blocks.1.mlp.fc1.weight"][3, 5] = float("nan")
     state["head.bias"][0] = float("inf")
-    save_file(state, f)
+    save_file(state, f, metadata=metadata)
     with pytest.raises(ModelFileError, match=r"NaN or infinite values in 2 tensor\(s\): .*blocks\.1\.mlp\.fc1\.weight"):
         vitlab.load_model(saved)
     assert main(["export", str(saved)]) == 2  # the CLI: one line, and nothing written
@@ -169,10 +172,42 @@ def test_a_failed_save_keeps_the_previous_model(saved, monkeypatch):
     assert vitlab.load_model(saved).config.depth == 2
 
 
+def test_weights_and_config_from_different_saves_are_refused(saved, tmp_path, monkeypatch):
+    import shutil
+    # a save stopped between its two files: new weights (same shapes) beside the old config
+    renamed = tiny_config(class_names=tuple("vwxyz"))
+    monkeypatch.setattr("vitlab.weights.modeldir.atomic_write_text",
+                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        vitlab.save_model(vitlab.create_model(renamed), saved)
+    monkeypatch.undo()
+    with pytest.raises(ModelFileError, match="not written by the same save.*save the model again"):
+        vitlab.load_model(saved)
+    from vitlab.cli import main
+    assert main(["predict", str(saved), str(tmp_path)]) == 2  # the CLI says so in one line
+    with pytest.raises(ModelFileError, match="not written by the same save"):  # and so does fine-tuning from it
+        from vitlab.weights.pretrained import read_pretrained
+        read_pretrained(str(saved))
+    # a config copied in from another model of the same shapes
+    other = vitlab.save_model(vitlab.create_model(renamed), tmp_path / "other")
+    vitlab.save_model(vitlab.create_model(tiny_config()), saved)
+    assert vitlab.load_model(saved).config.class_names is None  # a whole save pairs up again
+    shutil.copy(other / "config.json", saved / "config.json")
+    with pytest.raises(ModelFileError, match="not written by the same save"):
+        vitlab.load_model(saved)
+    # a directory from before the ids (no "save" in config.json) still loads
+    doc = json.loads((saved / "config.json").read_text())
+    del doc["save"]
+    (saved / "config.json").write_text(json.dumps(doc))
+    assert vitlab.load_model(saved).config.class_names == tuple("vwxyz")
+
+
 def test_safetensors_header_is_plain(saved):
     """The weights file is a standard safetensors file that any reader can open."""
     raw = (saved / "model.safetensors").read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])
-    assert header["__metadata__"] == {"format": "pt"}
+    meta = header["__metadata__"]
+    assert meta["format"] == "pt" and set(meta) == {"format", "vitlab_save"}  # the save id, nothing else
+    assert meta["vitlab_save"] == json.loads((saved / "config.json").read_text())["save"]
     assert "blocks.1.attn.qkv.weight" in header

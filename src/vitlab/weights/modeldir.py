@@ -1,7 +1,10 @@
 """Model directories: `config.json` (the ViTConfig) + `model.safetensors` (timm-named weights).
 
 Both files are written to temporary names and renamed into place, so an interrupted save never
-leaves a half-written model where a good one was. Loading never unpickles: safetensors for our
+leaves a half-written file where a good one was. Each save also writes one random id into both
+files (config.json "save", the safetensors metadata "vitlab_save"), so a pair that does not belong
+together (a save stopped between its two renames, or a file copied in from another model) is
+refused on loading instead of running the weights under the wrong classes or preprocessing. Loading never unpickles: safetensors for our
 own files, `torch.load(weights_only=True)` for foreign `.pth` files. Loading trusts no size in
 config.json: the config is checked against the weights file's header (shapes only, no data)
 before the model is built, so a config that says depth=10**9 fails at once.
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +50,9 @@ def save_model(model: VisionTransformer, path: str | os.PathLike, extra: dict[st
         raise ModelFileError(f"{out} exists and is not a directory; a model is saved as a directory")
     # Serialise everything before writing anything: a bad `extra` must not leave new weights
     # beside the old config.
-    doc = {"format": FORMAT, "config": model.config.to_dict(), **({"extra": extra} if extra else {})}
+    save_id = uuid.uuid4().hex
+    doc = {"format": FORMAT, "save": save_id, "config": model.config.to_dict(),
+           **({"extra": extra} if extra else {})}
     try:
         text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
     except (TypeError, ValueError) as e:
@@ -54,7 +60,8 @@ def save_model(model: VisionTransformer, path: str | os.PathLike, extra: dict[st
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
     # Weights first: a config.json only ever sits beside weights that were fully written.
-    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(out / WEIGHTS_NAME,
+                 lambda tmp: save_file(state, tmp, metadata={"format": "pt", "vitlab_save": save_id}))
     atomic_write_text(out / CONFIG_NAME, text)
     return out
 
@@ -98,6 +105,25 @@ def read_config(path: str | os.PathLike) -> tuple[ViTConfig, dict[str, Any]]:
         return ViTConfig.from_dict(doc["config"]), extra
     except (ConfigError, TypeError) as e:
         raise ModelFileError(f"{file} holds an invalid config: {e}") from None
+
+
+def check_same_save(path: str | os.PathLike) -> None:
+    """ModelFileError unless the config.json and model.safetensors of model directory `path` were
+    written by the same save (their ids match). Directories from before the ids skip the check."""
+    config, weights = Path(path) / CONFIG_NAME, Path(path) / WEIGHTS_NAME
+    config_id = json.loads(config.read_bytes()).get("save")  # read_config has checked the file
+    if config_id is None:
+        return
+    try:
+        with safe_open(weights, "pt") as f:
+            weights_id = (f.metadata() or {}).get("vitlab_save")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelFileError(f"{weights} cannot be read as safetensors ({e}); the file is truncated "
+                             f"or corrupted") from None
+    if weights_id != config_id:
+        raise ModelFileError(f"{weights} and {config} were not written by the same save (ids {weights_id} and "
+                             f"{config_id}): a save was interrupted between the two files, or one was copied "
+                             f"from another model; save the model again")
 
 
 def read_shapes(file: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -215,6 +241,7 @@ def load_model(path: str | os.PathLike, img_size: int | None = None, attn_impl: 
     cfg, _ = read_config(path)
     weights = Path(path) / WEIGHTS_NAME
     shapes = read_shapes(weights)
+    check_same_save(path)
     check_shapes(cfg, shapes, str(weights))  # before anything is built: sizes come from the file
     if img_size is not None:
         overrides["img_size"] = img_size

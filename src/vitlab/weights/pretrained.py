@@ -19,7 +19,8 @@ import torch
 from ..config import ViTConfig
 from ..errors import ConversionError, ModelFileError
 from .hf import from_hf
-from .modeldir import CONFIG_NAME, FORMAT, MAX_CONFIG_BYTES, WEIGHTS_NAME, read_config, read_state_dict
+from .modeldir import CONFIG_NAME, FORMAT, MAX_CONFIG_BYTES, WEIGHTS_NAME, check_same_save, read_config, read_shapes, \
+    read_state_dict
 from .timm import infer_config
 from .torchvision import from_torchvision
 
@@ -87,6 +88,8 @@ def read_pretrained(path: str | os.PathLike, num_heads: int | None = None
     try:
         if kind == "vitlab":
             cfg, _ = read_config(target)
+            read_shapes(target / WEIGHTS_NAME)  # a clear error for a file that is no safetensors
+            check_same_save(target)
             state = read_state_dict(target / WEIGHTS_NAME)
         elif kind == "hf":
             cfg, state = from_hf(target, **known)
