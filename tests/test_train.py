@@ -3,6 +3,7 @@ two gloo processes against one process; unsafe checkpoints; NaN losses; settings
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -137,18 +138,24 @@ def test_eval_and_predict_from_the_command_line(shapes, tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
-def test_two_process_ddp_equals_one_process(shapes, tmp_path):
+@pytest.mark.parametrize("freeze", [{}, {"optim.freeze": "backbone", "optim.unfreeze_epoch": 1}],
+                         ids=["plain", "probe-then-unfreeze"])
+def test_two_process_ddp_equals_one_process(shapes, tmp_path, freeze):
     # gradient accumulation on too: the 2-process run exercises DDP's no_sync path. No conv stem: its
     # BatchNorm normalises each rank's micro-batch (there is no SyncBatchNorm on CPU), so only a model
-    # without batch statistics computes the same in one process and in two.
+    # without batch statistics computes the same in one process and in two. With freezing, DDP wraps
+    # the head alone for epoch 0, then is wrapped anew around the whole model.
     sets = tiny_sets(shapes, **{"train.epochs": 3, "augment.crop_pad": 0, "train.accum_steps": 2,
-                                "model.conv_stem": "[]"})
+                                "model.conv_stem": "[]", **freeze})
     args = ["train", "--recipe", "cifar10", *[a for s in sets for a in ("--set", s)]]
     one = cli(*args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29517", "-m", "vitlab", *args, "--out", str(tmp_path / "two")],
+                          str(port), "-m", "vitlab", *args, "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 ranks" in two.stdout and two.stdout.count("done:") == 1  # only rank 0 talks and writes
