@@ -28,7 +28,8 @@ OPTIONS = {
               "--seed-vit", "--json"],
     "convert": ["--from", "--out", "--force", "--preset", "--num-heads", "--img-size", "--pool"],
     "data": ["--data-dir", "--force", "--quiet"],
-    "eval": ["--data", "--data-dir", "--split", "--tta", "--batch-size", "--limit", "--device", "--out", "--json"],
+    "eval": ["--data", "--data-dir", "--split", "--tta", "--batch-size", "--limit", "--device", "--precision", "--out",
+             "--json"],
     "models": ["--json"],
     "predict": ["--topk", "--format", "--backend"],
     "export": ["--format", "--out", "--dynamic-batch", "--opset", "--int8", "--images"],
@@ -148,13 +149,25 @@ def test_eval_prints_and_writes_the_metrics(eval_setup, capsys):
     tmp_path, want = eval_setup
     args = ["eval", str(tmp_path / "model"), "--data", str(tmp_path / "digits"), "--device", "cpu",
             "--out", str(tmp_path / "ev")]
+    assert main(args + ["--json", "--precision", "fp32"]) == 0  # fp32: the eager model's numbers, to rounding
+    fp32 = json.loads(capsys.readouterr().out)
+    model = vitlab.load_model(tmp_path / "model")
+    raw = np.frombuffer((tmp_path / "digits" / "t10k-images-idx3-ubyte").read_bytes()[16:], np.uint8)
+    with torch.no_grad():
+        logp = model((torch.from_numpy(raw.reshape(20, 1, 28, 28).copy()).float() / 255 - 0.5) / 0.5).log_softmax(-1)
+    assert fp32["precision"] == "fp32" and fp32["device"] == "cpu"
+    assert fp32["loss"] == pytest.approx(-logp[torch.arange(20), torch.arange(20) % 10].mean().item(), abs=1e-6)
     assert main(args + ["--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     for key, value in want.items():
         assert printed[key] == pytest.approx(value, rel=1e-4), key
     assert printed["split"] == "test" and printed["tta"] is False and len(printed["per_class"]) == 10
+    assert printed["precision"] == setup_runtime("cpu").precision  # auto: what training would pick here
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == printed
     assert not [p.name for p in (tmp_path / "ev").iterdir() if p.name.startswith(".")]  # no temp files
+    assert main(args[:-2] + ["--precision", "fp16"]) == 2  # fp16 is for CUDA: one line
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs a CUDA device" in err
     assert main(args) == 0
     first = capsys.readouterr().out.splitlines()[0].split()
     assert first[:4] == ["digits", "test:", "20", "images"]

@@ -137,11 +137,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .data import stratified_split
         keep = torch.from_numpy(stratified_split(data.labels.numpy(), args.limit)[1])
         data = data.take(keep)
-    rt = setup_runtime(args.device)
+    rt = setup_runtime(args.device, args.precision)
     model.to(rt.device)
     loader = BatchLoader(data, args.batch_size, False, EvalTransform(model.config))
     metrics = evaluate(model, loader, model.config.num_classes, rt, tta=args.tta)
-    metrics.update(dataset=data.name, split=args.split, model=str(model_dir), tta=args.tta, limit=args.limit)
+    metrics.update(dataset=data.name, split=args.split, model=str(model_dir), tta=args.tta, limit=args.limit,
+                   device=str(rt.device), precision=rt.precision)
     from pathlib import Path
     out = Path(args.out) if args.out else (run_dir or model_dir) / f"eval_{data.name}_{args.split}"
     out.mkdir(parents=True, exist_ok=True)

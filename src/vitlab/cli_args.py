@@ -53,6 +53,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--limit", type=int, help="evaluate a stratified, seeded subset of this many images")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: as training picks it on this device (bf16 where the hardware runs it natively)")
     p.add_argument("--out", help="folder for metrics.json and confusion.png")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
 
