@@ -2,8 +2,10 @@ import json
 import pickle
 import struct
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import vitlab
 from vitlab import ModelFileError
@@ -119,22 +121,33 @@ def test_weights_that_do_not_match_the_config(saved):
         vitlab.load_model(saved)
 
 
-def test_non_finite_weights_are_refused_by_name(saved):
+def rewrite_weights(f, change=None, keep_id=True):
+    """Rewrite a model.safetensors with `change` applied to its tensors, keeping its save id or not."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
+    with safe_open(f, "pt") as h:
+        metadata = h.metadata()
+    state = load_file(f)
+    if change:
+        change(state)
+    save_file(state, f, metadata=metadata if keep_id else {"format": "pt"})
+
+
+def test_non_finite_weights_are_refused_by_name(saved, capsys):
     from vitlab.cli import main
     f = saved / "model.safetensors"
     assert vitlab.load_model(saved).training is False  # loaded for inference; fine-tuning calls .train()
-    from safetensors import safe_open
-    with safe_open(f, "pt") as h:
-        metadata = h.metadata()  # the same save: only the values differ
-    state = load_file(f)
-    state["blocks.1.mlp.fc1.weight"][3, 5] = float("nan")
-    state["head.bias"][0] = float("inf")
-    save_file(state, f, metadata=metadata)
+
+    def poison(state):
+        state["blocks.1.mlp.fc1.weight"][3, 5] = float("nan")
+        state["head.bias"][0] = float("inf")
+    rewrite_weights(f, poison)  # the same save id: only the values differ
     with pytest.raises(ModelFileError, match=r"NaN or infinite values in 2 tensor\(s\): .*blocks\.1\.mlp\.fc1\.weight"):
         vitlab.load_model(saved)
-    assert main(["export", str(saved)]) == 2  # the CLI: one line, and nothing written
-    assert not (saved / "model.onnx").exists()
+    assert main(["export", str(saved), "--format", "torchscript"]) == 2  # the CLI: one line, and nothing written
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "NaN or infinite values in 2 tensor(s)" in err
+    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors"]
 
 
 class _Boom:
@@ -172,8 +185,10 @@ def test_a_failed_save_keeps_the_previous_model(saved, monkeypatch):
     assert vitlab.load_model(saved).config.depth == 2
 
 
-def test_weights_and_config_from_different_saves_are_refused(saved, tmp_path, monkeypatch):
+def test_weights_and_config_from_different_saves_are_refused(saved, tmp_path, monkeypatch, capsys):
     import shutil
+    from vitlab.cli import main
+    from vitlab.weights.pretrained import read_pretrained
     # a save stopped between its two files: new weights (same shapes) beside the old config
     renamed = tiny_config(class_names=tuple("vwxyz"))
     monkeypatch.setattr("vitlab.weights.modeldir.atomic_write_text",
@@ -181,25 +196,43 @@ def test_weights_and_config_from_different_saves_are_refused(saved, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         vitlab.save_model(vitlab.create_model(renamed), saved)
     monkeypatch.undo()
-    with pytest.raises(ModelFileError, match="not written by the same save.*save the model again"):
+    with pytest.raises(ModelFileError, match=r"not written by the same save.*Save the model again.*\"save\": null"):
         vitlab.load_model(saved)
-    from vitlab.cli import main
-    assert main(["predict", str(saved), str(tmp_path)]) == 2  # the CLI says so in one line
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
+    assert main(["predict", str(saved), str(tmp_path / "a.png")]) == 2  # the CLI says so in one line
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not written by the same save" in err
     with pytest.raises(ModelFileError, match="not written by the same save"):  # and so does fine-tuning from it
-        from vitlab.weights.pretrained import read_pretrained
         read_pretrained(str(saved))
+    # "save": null in config.json: the user vouches for the pair
+    doc = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**doc, "save": None}))
+    assert vitlab.load_model(saved).config.class_names is None  # the old config, the new weights
     # a config copied in from another model of the same shapes
     other = vitlab.save_model(vitlab.create_model(renamed), tmp_path / "other")
     vitlab.save_model(vitlab.create_model(tiny_config()), saved)
     assert vitlab.load_model(saved).config.class_names is None  # a whole save pairs up again
     shutil.copy(other / "config.json", saved / "config.json")
-    with pytest.raises(ModelFileError, match="not written by the same save"):
+    with pytest.raises(ModelFileError, match=r"\(save [0-9a-f]{32}\) and .*\(save [0-9a-f]{32}\) were not"):
         vitlab.load_model(saved)
-    # a directory from before the ids (no "save" in config.json) still loads
+    # an id-less config (from before the ids) beside weights from a newer save: refused too
     doc = json.loads((saved / "config.json").read_text())
     del doc["save"]
     (saved / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelFileError, match=r"\(save [0-9a-f]{32}\) and .*\(no save id\) were not"):
+        vitlab.load_model(saved)
+    # weights rewritten by another tool (no id) beside a config with one: refused
+    rewrite_weights(other / "model.safetensors", keep_id=False)
+    with pytest.raises(ModelFileError, match=r"\(no save id\) and .*\(save [0-9a-f]{32}\) were not"):
+        vitlab.load_model(other)
+    # a directory from before the ids: neither file has one, and it loads
+    rewrite_weights(saved / "model.safetensors", keep_id=False)
     assert vitlab.load_model(saved).config.class_names == tuple("vwxyz")
+    # a "save" that is no id: one line naming it
+    for bad in (12, "x" * 500, ["a"]):
+        (saved / "config.json").write_text(json.dumps({**doc, "save": bad}))
+        with pytest.raises(ModelFileError, match=r"'save' must be a save id \(32 hex digits\) or null, got"):
+            vitlab.load_model(saved)
 
 
 def test_safetensors_header_is_plain(saved):

@@ -124,12 +124,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .data.augment import EvalTransform
     from .data.loader import BatchLoader
-    from .engine.runtime import setup_runtime
+    from .engine.runtime import resolve_device, resolve_precision, setup_runtime
     from .evaluate import evaluate, save_confusion_png
     from .util import atomic_write_text
     from .weights.modeldir import load_model, recorded_dataset
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit {args.limit} must be >= 1 (or left out to evaluate every image)")
+    resolve_precision(args.precision, resolve_device(args.device))  # settings first, before the data loads
     model_dir, run_dir = _resolve_model_dir(args.path)
     model = load_model(model_dir)
     data = recorded_dataset(model_dir, model, args.split, args.data_dir, name=args.data)

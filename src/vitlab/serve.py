@@ -196,11 +196,16 @@ class Batcher:
         self.thread.join()
 
     def _take(self, job: Job) -> bool:
-        """Out of the queue and, unless its request has gone (False), running: from here its
-        request waits for the answer."""
+        """Out of the queue; False if its request has gone already. A job taken may still be
+        cancelled until `_start` marks it running, just before the model sees it."""
         with self.lock:
             self.waiting -= 1
-        return job.future.set_running_or_notify_cancel()
+        return not job.future.cancelled()
+
+    @staticmethod
+    def _start(jobs: list[Job]) -> list[Job]:
+        """The jobs whose requests still wait, now marked running (no longer cancellable)."""
+        return [j for j in jobs if j.future.set_running_or_notify_cancel()]
 
     def _loop(self) -> None:
         wait = self.settings.max_wait_ms / 1000
@@ -225,10 +230,12 @@ class Batcher:
                     break
                 if self._take(nxt):
                     (batch if nxt.kind == "predict" else alone).append(nxt)
+            batch = self._start(batch)  # a request may have timed out during the gathering window
             if batch:
                 self._predict(batch)
             for j in alone:
-                self._attention(j)
+                if self._start([j]):
+                    self._attention(j)
 
     def _predict(self, jobs: list[Job]) -> None:
         try:

@@ -26,7 +26,7 @@ from ..config import ViTConfig
 from ..errors import ConfigError, ModelFileError
 from ..model import VisionTransformer
 from ..pos_embed import resample_pos_embed
-from ..util import atomic_write, atomic_write_text, unwrap_model, why_unloadable
+from ..util import atomic_write, atomic_write_text, printable, unwrap_model, why_unloadable
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -83,6 +83,16 @@ def _regular_file(file: Path, what: str) -> Path:
 
 def read_config(path: str | os.PathLike) -> tuple[ViTConfig, dict[str, Any]]:
     """The ViTConfig and the `extra` record stored in a model directory."""
+    cfg, extra, _ = read_model_config(path)
+    return cfg, extra
+
+
+NO_ID = object()  # config.json without a "save" key: written before save ids existed
+
+
+def read_model_config(path: str | os.PathLike) -> tuple[ViTConfig, dict[str, Any], Any]:
+    """(ViTConfig, `extra` record, save id) of a model directory, from one read of config.json. The
+    save id is a string, None (`"save": null`: the pairing check is turned off by hand) or NO_ID."""
     file = Path(path) / CONFIG_NAME
     if not Path(path).is_dir():
         raise ModelFileError(f"{path} is not a model directory (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
@@ -101,33 +111,45 @@ def read_config(path: str | os.PathLike) -> tuple[ViTConfig, dict[str, Any]]:
     extra = doc.get("extra", {})
     if not isinstance(extra, dict):
         raise ModelFileError(f"{file}: 'extra' must be a mapping, got {type(extra).__name__}")
+    save_id = doc.get("save", NO_ID)
+    if not (save_id is NO_ID or save_id is None or _is_save_id(save_id)):
+        raise ModelFileError(f"{file}: 'save' must be a save id (32 hex digits) or null, got "
+                             f"{printable(repr(save_id)[:60])}")
     try:
-        return ViTConfig.from_dict(doc["config"]), extra
+        return ViTConfig.from_dict(doc["config"]), extra, save_id
     except (ConfigError, TypeError) as e:
         raise ModelFileError(f"{file} holds an invalid config: {e}") from None
 
 
-def check_same_save(path: str | os.PathLike) -> None:
-    """ModelFileError unless the config.json and model.safetensors of model directory `path` were
-    written by the same save (their ids match). Directories from before the ids skip the check."""
-    config, weights = Path(path) / CONFIG_NAME, Path(path) / WEIGHTS_NAME
-    config_id = json.loads(config.read_bytes()).get("save")  # read_config has checked the file
-    if config_id is None:
+def _is_save_id(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+def check_same_save(config_id: Any, weights_id: str | None, config: Path, weights: Path) -> None:
+    """ModelFileError unless config.json (save id `config_id`, from read_model_config) and the weights
+    (`weights_id`, from read_header) were written by the same save. A directory from before the ids
+    has neither; `"save": null` in config.json turns the check off by hand."""
+    if config_id is None or (config_id is NO_ID and weights_id is None):
         return
-    try:
-        with safe_open(weights, "pt") as f:
-            weights_id = (f.metadata() or {}).get("vitlab_save")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelFileError(f"{weights} cannot be read as safetensors ({e}); the file is truncated "
-                             f"or corrupted") from None
-    if weights_id != config_id:
-        raise ModelFileError(f"{weights} and {config} were not written by the same save (ids {weights_id} and "
-                             f"{config_id}): a save was interrupted between the two files, or one was copied "
-                             f"from another model; save the model again")
+    if weights_id == config_id:
+        return
+    raise ModelFileError(f"{weights} ({_shown(weights_id)}) and {config} ({_shown(config_id)}) were not written by "
+                         f"the same save: a save was interrupted between the two files, or one was copied from "
+                         f"another model. Save the model again from its source, or, if you know the two belong "
+                         f'together, set "save": null in {CONFIG_NAME}')
+
+
+def _shown(save_id: Any) -> str:
+    return "no save id" if save_id is None or save_id is NO_ID else f"save {printable(str(save_id)[:40])}"
 
 
 def read_shapes(file: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """{key: shape} of a .safetensors file from its header alone (no tensor data is read)."""
+    return read_header(file)[0]
+
+
+def read_header(file: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], str | None]:
+    """({key: shape}, vitlab save id or None) of a .safetensors file, from its header alone."""
     file = _regular_file(Path(file), "the weights file is needed")
     if file.stat().st_size == 0:
         raise ModelFileError(f"{file} is empty (0 bytes)")
@@ -137,6 +159,7 @@ def read_shapes(file: str | os.PathLike) -> dict[str, tuple[int, ...]]:
             for key in f.keys():
                 piece = f.get_slice(key)
                 shapes[key], dtypes[key] = tuple(piece.get_shape()), piece.get_dtype()
+            save_id = (f.metadata() or {}).get("vitlab_save")
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelFileError(f"{file} cannot be read as safetensors ({e}); the file is truncated "
                              f"or corrupted") from None
@@ -144,7 +167,7 @@ def read_shapes(file: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     if odd:
         raise ModelFileError(f"{file} holds non-float tensors {dict(list(odd.items())[:3])}; model weights "
                              f"are float")
-    return shapes
+    return shapes, save_id
 
 
 def check_shapes(cfg: ViTConfig, shapes: dict[str, tuple[int, ...]], source: str,
@@ -238,10 +261,10 @@ def load_model(path: str | os.PathLike, img_size: int | None = None, attn_impl: 
     to the new patch grid); other keyword arguments override config fields that do not change
     the weights' shapes (e.g. `drop_path_rate`).
     """
-    cfg, _ = read_config(path)
+    cfg, _, config_id = read_model_config(path)
     weights = Path(path) / WEIGHTS_NAME
-    shapes = read_shapes(weights)
-    check_same_save(path)
+    shapes, weights_id = read_header(weights)
+    check_same_save(config_id, weights_id, Path(path) / CONFIG_NAME, weights)
     check_shapes(cfg, shapes, str(weights))  # before anything is built: sizes come from the file
     if img_size is not None:
         overrides["img_size"] = img_size

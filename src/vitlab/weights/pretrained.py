@@ -19,7 +19,7 @@ import torch
 from ..config import ViTConfig
 from ..errors import ConversionError, ModelFileError
 from .hf import from_hf
-from .modeldir import CONFIG_NAME, FORMAT, MAX_CONFIG_BYTES, WEIGHTS_NAME, check_same_save, read_config, read_shapes, \
+from .modeldir import CONFIG_NAME, FORMAT, MAX_CONFIG_BYTES, WEIGHTS_NAME, check_same_save, read_header, read_model_config, \
     read_state_dict
 from .timm import infer_config
 from .torchvision import from_torchvision
@@ -87,9 +87,9 @@ def read_pretrained(path: str | os.PathLike, num_heads: int | None = None
     known: dict[str, Any] = {"num_heads": num_heads} if num_heads is not None else {}
     try:
         if kind == "vitlab":
-            cfg, _ = read_config(target)
-            read_shapes(target / WEIGHTS_NAME)  # a clear error for a file that is no safetensors
-            check_same_save(target)
+            cfg, _, config_id = read_model_config(target)
+            _, weights_id = read_header(target / WEIGHTS_NAME)  # a clear error for a file that is no safetensors
+            check_same_save(config_id, weights_id, target / CONFIG_NAME, target / WEIGHTS_NAME)
             state = read_state_dict(target / WEIGHTS_NAME)
         elif kind == "hf":
             cfg, state = from_hf(target, **known)
