@@ -13,7 +13,8 @@ A spec (YAML) names a base recipe, the settings every run shares, the candidates
     select: {from: [stem64], seeds: [1, 2]}     # the best seed-0 val top-1 among these, seeds 1, 2
     jobs: [{recipe: mnist, seeds: [0, 1, 2]}]    # plus whole recipes as they ship
 
-Phase 1 runs every candidate with seed 0 (and the fixed jobs); as soon as the last candidate has
+`--only a,b` runs just those candidates (part of a round, e.g. what fits one CPU session), with no
+fixed jobs and no phase 2. Phase 1 runs every candidate with seed 0 (and the fixed jobs); as soon as the last candidate has
 finished, phase 2 queues the selected candidate's other seeds ahead of anything still waiting.
 Selection looks at the validation split only (each run's best val top-1); a run's test top-1 is
 that of its val-selected weights, measured once at its end, and plays no part in any choice.
@@ -88,12 +89,21 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--set", action="append", default=[], help="extra --set for every run (after the spec's)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands of phase 1 and stop")
+    ap.add_argument("--only", help="comma-separated candidates: part of a round (e.g. what fits one CPU session); "
+                                   "no fixed jobs and no phase 2, which needs the whole round's seed-0 results")
     args = ap.parse_args()
     spec = load_spec(args.spec)
     common = list(spec.get("common") or [])
     select = spec.get("select") or {}
-    queue = [Job(k, spec["recipe"], 0, common + list(v or []) + args.set, 1) for k, v in spec["candidates"].items()]
-    for j in spec.get("jobs") or []:
+    candidates = spec["candidates"]
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = sorted(set(names) - set(candidates))
+        if unknown or not names:
+            raise SystemExit(f"--only {args.only!r}: unknown candidates {unknown}; the spec has {sorted(candidates)}")
+        candidates, select = {n: candidates[n] for n in names}, {}
+    queue = [Job(k, spec["recipe"], 0, common + list(v or []) + args.set, 1) for k, v in candidates.items()]
+    for j in ([] if args.only else spec.get("jobs") or []):
         queue += [Job(j["recipe"], j["recipe"], int(s), list(j.get("sets") or []) + args.set, 0)
                   for s in j.get("seeds", [0])]
     queue.sort(key=lambda j: j.phase == 1)  # fixed jobs (the longest, whole recipes) start first
@@ -136,7 +146,7 @@ def main() -> None:
 
     def choose() -> None:
         """Queue phase 2 (once): the best seed-0 val top-1 among the selectable candidates finished so far."""
-        pool = [k for k in (select.get("from") or spec["candidates"]) if k in seed0]
+        pool = [k for k in (select.get("from") or candidates) if k in seed0]
         if selected or not pool or not select.get("seeds"):
             return
         best = max(pool, key=seed0.get)

@@ -96,6 +96,15 @@ def test_a_failed_run_is_recorded_and_the_rest_go_on(sweep, monkeypatch, tmp_pat
     assert by[("bad", 0)].startswith("failed rc=") and by[("good", 0)] == "done" and by[("good", 1)] == "done"
 
 
+def test_only_runs_part_of_a_round_without_fixed_jobs_or_phase_two(sweep, monkeypatch, tmp_path):
+    spec = {"recipe": "cifar10", "candidates": {"a": ["fake.val=0.5"], "b": ["fake.val=0.8"], "c": ["fake.val=0.9"]},
+            "select": {"seeds": [1]}, "jobs": [{"recipe": "mnist", "seeds": [0]}]}
+    runs = run_sweep(sweep, monkeypatch, tmp_path, spec, "--only", "b,a")
+    assert sorted((r["candidate"], r["seed"], r["phase"]) for r in runs) == [("a", 0, 1), ("b", 0, 1)]
+    with pytest.raises(SystemExit, match=re.escape("unknown candidates ['z']")):
+        run_sweep(sweep, monkeypatch, tmp_path, spec, "--only", "a,z")
+
+
 @pytest.mark.parametrize("spec, message", [
     ({"candidates": {"a": []}}, "needs `recipe:`"),
     ({"recipe": "cifar10", "candidates": {"a": []}, "select": {"from": ["zz"]}}, "unknown candidates ['zz']"),
