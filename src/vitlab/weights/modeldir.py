@@ -4,10 +4,11 @@ Both files are written to temporary names and renamed into place, so an interrup
 leaves a half-written file where a good one was. Each save also writes one random id into both
 files (config.json "save", the safetensors metadata "vitlab_save"), so a pair that does not belong
 together (a save stopped between its two renames, or a file copied in from another model) is
-refused on loading instead of running the weights under the wrong classes or preprocessing. Loading never unpickles: safetensors for our
-own files, `torch.load(weights_only=True)` for foreign `.pth` files. Loading trusts no size in
-config.json: the config is checked against the weights file's header (shapes only, no data)
-before the model is built, so a config that says depth=10**9 fails at once.
+refused on loading instead of running the weights under the wrong classes or preprocessing.
+Loading never unpickles: safetensors for our own files, `torch.load(weights_only=True)` for
+foreign `.pth` files. Loading trusts no size in config.json: the config is checked against the
+weights file's header (shapes only, no data) before the model is built, so a config that says
+depth=10**9 fails at once.
 """
 from __future__ import annotations
 
@@ -139,6 +140,16 @@ def check_same_save(config_id: Any, weights_id: str | None, config: Path, weight
                          f'together, set "save": null in {CONFIG_NAME}')
 
 
+def read_model_dir(path: str | os.PathLike) -> tuple[ViTConfig, dict[str, tuple[int, ...]]]:
+    """(ViTConfig, {key: shape} of its weights) of model directory `path`, from config.json and the
+    weights' header alone, once the two are known to come from the same save (check_same_save)."""
+    cfg, _, config_id = read_model_config(path)
+    weights = Path(path) / WEIGHTS_NAME
+    shapes, weights_id = read_header(weights)
+    check_same_save(config_id, weights_id, Path(path) / CONFIG_NAME, weights)
+    return cfg, shapes
+
+
 def _shown(save_id: Any) -> str:
     return "no save id" if save_id is None or save_id is NO_ID else f"save {printable(str(save_id)[:40])}"
 
@@ -261,10 +272,8 @@ def load_model(path: str | os.PathLike, img_size: int | None = None, attn_impl: 
     to the new patch grid); other keyword arguments override config fields that do not change
     the weights' shapes (e.g. `drop_path_rate`).
     """
-    cfg, _, config_id = read_model_config(path)
+    cfg, shapes = read_model_dir(path)
     weights = Path(path) / WEIGHTS_NAME
-    shapes, weights_id = read_header(weights)
-    check_same_save(config_id, weights_id, Path(path) / CONFIG_NAME, weights)
     check_shapes(cfg, shapes, str(weights))  # before anything is built: sizes come from the file
     if img_size is not None:
         overrides["img_size"] = img_size

@@ -19,8 +19,7 @@ import torch
 from ..config import ViTConfig
 from ..errors import ConversionError, ModelFileError
 from .hf import from_hf
-from .modeldir import CONFIG_NAME, FORMAT, MAX_CONFIG_BYTES, WEIGHTS_NAME, check_same_save, read_header, read_model_config, \
-    read_state_dict
+from .modeldir import CONFIG_NAME, FORMAT, MAX_CONFIG_BYTES, WEIGHTS_NAME, read_model_dir, read_state_dict
 from .timm import infer_config
 from .torchvision import from_torchvision
 
@@ -87,9 +86,7 @@ def read_pretrained(path: str | os.PathLike, num_heads: int | None = None
     known: dict[str, Any] = {"num_heads": num_heads} if num_heads is not None else {}
     try:
         if kind == "vitlab":
-            cfg, _, config_id = read_model_config(target)
-            _, weights_id = read_header(target / WEIGHTS_NAME)  # a clear error for a file that is no safetensors
-            check_same_save(config_id, weights_id, target / CONFIG_NAME, target / WEIGHTS_NAME)
+            cfg, _ = read_model_dir(target)  # the same checks as load_model: one save, a real safetensors file
             state = read_state_dict(target / WEIGHTS_NAME)
         elif kind == "hf":
             cfg, state = from_hf(target, **known)
