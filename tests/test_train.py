@@ -124,7 +124,7 @@ def test_eval_and_predict_from_the_command_line(shapes, tmp_path):
     (odd / "broken.jpg").write_bytes(b"not a jpeg")
     p = cli("predict", str(tmp_path / "run" / "model"), str(shapes / "dots" / "0.png"), str(odd), "--format", "json",
             "--topk", "2")
-    assert p.returncode == 0, p.stderr
+    assert p.returncode == 1, p.stderr  # broken.jpg skipped: the others predicted, and scripts can tell
     rows = json.loads(p.stdout)
     assert [Path(r["file"]).name for r in rows] == ["0.png", "grey.png"]
     for r in rows:
@@ -133,8 +133,9 @@ def test_eval_and_predict_from_the_command_line(shapes, tmp_path):
         assert {t["label"] for t in r["top"]} <= set(CLASSES)
     assert rows[0]["top"][0]["label"] == "dots"  # the model learned this training image
     assert "skipped" in p.stderr and "broken.jpg" in p.stderr and "Traceback" not in p.stderr
-    csv_out = cli("predict", str(tmp_path / "run"), str(shapes / "dots" / "0.png"), "--format", "csv").stdout
-    assert csv_out.splitlines()[0] == "file,rank,label,index,prob"
+    csv_run = cli("predict", str(tmp_path / "run"), str(shapes / "dots" / "0.png"), "--format", "csv")
+    assert csv_run.returncode == 0, csv_run.stderr  # nothing skipped
+    assert csv_run.stdout.splitlines()[0] == "file,rank,label,index,prob"
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")

@@ -1,7 +1,9 @@
 """The `vitlab` command: a table of subcommands, each a small function over the library.
 
 Library code raises typed errors (vitlab.errors); here they become one line on stderr and a
-non-zero exit status, never a traceback.
+non-zero exit status, never a traceback. Exit status: 0 done, 1 done for some inputs but others were
+skipped (predict, attention: each skipped file named on stderr), 2 an error (nothing done), 130
+interrupted.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import yaml
 from .cli_args import (_attention_args, _bench_args, _convert_args, _data_args, _eval_args, _export_args,
                        _inspect_args, _models_args, _predict_args, _serve_args, _report_args, _train_args)
 from .errors import ConfigError, VitlabError
+
+PARTIAL = 1  # exit status when some inputs were skipped (like cp or grep): scripts can tell
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -162,7 +166,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Top-k labels for image files or folders, as a table, JSON or CSV."""
+    """Top-k labels for image files or folders, as a table, JSON or CSV.
+
+    Exit status 1 (not 0) when some files were skipped: each is named on stderr and the others are
+    still predicted; 2 when none could be."""
     from .predict import collect_files, decode_files, format_rows, predict_decoded
     if args.topk < 1:
         raise ConfigError(f"--topk {args.topk} must be >= 1")
@@ -186,7 +193,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for f, problem in failed:  # the others still get their predictions
         print(f"vitlab predict: skipped {printable(f)}: {problem}", file=sys.stderr)
     print(format_rows(rows, args.format))
-    return 0
+    return PARTIAL if failed else 0
 
 
 def _predict_model(path: str, backend: str):
@@ -261,7 +268,9 @@ def _export_images(model, paths: list[str]):
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
-    """Where the model looks: a PNG (or .npy map) per image, from raw attention, rollout or gradients."""
+    """Where the model looks: a PNG (or .npy map) per image, from raw attention, rollout or gradients.
+
+    Exit status 1 (not 0) when some files were skipped, each named on stderr; 2 when none could be."""
     from pathlib import Path
 
     import numpy as np
@@ -348,7 +357,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
     for f, problem in failed:
         print(f"vitlab attention: skipped {printable(f)}: {problem}", file=sys.stderr)
     print(f"wrote {len(index)} {args.format.upper()} file(s) and attention.json to {out}")
-    return 0
+    return PARTIAL if failed else 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
