@@ -109,7 +109,8 @@ def server(model_dir):
 
 def test_jobs_whose_request_has_gone_take_no_place_in_a_batch():
     from concurrent.futures import Future
-    from vitlab.serve import Batcher, Job, Metrics
+    from vitlab.serve import Batcher, Job
+    from vitlab.serve_io import Metrics
     model = vitlab.create_model(tiny_config()).eval()
     sizes = []
     forward = model.forward
