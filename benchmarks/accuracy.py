@@ -8,8 +8,10 @@
 Each run is `vitlab train --recipe R --set train.seed=S --set data.data_dir=D --out runs/bench/R-sS`;
 its record is appended to benchmarks/results/accuracy.json as
 {"recipe", "dataset", "seed", "epochs", "val_top1", "test_top1", "wall_s", "params", "device", "cpu",
-"cpu_capability", "precision", "torch", "parallel", "threads", "model"} ("model": the resolved
-architecture, so that a row still says what it measured after its recipe changes). A repeat of a
+"cpu_capability", "precision", "torch", "parallel", "threads", "model", "settings"} ("model": the
+resolved architecture; "settings": every resolved setting but the seed, data location and runtime,
+so that a row still says what it measured after its recipe changes). The table groups runs by recipe,
+settings (a short hash: a recipe changed in place starts a new row) and hardware. A repeat of a
 run directory name gets a -2, -3, ... suffix. Test accuracy is that of the weights selected on the validation split,
 measured once. With --parallel N, N runs go side by side, each with runtime.threads = cores // N
 (issue 9: on a 2-core CPU two 1-thread processes did more images/s than one 2-thread process); each
@@ -49,8 +51,29 @@ def record_of(run_dir: Path, recipe: str, wall_s: float | None = None) -> dict:
         "device": env.get("device"), "cpu": env.get("cpu"), "torch": env.get("torch"), "run_dir": str(run_dir),
         **({"gpu": env["gpu"]} if str(env.get("device", "")).startswith("cuda") and env.get("gpu") else {}),
         "threads": env.get("threads"), "cpu_capability": env.get("cpu_capability"), "precision": env.get("precision"),
-        "model": model_config(run_dir, cfg),
+        "model": model_config(run_dir, cfg), "settings": settings_of(cfg),
     }
+
+
+# Settings that do not change what a recipe is: where the data lives, the seed (rows of one recipe
+# differ in it), and the runtime (threads, precision and kernels are in the hardware column).
+_NOT_RECIPE = {"data": ("data_dir", "download", "cache_dir", "workers", "storage"), "train": ("seed",)}
+
+
+def settings_of(cfg: dict) -> dict:
+    """The run's resolved settings minus _NOT_RECIPE and runtime: rows with equal settings measured
+    the same recipe, so a recipe changed in place (e.g. new augmentation) starts a new row."""
+    return {section: {k: v for k, v in values.items() if k not in _NOT_RECIPE.get(section, ())}
+            for section, values in cfg.items() if section != "runtime"}
+
+
+def fingerprint(r: dict) -> str:
+    """A short hash of a record's settings; records from before settings were kept are grouped by
+    their architecture alone and marked "-"."""
+    if not r.get("settings"):
+        return "-"
+    import hashlib
+    return hashlib.sha1(json.dumps(r["settings"], sort_keys=True).encode()).hexdigest()[:7]
 
 
 def model_config(run_dir: Path, settings: dict | None = None) -> dict | None:
@@ -154,10 +177,10 @@ def _hardware(r: dict) -> str:
 def render() -> str:
     """The README's results table: one row per recipe, epochs and machine (mean ± std over its seeds)."""
     runs = json.loads(RESULTS.read_text())["runs"] if RESULTS.is_file() else []
-    by: dict[tuple[str, str], list[dict]] = {}
+    by: dict[tuple[str, str, str], list[dict]] = {}
     for r in runs:
         name = f"{r['recipe']} ({r['epochs']} epoch{'s' if r['epochs'] != 1 else ''})"
-        by.setdefault((name, _hardware(r)), []).append(r)
+        by.setdefault((name, fingerprint(r), _hardware(r)), []).append(r)
 
     def ms(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
         values = [v * scale for v in values if v is not None]
@@ -166,14 +189,14 @@ def render() -> str:
         if len(values) == 1:
             return f"{values[0]:.{digits}f}"
         return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-    lines = ["| recipe | runs (seeds) | test top-1 % | val top-1 % | wall time / run | params | hardware |",
-             "|---|---|---|---|---|---|---|"]
-    for (name, hardware), rs in by.items():
+    lines = ["| recipe | settings | runs (seeds) | test top-1 % | val top-1 % | wall time / run | params | hardware |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (name, settings, hardware), rs in by.items():
         seeds = ",".join(str(r["seed"]) for r in rs)
         wall = statistics.mean(r["wall_s"] for r in rs) / 60
         side = max(r.get("parallel") or 1 for r in rs)
         shared = f" ({side} runs side by side)" if side > 1 else ""
-        lines.append(f"| {name} | {len(rs)} ({seeds}) | {ms([r['test_top1'] for r in rs])} | "
+        lines.append(f"| {name} | {settings} | {len(rs)} ({seeds}) | {ms([r['test_top1'] for r in rs])} | "
                      f"{ms([r['val_top1'] for r in rs])} | {wall:.1f} min{shared} | {rs[0]['params'] / 1e6:.2f}M | "
                      f"{hardware} |")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import tiny_config
 from vitlab.bench import count_flops
@@ -221,7 +222,31 @@ def test_accuracy_table_has_a_row_per_recipe_and_machine(accuracy):
     accuracy.RESULTS.write_text(json.dumps({"runs": runs}))
     rows = accuracy.render().splitlines()[2:]
     assert len(rows) == 2
-    assert rows[0].startswith("| cifar10 (15 epochs) | 2 (0,1) | 81.00 ± 1.41 | 80.00 ± 1.41 | 51.0 min | 2.00M | "
+    assert rows[0].startswith("| cifar10 (15 epochs) | - | 2 (0,1) | 81.00 ± 1.41 | 80.00 ± 1.41 | 51.0 min | 2.00M | "
                               "AMD EPYC (AVX512, bf16), cpu, torch 2.14.1 |")
-    assert rows[1] == ("| cifar10 (15 epochs) | 1 (0) | 81.80 | 81.00 | 2.1 min (8 runs side by side) | 2.00M | "
+    assert rows[1] == ("| cifar10 (15 epochs) | - | 1 (0) | 81.80 | 81.00 | 2.1 min (8 runs side by side) | 2.00M | "
                        "NVIDIA H100 80GB HBM3 (bf16), cuda:0, torch 2.11.0 |")
+
+
+def test_accuracy_table_gives_a_recipe_changed_in_place_its_own_row(accuracy, tmp_path):
+    """Same recipe name and machine, new augmentation: a new row, not a mean over both versions;
+    the seed and the data location do not split rows."""
+    def record(seed: int, rotate: float, data_dir: str, top1: float) -> dict:
+        run = tmp_path / f"run-{seed}-{rotate}"
+        run.mkdir()
+        (run / "results.json").write_text(json.dumps({"best": {"val_top1": top1}, "test": {"top1": top1},
+                                                      "params": 10}))
+        (run / "config.yaml").write_text(yaml.safe_dump({
+            "data": {"name": "mnist", "data_dir": data_dir}, "augment": {"crop_pad": 2, "rotate": rotate},
+            "train": {"seed": seed, "epochs": 15}, "runtime": {"threads": seed + 1}}))
+        (run / "env.json").write_text(json.dumps({"device": "cpu", "cpu": "x", "torch": "2"}))
+        return accuracy.record_of(run, "mnist", wall_s=60.0)
+    old = [record(0, 0.0, "/a", 0.99), record(1, 0.0, "/b", 0.993)]
+    new = [record(0, 10.0, "/a", 0.995), record(1, 10.0, "/a", 0.997)]
+    assert old[0]["settings"] == {"data": {"name": "mnist"}, "augment": {"crop_pad": 2, "rotate": 0.0},
+                                  "train": {"epochs": 15}}
+    accuracy.RESULTS.write_text(json.dumps({"runs": old + new}))
+    rows = accuracy.render().splitlines()[2:]
+    assert len(rows) == 2 and all("| 2 (0,1) |" in r for r in rows)
+    assert "99.15 ± 0.21" in rows[0] and "99.60 ± 0.14" in rows[1]
+    assert rows[0].split("|")[2].strip() == accuracy.fingerprint(old[1]) != accuracy.fingerprint(new[0])
