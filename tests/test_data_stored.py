@@ -140,6 +140,33 @@ def test_unreadable_files_are_skipped_alike_and_a_damaged_file_is_named_when_str
         batches(stream, train=False)
 
 
+def _exit_worker(_):
+    os._exit(3)  # a decoding process killed (the OOM killer, say)
+
+
+def test_one_decoding_pool_serves_every_epoch_and_a_broken_one_is_replaced(tmp_path, monkeypatch):
+    """Streaming starts its worker processes once per process, not once per epoch or evaluation;
+    a pool whose worker died gives one DataError and the next stream works on a fresh pool."""
+    made = []
+
+    class Counted(stored.ProcessPoolExecutor):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+    monkeypatch.setattr(stored, "ProcessPoolExecutor", Counted)
+    monkeypatch.setattr(stored, "_POOLS", {})
+    stream = load_dataset(make_folder(tmp_path / "pets"), "train", image_size=16, storage="stream", workers=2)
+    first = [batches(stream, epoch=e) for e in (1, 2, 3)] + [batches(stream, train=False)]
+    assert len(made) == 1
+    with pytest.raises(DataError, match="a process decoding images died"):
+        list(stored.ordered(stored._pool(2), _exit_worker, range(4), ahead=2))
+    again = batches(stream, epoch=1)
+    assert len(made) == 2
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first[0], again))
+    for pool in made:
+        pool.shutdown()
+
+
 def test_streaming_holds_a_bounded_number_of_batches():
     taken, in_flight, peak = [0], [0], [0]
     lock = threading.Lock()

@@ -131,14 +131,33 @@ def ordered(pool: ProcessPoolExecutor | None, fn, jobs: Iterable, ahead: int) ->
         while queue:
             yield queue.popleft().result()
     except BrokenProcessPool:
+        _discard(pool)  # the next stream starts a fresh one
         raise DataError("a process decoding images died (out of memory?)") from None
     finally:
         for fut in queue:
             fut.cancel()
 
 
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
 def _pool(workers: int) -> ProcessPoolExecutor | None:
-    return ProcessPoolExecutor(workers) if workers > 1 else None
+    """This process's pool of `workers` decoding processes, started on first use and kept: every
+    epoch and evaluation of a streamed split reuses it instead of starting processes again (under
+    the spawn and forkserver start methods each new worker re-imports torch). None for 0 or 1 workers
+    (decoding in this process)."""
+    if workers <= 1:
+        return None
+    if workers not in _POOLS:
+        _POOLS[workers] = ProcessPoolExecutor(workers)
+    return _POOLS[workers]
+
+
+def _discard(pool: ProcessPoolExecutor) -> None:
+    for key, kept in list(_POOLS.items()):
+        if kept is pool:
+            del _POOLS[key]
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ---- streamed --------------------------------------------------------------------------------
@@ -179,13 +198,8 @@ class FolderStream:
 
     def batches(self, index_batches: Iterable) -> Iterator[torch.Tensor]:
         jobs = (([self.files[i] for i in self._rows(idx)], self.size, self.channels) for idx in index_batches)
-        pool = _pool(self.workers)
-        try:
-            for out in ordered(pool, _decode_batch, jobs, 2 * self.workers):
-                yield self._checked(out)
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+        for out in ordered(_pool(self.workers), _decode_batch, jobs, 2 * self.workers):
+            yield self._checked(out)
 
 
 # ---- cached ----------------------------------------------------------------------------------
@@ -332,9 +346,6 @@ def open_cache(files: list[Path], labels: list[int], size: int, channels: int, r
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
     log(f"decoded cache built in {time.time() - started:.0f} s")
     return DecodedCache(data_path, np.arange(len(keep)), size, channels), keep
 
