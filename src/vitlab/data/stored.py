@@ -138,7 +138,7 @@ def ordered(pool: ProcessPoolExecutor | None, fn, jobs: Iterable, ahead: int) ->
             fut.cancel()
 
 
-_POOLS: dict[int, ProcessPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ProcessPoolExecutor] = {}  # (pid, workers): a forked child never uses its parent's
 
 
 def _pool(workers: int) -> ProcessPoolExecutor | None:
@@ -148,9 +148,10 @@ def _pool(workers: int) -> ProcessPoolExecutor | None:
     (decoding in this process)."""
     if workers <= 1:
         return None
-    if workers not in _POOLS:
-        _POOLS[workers] = ProcessPoolExecutor(workers)
-    return _POOLS[workers]
+    key = (os.getpid(), workers)
+    if key not in _POOLS:
+        _POOLS[key] = ProcessPoolExecutor(workers)
+    return _POOLS[key]
 
 
 def _discard(pool: ProcessPoolExecutor) -> None:
