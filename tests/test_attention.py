@@ -257,7 +257,7 @@ def test_attention_command(trained, tmp_path, capsys):
     capsys.readouterr()
     rc = main(["attention", str(model_dir), str(tmp_path / "images"), str(tmp_path / "images" / "img0.png"),
                "--out", str(out / "png")])  # img0 named twice: explained once
-    assert rc == 1  # notes.png skipped: the others explained, and scripts can tell
+    assert rc == 3  # notes.png skipped: the others explained, and scripts can tell
     err = capsys.readouterr().err
     assert "skipped" in err and "notes.png" in err
     pngs = sorted(p.name for p in (out / "png").glob("*.png"))

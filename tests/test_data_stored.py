@@ -5,6 +5,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
@@ -144,9 +145,11 @@ def _exit_worker(_):
     os._exit(3)  # a decoding process killed (the OOM killer, say)
 
 
-def test_one_decoding_pool_serves_every_epoch_and_a_broken_one_is_replaced(tmp_path, monkeypatch):
-    """Streaming starts its worker processes once per process, not once per epoch or evaluation;
-    a pool whose worker died gives one DataError and the next stream works on a fresh pool."""
+def test_one_decoding_pool_serves_the_run_and_a_broken_one_is_replaced(tmp_path, monkeypatch):
+    """A run's streamed splits share one pool of worker processes, started once (not per epoch or
+    evaluation) and shut down when the splits are gone. A worker that dies while idle costs nothing;
+    one that dies mid-stream gives one DataError; either way the next stream gets a fresh pool."""
+    import gc
     made = []
 
     class Counted(stored.ProcessPoolExecutor):
@@ -154,17 +157,22 @@ def test_one_decoding_pool_serves_every_epoch_and_a_broken_one_is_replaced(tmp_p
             super().__init__(*a, **k)
             made.append(self)
     monkeypatch.setattr(stored, "ProcessPoolExecutor", Counted)
-    monkeypatch.setattr(stored, "_POOLS", {})
-    stream = load_dataset(make_folder(tmp_path / "pets"), "train", image_size=16, storage="stream", workers=2)
-    first = [batches(stream, epoch=e) for e in (1, 2, 3)] + [batches(stream, train=False)]
-    assert len(made) == 1
-    with pytest.raises(DataError, match="a process decoding images died"):
-        list(stored.ordered(stored._pool(2), _exit_worker, range(4), ahead=2))
-    again = batches(stream, epoch=1)
+    root = make_folder(tmp_path / "pets")
+    train, val = (load_dataset(root, split, image_size=16, storage="stream", workers=2) for split in ("train", "val"))
+    first = [batches(train, epoch=e) for e in (1, 2, 3)]
+    batches(val, train=False)
+    assert len(made) == 1 and train.images.pool is val.images.pool
+    with pytest.raises(BrokenProcessPool):  # a worker dies; the pool is idle again, and broken
+        made[0].submit(_exit_worker, 0).result()
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first[0], batches(train)))
     assert len(made) == 2
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first[0], again))
-    for pool in made:
-        pool.shutdown()
+    with pytest.raises(DataError, match="a process decoding images died"):  # mid-stream
+        list(stored.ordered(train.images.pool.get(), _exit_worker, range(4), ahead=2))
+    assert len(batches(train)) == len(first[0]) and len(made) == 3
+    del train, val
+    gc.collect()
+    with pytest.raises(RuntimeError, match="shutdown"):  # the last split gone: its workers are stopped
+        made[2].submit(int)
 
 
 def test_streaming_holds_a_bounded_number_of_batches():

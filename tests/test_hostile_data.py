@@ -357,7 +357,7 @@ def test_predict_reports_bad_files_and_predicts_the_rest(tmp_path, capsys, model
     good = png(tmp_path / "good.png", np.zeros((32, 32, 3), np.uint8))
     (tmp_path / "bad.png").write_text("not an image")
     rc, out, err = cli(capsys, "predict", model_dir, good, tmp_path / "bad.png")
-    assert rc == 0 and len(out.splitlines()) == 2 and "good.png" in out
+    assert rc == 3 and len(out.splitlines()) == 2 and "good.png" in out  # 3: partial
     assert err.count("\n") == 1 and "skipped" in err and "bad.png: not an image file" in err
 
 

@@ -124,7 +124,7 @@ def test_eval_and_predict_from_the_command_line(shapes, tmp_path):
     (odd / "broken.jpg").write_bytes(b"not a jpeg")
     p = cli("predict", str(tmp_path / "run" / "model"), str(shapes / "dots" / "0.png"), str(odd), "--format", "json",
             "--topk", "2")
-    assert p.returncode == 1, p.stderr  # broken.jpg skipped: the others predicted, and scripts can tell
+    assert p.returncode == 3, p.stderr  # broken.jpg skipped: the others predicted, and scripts can tell
     rows = json.loads(p.stdout)
     assert [Path(r["file"]).name for r in rows] == ["0.png", "grey.png"]
     for r in rows:

@@ -1,9 +1,10 @@
 """The `vitlab` command: a table of subcommands, each a small function over the library.
 
 Library code raises typed errors (vitlab.errors); here they become one line on stderr and a
-non-zero exit status, never a traceback. Exit status: 0 done, 1 done for some inputs but others were
-skipped (predict, attention: each skipped file named on stderr), 2 an error (nothing done), 130
-interrupted.
+non-zero exit status, never a traceback. Exit status: 0 done; 2 refused (a setting, file or input
+named on stderr; nothing done); 3 done for some inputs but others were skipped (predict, attention:
+each skipped file named on stderr); 1 a checksum mismatch in `vitlab data verify`, or an unexpected
+error (Python's traceback: a bug to report); 130 interrupted.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from .cli_args import (_attention_args, _bench_args, _convert_args, _data_args, 
                        _inspect_args, _models_args, _predict_args, _serve_args, _report_args, _train_args)
 from .errors import ConfigError, VitlabError
 
-PARTIAL = 1  # exit status when some inputs were skipped (like cp or grep): scripts can tell
+PARTIAL = 3  # some inputs skipped, the rest answered: distinct from 1 (what Python exits with on a crash)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -168,7 +169,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Top-k labels for image files or folders, as a table, JSON or CSV.
 
-    Exit status 1 (not 0) when some files were skipped: each is named on stderr and the others are
+    Exit status 3 (not 0) when some files were skipped: each is named on stderr and the others are
     still predicted; 2 when none could be."""
     from .predict import collect_files, decode_files, format_rows, predict_decoded
     if args.topk < 1:
@@ -270,7 +271,7 @@ def _export_images(model, paths: list[str]):
 def cmd_attention(args: argparse.Namespace) -> int:
     """Where the model looks: a PNG (or .npy map) per image, from raw attention, rollout or gradients.
 
-    Exit status 1 (not 0) when some files were skipped, each named on stderr; 2 when none could be."""
+    Exit status 3 (not 0) when some files were skipped, each named on stderr; 2 when none could be."""
     from pathlib import Path
 
     import numpy as np

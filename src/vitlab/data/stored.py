@@ -4,8 +4,8 @@
 - memory: decoded once, whole, into one uint8 tensor (`folders.decode_files`); fastest, and
   needs N x C x size x size bytes (100k images at 224 px: 15 GB);
 - stream: the files are checked by their headers first (`folders.probe_files`); each batch is then
-  decoded when needed by `data.workers` processes, a few batches ahead. Memory holds those batches
-  only; every epoch decodes every image again;
+  decoded when needed by `data.workers` processes (started once and shared by the run's splits), a
+  few batches ahead. Memory holds those batches only; every epoch decodes every image again;
 - cache: decoded once into a file of raw uint8 images under `data.cache_dir` (default
   ~/.cache/vitlab/decoded, or under $VITLAB_CACHE), built with bounded memory and reused by later epochs and later runs:
   a batch is then a few reads the OS serves from its page cache. The file's name is a hash of the
@@ -24,8 +24,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import time
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -130,35 +132,63 @@ def ordered(pool: ProcessPoolExecutor | None, fn, jobs: Iterable, ahead: int) ->
                 yield queue.popleft().result()
         while queue:
             yield queue.popleft().result()
-    except BrokenProcessPool:
-        _discard(pool)  # the next stream starts a fresh one
+    except BrokenProcessPool:  # the pool's next user gets a fresh one (DecodePool.get)
         raise DataError("a process decoding images died (out of memory?)") from None
     finally:
         for fut in queue:
             fut.cancel()
 
 
-_POOLS: dict[tuple[int, int], ProcessPoolExecutor] = {}  # (pid, workers): a forked child never uses its parent's
+class DecodePool:
+    """`workers` decoding processes shared by the streamed splits alive in this process (a run's
+    train, val and test; see shared_pool): started on first use, kept across epochs and evaluations,
+    replaced when a worker has died (even while idle), shut down with `close()` or when the last
+    split using it is gone. Workers ignore Ctrl-C: the main process handles it and shuts them down."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._executor: ProcessPoolExecutor | None = None
+        self._closer: weakref.finalize | None = None
+
+    def get(self) -> ProcessPoolExecutor:
+        if self._executor is not None:
+            try:
+                self._executor.submit(int).result()  # one round trip: has a worker died since the last stream?
+            except BrokenProcessPool:
+                self.close()
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(self.workers, initializer=_ignore_sigint)
+            self._closer = weakref.finalize(self, _shut_down, self._executor)  # also at interpreter exit
+        return self._executor
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer()
+        self._executor = self._closer = None
 
 
-def _pool(workers: int) -> ProcessPoolExecutor | None:
-    """This process's pool of `workers` decoding processes, started on first use and kept: every
-    epoch and evaluation of a streamed split reuses it instead of starting processes again (under
-    the spawn and forkserver start methods each new worker re-imports torch). None for 0 or 1 workers
+def _shut_down(executor: ProcessPoolExecutor) -> None:
+    executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # (pid, workers) -> DecodePool
+
+
+def shared_pool(workers: int) -> DecodePool | None:
+    """The DecodePool of `workers` processes that this process's live streams share (a new one once
+    none is left; keyed by pid too, so a forked child never uses its parent's); None for 0 or 1 worker
     (decoding in this process)."""
     if workers <= 1:
         return None
     key = (os.getpid(), workers)
-    if key not in _POOLS:
-        _POOLS[key] = ProcessPoolExecutor(workers)
-    return _POOLS[key]
-
-
-def _discard(pool: ProcessPoolExecutor) -> None:
-    for key, kept in list(_POOLS.items()):
-        if kept is pool:
-            del _POOLS[key]
-    pool.shutdown(wait=False, cancel_futures=True)
+    pool = _SHARED.get(key)
+    if pool is None:
+        pool = _SHARED[key] = DecodePool(workers)
+    return pool
 
 
 # ---- streamed --------------------------------------------------------------------------------
@@ -171,6 +201,7 @@ class FolderStream:
     def __init__(self, files: list[str], size: int, channels: int, workers: int | None = None):
         self.files, self.size, self.channels = list(files), size, channels
         self.workers = workers if workers is not None else folders.default_workers()
+        self.pool = shared_pool(self.workers)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -199,7 +230,7 @@ class FolderStream:
 
     def batches(self, index_batches: Iterable) -> Iterator[torch.Tensor]:
         jobs = (([self.files[i] for i in self._rows(idx)], self.size, self.channels) for idx in index_batches)
-        for out in ordered(_pool(self.workers), _decode_batch, jobs, 2 * self.workers):
+        for out in ordered(self.pool and self.pool.get(), _decode_batch, jobs, 2 * self.workers):
             yield self._checked(out)
 
 
@@ -322,10 +353,10 @@ def open_cache(files: list[Path], labels: list[int], size: int, channels: int, r
     jobs = (([str(f) for f in files[i:i + chunk]], size, channels) for i in range(0, len(files), chunk))
     results: list = []  # None for a file written, its ImageError otherwise
     tmp = data_path.with_name(f"{data_path.name}.{os.getpid()}.partial")
-    pool = _pool(workers)
+    pool = DecodePool(workers) if workers > 1 else None  # its own: nothing decodes after the build
     try:
         with open(tmp, "wb") as f:
-            for outs in ordered(pool, _decode_each, jobs, 2 * workers):
+            for outs in ordered(pool and pool.get(), _decode_each, jobs, 2 * workers):
                 for out in outs:
                     if isinstance(out, ImageError):
                         results.append(out)
@@ -347,6 +378,9 @@ def open_cache(files: list[Path], labels: list[int], size: int, channels: int, r
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if pool is not None:
+            pool.close()
     log(f"decoded cache built in {time.time() - started:.0f} s")
     return DecodedCache(data_path, np.arange(len(keep)), size, channels), keep
 
