@@ -9,8 +9,9 @@ Each run is `vitlab train --recipe R --set train.seed=S --set data.data_dir=D --
 its record is appended to benchmarks/results/accuracy.json as
 {"recipe", "dataset", "seed", "epochs", "val_top1", "test_top1", "wall_s", "params", "device", "cpu",
 "cpu_capability", "precision", "torch", "parallel", "threads", "model", "settings"} ("model": the
-resolved architecture; "settings": every resolved setting but the seed, data location and runtime,
-so that a row still says what it measured after its recipe changes). The table groups runs by recipe,
+resolved architecture; "settings": the resolved settings that differ from vitlab's defaults, but the
+seed and what a resumed run may change, so that a row still says what it measured after its recipe
+changes). The table groups runs by recipe,
 settings (a short hash: a recipe changed in place starts a new row) and hardware. A repeat of a
 run directory name gets a -2, -3, ... suffix. Test accuracy is that of the weights selected on the validation split,
 measured once. With --parallel N, N runs go side by side, each with runtime.threads = cores // N
@@ -55,21 +56,28 @@ def record_of(run_dir: Path, recipe: str, wall_s: float | None = None) -> dict:
     }
 
 
-# Settings that do not change what a recipe is: where the data lives, the seed (rows of one recipe
-# differ in it), and the runtime (threads, precision and kernels are in the hardware column).
-_NOT_RECIPE = {"data": ("data_dir", "download", "cache_dir", "workers", "storage"), "train": ("seed",)}
-
-
 def settings_of(cfg: dict) -> dict:
-    """The run's resolved settings minus _NOT_RECIPE and runtime: rows with equal settings measured
-    the same recipe, so a recipe changed in place (e.g. new augmentation) starts a new row."""
-    return {section: {k: v for k, v in values.items() if k not in _NOT_RECIPE.get(section, ())}
-            for section, values in cfg.items() if section != "runtime"}
+    """The run's resolved settings that make it what it is: those that differ from vitlab's defaults,
+    less the seed (rows of one recipe differ in it) and what a resumed run may change (where the data
+    lives, logging, the runtime: train.resumable). Rows with equal settings measured the same recipe,
+    so a recipe changed in place starts a new row, and a new setting added to vitlab with a default
+    does not."""
+    from vitlab.engine.args import RunConfig
+    from vitlab.train import resumable
+    defaults = json.loads(json.dumps(RunConfig().to_dict()))  # tuples -> lists, as in config.yaml
+    out: dict = {}
+    for section, values in cfg.items():
+        for k, v in (values or {}).items():
+            key = f"{section}.{k}"
+            if key == "train.seed" or resumable(key) or defaults.get(section, {}).get(k, object()) == v:
+                continue
+            out.setdefault(section, {})[k] = v
+    return out
 
 
 def fingerprint(r: dict) -> str:
-    """A short hash of a record's settings; records from before settings were kept are grouped by
-    their architecture alone and marked "-"."""
+    """A short hash of a record's settings; "-" for records from before settings were kept (the table
+    still tells those apart by their architecture)."""
     if not r.get("settings"):
         return "-"
     import hashlib
@@ -180,7 +188,8 @@ def render() -> str:
     by: dict[tuple[str, str, str], list[dict]] = {}
     for r in runs:
         name = f"{r['recipe']} ({r['epochs']} epoch{'s' if r['epochs'] != 1 else ''})"
-        by.setdefault((name, fingerprint(r), _hardware(r)), []).append(r)
+        legacy = json.dumps(r.get("model"), sort_keys=True) if fingerprint(r) == "-" else ""
+        by.setdefault((name, fingerprint(r), _hardware(r), legacy), []).append(r)
 
     def ms(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
         values = [v * scale for v in values if v is not None]
@@ -191,7 +200,7 @@ def render() -> str:
         return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
     lines = ["| recipe | settings | runs (seeds) | test top-1 % | val top-1 % | wall time / run | params | hardware |",
              "|---|---|---|---|---|---|---|---|"]
-    for (name, settings, hardware), rs in by.items():
+    for (name, settings, hardware, _), rs in by.items():
         seeds = ",".join(str(r["seed"]) for r in rs)
         wall = statistics.mean(r["wall_s"] for r in rs) / 60
         side = max(r.get("parallel") or 1 for r in rs)

@@ -230,7 +230,7 @@ def test_accuracy_table_has_a_row_per_recipe_and_machine(accuracy):
 
 def test_accuracy_table_gives_a_recipe_changed_in_place_its_own_row(accuracy, tmp_path):
     """Same recipe name and machine, new augmentation: a new row, not a mean over both versions;
-    the seed and the data location do not split rows."""
+    the seed, the data location, the runtime and settings left at their defaults do not split rows."""
     def record(seed: int, rotate: float, data_dir: str, top1: float) -> dict:
         run = tmp_path / f"run-{seed}-{rotate}"
         run.mkdir()
@@ -243,8 +243,9 @@ def test_accuracy_table_gives_a_recipe_changed_in_place_its_own_row(accuracy, tm
         return accuracy.record_of(run, "mnist", wall_s=60.0)
     old = [record(0, 0.0, "/a", 0.99), record(1, 0.0, "/b", 0.993)]
     new = [record(0, 10.0, "/a", 0.995), record(1, 10.0, "/a", 0.997)]
-    assert old[0]["settings"] == {"data": {"name": "mnist"}, "augment": {"crop_pad": 2, "rotate": 0.0},
-                                  "train": {"epochs": 15}}
+    # what differs from the defaults (cifar10, crop_pad 4, rotate 0), less the seed, data_dir and runtime
+    assert old[0]["settings"] == {"data": {"name": "mnist"}, "augment": {"crop_pad": 2}}
+    assert new[0]["settings"] == {"data": {"name": "mnist"}, "augment": {"crop_pad": 2, "rotate": 10.0}}
     accuracy.RESULTS.write_text(json.dumps({"runs": old + new}))
     rows = accuracy.render().splitlines()[2:]
     assert len(rows) == 2 and all("| 2 (0,1) |" in r for r in rows)
