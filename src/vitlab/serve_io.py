@@ -137,3 +137,6 @@ def decode_upload(content_type: str | None, body: bytes, cfg) -> np.ndarray:
         raise ApiError(413, f"image refused: {e.reason}") from None
     except ImageError as e:
         raise ApiError(400, f"not a usable image: {e.reason}") from None
+
+
+__all__ = ["ApiError", "Metrics", "upload_bytes", "decode_upload", "MAX_PARTS"]
