@@ -11,9 +11,8 @@ its record is appended to benchmarks/results/accuracy.json as
 "cpu_capability", "precision", "torch", "parallel", "threads", "model", "settings"} ("model": the
 resolved architecture; "settings": the resolved settings that differ from vitlab's defaults, but the
 seed and what a resumed run may change, so that a row still says what it measured after its recipe
-changes). The table groups runs by recipe,
-settings (a short hash: a recipe changed in place starts a new row) and hardware. A repeat of a
-run directory name gets a -2, -3, ... suffix. Test accuracy is that of the weights selected on the validation split,
+changes). The table groups runs by recipe, settings (a short hash: a recipe changed in place starts
+a new row) and hardware. A repeat of a run directory name gets a -2, -3, ... suffix. Test accuracy is that of the weights selected on the validation split,
 measured once. With --parallel N, N runs go side by side, each with runtime.threads = cores // N
 (issue 9: on a 2-core CPU two 1-thread processes did more images/s than one 2-thread process); each
 record says how many ran at once and with how many threads, since its wall time depends on both.
@@ -185,7 +184,7 @@ def _hardware(r: dict) -> str:
 def render() -> str:
     """The README's results table: one row per recipe, epochs and machine (mean ± std over its seeds)."""
     runs = json.loads(RESULTS.read_text())["runs"] if RESULTS.is_file() else []
-    by: dict[tuple[str, str, str], list[dict]] = {}
+    by: dict[tuple[str, str, str, str], list[dict]] = {}  # name, settings, hardware, legacy architecture
     for r in runs:
         name = f"{r['recipe']} ({r['epochs']} epoch{'s' if r['epochs'] != 1 else ''})"
         legacy = json.dumps(r.get("model"), sort_keys=True) if fingerprint(r) == "-" else ""
