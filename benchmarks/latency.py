@@ -1,8 +1,10 @@
-"""Inference latency by backend (issue 12, item 5): eager PyTorch, torch.compile, onnxruntime fp32 and
-onnxruntime int8, at batch 1 and 32, for the given presets, interleaved in one run.
+"""Inference latency by backend (issue 12, item 5): eager PyTorch in fp32 and under bf16 autocast (what
+`vitlab predict/serve --precision bf16` run), torch.compile, onnxruntime fp32 and onnxruntime int8, at
+batch 1 and 32, for the given presets, interleaved in one run.
 
     python benchmarks/latency.py --out benchmarks/results/latency_cpu.json
     python benchmarks/latency.py --presets vit_tiny_patch4_32 --batches 1,32 --rounds 5
+    python benchmarks/latency.py --backends eager,eager-bf16,onnxruntime
 
 Random weights (latency does not depend on their values); fp32 inputs. Each backend is warmed up
 first (onnxruntime's session set-up is reported as `setup_s`, each backend's first call at a batch
@@ -34,10 +36,16 @@ def timed(fn, x, reps: int) -> float:
     return (time.perf_counter() - t) / reps
 
 
-def backends(model: VisionTransformer, folder: Path, threads: int) -> dict:
-    """name -> (callable on a float tensor, setup seconds), built once per model: torch.compile with
-    static shapes (it compiles again, timed as its warm-up, for each batch size), and onnxruntime
-    sessions on dynamic-batch exports. A backend that cannot run here is left out, with the reason."""
+BACKENDS = ("eager", "eager-bf16", "compile", "onnxruntime", "onnxruntime-int8")
+
+
+def backends(model: VisionTransformer, folder: Path, threads: int, wanted: tuple[str, ...] = BACKENDS) -> dict:
+    """name -> (callable on a float tensor, setup seconds), built once per model: eager PyTorch in
+    fp32 and under bf16 autocast (vitlab.predict.inference_precision, as predict and serve run it),
+    torch.compile with static shapes (it compiles again, timed as its warm-up, for each batch size),
+    and onnxruntime sessions on dynamic-batch exports. A backend that cannot run here is left out,
+    with the reason."""
+    from vitlab.predict import inference_precision
     from vitlab.weights.export import export_model
     import onnxruntime as ort
     out = {}
@@ -46,18 +54,28 @@ def backends(model: VisionTransformer, folder: Path, threads: int) -> dict:
     def eager(x):
         with torch.inference_mode():
             return model(x)
-    out["eager"] = (eager, 0.0)
-    try:
-        torch._dynamo.reset()
-        compiled = torch.compile(model, dynamic=False)
+    out["eager"] = (eager, 0.0)  # always: the reference the others are compared with
+    if "eager-bf16" in wanted:
+        autocast = inference_precision(model, "bf16")
 
-        def run_compiled(x):
-            with torch.inference_mode():
-                return compiled(x)
-        out["compile"] = (run_compiled, 0.0)
+        def eager_bf16(x):
+            with torch.inference_mode(), autocast:
+                return model(x)
+        out["eager-bf16"] = (eager_bf16, 0.0)
+    try:
+        if "compile" in wanted:
+            torch._dynamo.reset()
+            compiled = torch.compile(model, dynamic=False)
+
+            def run_compiled(x):
+                with torch.inference_mode():
+                    return compiled(x)
+            out["compile"] = (run_compiled, 0.0)
     except Exception as e:  # no C++ compiler, an unsupported op: report and go on
         print(f"torch.compile unavailable: {(str(e).splitlines() or [type(e).__name__])[0][:200]}", file=sys.stderr)
     for name, int8 in (("onnxruntime", False), ("onnxruntime-int8", True)):
+        if name not in wanted:
+            continue
         try:
             path = folder / f"{model.config.name}{'-int8' if int8 else ''}.onnx"
             export_model(model, path, "onnx", dynamic_batch=True, int8=int8)
@@ -79,15 +97,19 @@ def main() -> None:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=0, help="calls per timing (default: ~0.3 s worth, at least 1)")
+    ap.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, from {BACKENDS} (eager always runs)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    wanted = tuple(args.backends.split(","))
+    if not set(wanted) <= set(BACKENDS):
+        ap.error(f"--backends {args.backends}: unknown {sorted(set(wanted) - set(BACKENDS))}; choose from {BACKENDS}")
     threads = torch.get_num_threads()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets.split(","):
             torch.manual_seed(0)
             model = VisionTransformer(get_config(preset))
-            fns = backends(model, Path(tmp), threads)
+            fns = backends(model, Path(tmp), threads, wanted)
             for batch in map(int, args.batches.split(",")):
                 x = torch.randn(batch, *model.config.input_size)
                 warm = {}

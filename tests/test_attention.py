@@ -1,6 +1,7 @@
 """Attention maps (vitlab.attention, `vitlab attention`): the methods match their definitions, and a
 pointing game on a synthetic task shows that the maps find what decides the label."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,6 +285,26 @@ def test_attention_command(trained, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
     assert not (out / "bad").exists()  # bad settings write nothing
+
+
+def test_output_names_are_safe_unique_and_never_replace(tmp_path):
+    from vitlab.attention import output_paths
+    from vitlab.errors import ConfigError
+    files = [Path("a/cat.png"), Path("b/cat.png"), Path("c/cat.jpg"), Path("d/../ev il;rm.png"), Path("e/.png")]
+    out = tmp_path / "maps"
+    targets = output_paths(files, out, "rollout", "png")
+    assert [t.name for t in targets.values()] == ["cat.rollout.png", "cat-2.rollout.png", "cat-3.rollout.png",
+                                                  "ev_il_rm.rollout.png", ".png.rollout.png"]
+    assert all(t.parent == out for t in targets.values())
+    out.mkdir()
+    (out / "attention.json").symlink_to(tmp_path / "nowhere")  # a dangling link is a file in the way too
+    with pytest.raises(ConfigError, match=r"1 output file\(s\) already exist.*attention.json"):
+        output_paths(files, out, "rollout", "png")
+    (out / "attention.json").unlink()
+    (out / "cat-2.rollout.png").write_bytes(b"mine")
+    with pytest.raises(ConfigError, match="cat-2.rollout.png"):
+        output_paths(files, out, "rollout", "png")
+    assert output_paths(files, out, "raw", "png")  # another method's names are free
 
 
 def test_pictures_without_matplotlib_are_one_clear_error(monkeypatch):

@@ -31,11 +31,11 @@ OPTIONS = {
     "eval": ["--data", "--data-dir", "--split", "--tta", "--batch-size", "--limit", "--device", "--precision", "--out",
              "--json"],
     "models": ["--json"],
-    "predict": ["--topk", "--format", "--backend"],
+    "predict": ["--topk", "--format", "--backend", "--precision"],
     "export": ["--format", "--out", "--dynamic-batch", "--opset", "--int8", "--images"],
     "train": ["--recipe", "--set", "--out", "--resume", "--help-recipe"],
     "serve": ["--host", "--port", "--max-batch", "--max-wait-ms", "--max-queue", "--max-upload-mb", "--timeout",
-              "--cors", "--threads"],
+              "--cors", "--threads", "--precision"],
 }
 
 

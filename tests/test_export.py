@@ -203,3 +203,39 @@ def test_predict_backend_mistakes(tmp_path, images, capsys):
     Path(str(model_dir / "model.onnx") + ".json").unlink()
     assert main(["predict", str(model_dir / "model.onnx"), str(images)]) == 2
     assert "no sidecar model.onnx.json" in capsys.readouterr().err
+
+
+def test_predict_in_bf16_runs_pytorch_under_autocast(tmp_path, images, capsys, monkeypatch):
+    from vitlab.errors import ConfigError
+    from vitlab.predict import predict
+    monkeypatch.setenv("VITLAB_CACHE", str(tmp_path / "cache"))
+    model_dir = saved_model(tmp_path / "m")
+    assert main(["predict", str(model_dir), str(images), "--format", "json", "--topk", "3", "--backend", "torch"]) == 0
+    fp32 = json.loads(capsys.readouterr().out)
+    assert main(["predict", str(model_dir), str(images), "--format", "json", "--topk", "3",
+                 "--precision", "bf16"]) == 0  # backend auto: PyTorch, since onnxruntime runs an fp32 export
+    bf16 = json.loads(capsys.readouterr().out)
+    assert not (tmp_path / "cache").exists()  # no export made for a bf16 run
+    diffs = []
+    for a, b in zip(fp32, bf16):
+        assert a["file"] == b["file"]
+        mine = {t["label"]: t["prob"] for t in b["top"]}
+        diffs += [abs(t["prob"] - mine[t["label"]]) for t in a["top"] if t["label"] in mine]
+    assert len(diffs) >= 2 * len(fp32)
+    assert max(diffs) < 0.03  # bf16 rounding, not another model
+    assert max(diffs) > 1e-5  # ... but bf16 really ran: fp32 reruns agree to ~1e-7
+    model = vitlab.load_model(model_dir)
+    rows, _ = predict(model, [str(images)], topk=3, precision="bf16")  # the library gives the CLI's answers
+    assert [[t["prob"] for t in r["top"]] for r in rows] == [[t["prob"] for t in r["top"]] for r in bf16]
+    with pytest.raises(ConfigError, match=r"precision 'fp16' must be one of \('fp32', 'bf16'\)"):
+        predict(model, [str(images)], precision="fp16")
+    assert main(["export", str(model_dir)]) == 0
+    capsys.readouterr()
+    with pytest.raises(ConfigError, match="an exported OnnxModel runs in the precision it was exported in"):
+        predict(ex.OnnxModel(model_dir / "model.onnx"), [str(images)], precision="bf16")
+    for bad in (["--backend", "onnxruntime"], []):
+        target = model_dir if bad else model_dir / "model.onnx"
+        assert main(["predict", str(target), str(images), "--precision", "bf16", *bad]) == 2
+        err = capsys.readouterr().err
+        assert "--precision bf16 runs the model on PyTorch; onnxruntime runs an fp32 export" in err
+        assert err.count("\n") == 1

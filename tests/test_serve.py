@@ -342,6 +342,33 @@ def test_an_onnx_export_is_served_alike(model_dir, images, tmp_path):
         s.close()
 
 
+def test_bf16_predictions_answer_as_predict_in_bf16(model_dir, images):
+    from vitlab.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"--precision 'fp16' must be one of \('fp32', 'bf16'\)"):
+        ServeSettings(precision="fp16")
+    model = vitlab.load_model(model_dir).eval()
+    rows, _ = predict(model, [str(f) for f in images[:4]], topk=3, precision="bf16")
+    want = {Path(r["file"]).name: r["top"] for r in rows}
+    fp32 = expected(model_dir, images[:4])
+    s = Server(model, max_batch=1, max_wait_ms=0, precision="bf16")  # one at a time: predict's batch of one
+    try:
+        status, _, info = s.request("GET", "/v1/model")
+        assert status == 200 and json.loads(info)["precision"] == "bf16"
+        moved = 0.0
+        for f in images[:4]:
+            status, _, got = s.post_image(f, "?topk=3")
+            assert status == 200, got
+            probs = dict(got["topk"])
+            for t in want[f.name]:  # as predict in bf16 ...
+                assert abs(probs[t["label"]] - t["prob"]) < 5e-3
+            moved = max(moved, *(abs(probs.get(t["label"], 0) - t["prob"]) for t in fp32[f.name]))
+        assert moved > 1e-5  # ... and not fp32's answers
+        status, _, body = s.request("POST", "/v1/attention", images[0].read_bytes(), {"Content-Type": "image/jpeg"})
+        assert status == 200 and body[:4] == b"\x89PNG"  # maps still work (in fp32)
+    finally:
+        s.close()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -392,6 +419,8 @@ def test_the_cli_checks_settings_and_binds_to_loopback(model_dir, capsys):
     assert main(["serve", str(model_dir.parent / "nothing")]) == 2
     assert main(["serve", str(model_dir), "--timeout", "0.01", "--max-wait-ms", "50"]) == 2
     assert "--timeout 0.01 s must be longer than --max-wait-ms 50" in capsys.readouterr().err
+    assert main(["serve", str(model_dir / "model.onnx"), "--precision", "bf16"]) == 2  # refused before loading
+    assert "runs a PyTorch model" in capsys.readouterr().err
 
 
 def _driver():

@@ -310,6 +310,31 @@ def explain_files(model: VisionTransformer, paths: list, method: str = "rollout"
     return rows, failed
 
 
+def output_paths(files: list, out, method: str, fmt: str, index: str = "attention.json") -> dict:
+    """{file: out/<stem>.<method>.<fmt>}: names from the file names, made safe and unique. Raises
+    ConfigError, before anything is written, if any of them (or `index`) exists already: nothing in
+    `out` is ever replaced."""
+    from pathlib import Path
+
+    from .util import printable
+    out = Path(out)
+    targets, taken = {}, set()
+    for f in files:
+        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(f).stem)[:100] or "image"
+        name, n = stem, 1
+        while name in taken:
+            n += 1
+            name = f"{stem}-{n}"
+        taken.add(name)
+        targets[f] = out / f"{name}.{method}.{fmt}"
+    clash = [str(t) for t in targets.values() if t.exists() or t.is_symlink()]
+    clash += [str(out / index)] if (out / index).exists() or (out / index).is_symlink() else []
+    if clash:
+        raise ConfigError(f"{len(clash)} output file(s) already exist, e.g. {printable(clash[0])}; "
+                          f"vitlab never replaces files: choose another --out or remove them")
+    return targets
+
+
 def save_figure(path, image: np.ndarray, heat: np.ndarray, title: str, alpha: float = 0.5) -> None:
     """A PNG: the image, and the map (scaled to [0, 1]) blended over it, under one title."""
     plt = _matplotlib().pyplot

@@ -167,7 +167,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Top-k labels for image files or folders, as a table, JSON or CSV.
+    """Top-k labels for image files or folders, as a table, JSON or CSV; fp32 (onnxruntime or PyTorch) or
+    bf16 (PyTorch autocast).
 
     Exit status 3 (not 0) when some files were skipped: each is named on stderr and the others are
     still predicted; 2 when none could be."""
@@ -179,22 +180,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
             import onnxruntime  # noqa: F401
         except ImportError:
             raise ConfigError("--backend onnxruntime needs onnxruntime: pip install 'vitlab[onnx]'") from None
+    if args.precision == "bf16":
+        from pathlib import Path
+        if args.backend == "onnxruntime" or Path(args.model).suffix == ".onnx":
+            raise ConfigError("--precision bf16 runs the model on PyTorch; onnxruntime runs an fp32 export: "
+                              "drop one of them")
     model, model_dir = _predict_model(args.model, args.backend)
     files, failed = collect_files(args.paths)
     ok, unreadable = decode_files(files, model.config)
     failed += unreadable
-    from .util import printable
     if not ok:  # one line: what each path was (and no export made for nothing)
-        from .errors import DataError
-        raise DataError("no image to predict: " + "; ".join(f"{printable(f)}: {p}" for f, p in failed[:5]) +
-                        (f"; and {len(failed) - 5} more" if len(failed) > 5 else ""))
-    if model_dir is not None and args.backend != "torch":
+        raise _nothing_done("predict", failed)
+    if model_dir is not None and args.backend != "torch" and args.precision == "fp32":
         model = _onnx_backend(model, model_dir, args.backend)
-    rows = predict_decoded(model, ok, topk=args.topk)
-    for f, problem in failed:  # the others still get their predictions
-        print(f"vitlab predict: skipped {printable(f)}: {problem}", file=sys.stderr)
+    rows = predict_decoded(model, ok, topk=args.topk, precision=args.precision)
     print(format_rows(rows, args.format))
-    return PARTIAL if failed else 0
+    return _report_skipped("predict", failed)  # the others got their predictions
 
 
 def _predict_model(path: str, backend: str):
@@ -276,10 +277,9 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from .attention import explain_files, save_figure
+    from .attention import explain_files, output_paths, save_figure
     from .predict import collect_files
     from .engine.runtime import resolve_device
-    from .errors import DataError
     from .util import atomic_write_text, printable
     from .weights.modeldir import load_model
     if args.batch_size < 1:
@@ -312,21 +312,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
     options = dict(layer=args.layer, head=args.head, head_fusion=args.head_fusion, discard_ratio=args.discard_ratio)
     files, failed = collect_files(args.paths)
     files = list(dict.fromkeys(files))  # a file named twice (alone and in its folder) is explained once
-    # Output names from the file names, made unique; nothing already in --out is ever replaced.
-    targets, taken = {}, set()
-    for f in files:
-        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in f.stem)[:100] or "image"
-        name, n = stem, 1
-        while name in taken:
-            n += 1
-            name = f"{stem}-{n}"
-        taken.add(name)
-        targets[f] = out / f"{name}.{args.method}.{args.format}"
-    clash = [str(t) for t in targets.values() if t.exists() or t.is_symlink()]
-    clash += [str(out / "attention.json")] if (out / "attention.json").exists() else []
-    if clash:
-        raise ConfigError(f"{len(clash)} output file(s) already exist, e.g. {printable(clash[0])}; "
-                          f"vitlab never replaces files: choose another --out or remove them")
+    targets = output_paths(files, out, args.method, args.format)
     index = []
     for start in range(0, len(files), args.batch_size):  # a batch at a time: memory stays bounded
         rows, bad = explain_files(model, files[start:start + args.batch_size], args.method, target=target,
@@ -351,13 +337,26 @@ def cmd_attention(args: argparse.Namespace) -> int:
                           "prob": float(row["probs"][top]),
                           "explained": explained if args.method == "gradient" else None})
     if not index:
-        raise DataError("no image to explain: " + "; ".join(f"{printable(f)}: {p}" for f, p in failed[:5]) +
-                        (f"; and {len(failed) - 5} more" if len(failed) > 5 else ""))
+        raise _nothing_done("explain", failed)
     meta = {"model": str(model_dir), "method": args.method, **options, "pool": cfg.pool, "images": index}
     atomic_write_text(out / "attention.json", json.dumps(meta, indent=2) + "\n")
-    for f, problem in failed:
-        print(f"vitlab attention: skipped {printable(f)}: {problem}", file=sys.stderr)
     print(f"wrote {len(index)} {args.format.upper()} file(s) and attention.json to {out}")
+    return _report_skipped("attention", failed)
+
+
+def _nothing_done(verb: str, failed: list) -> VitlabError:
+    """The one-line error when no input could be used: the first five paths and what each was."""
+    from .errors import DataError
+    from .util import printable
+    return DataError(f"no image to {verb}: " + "; ".join(f"{printable(f)}: {p}" for f, p in failed[:5]) +
+                     (f"; and {len(failed) - 5} more" if len(failed) > 5 else ""))
+
+
+def _report_skipped(command: str, failed: list) -> int:
+    """Name each skipped input on stderr; the exit status: PARTIAL if any was skipped, else 0."""
+    from .util import printable
+    for f, problem in failed:
+        print(f"vitlab {command}: skipped {printable(f)}: {problem}", file=sys.stderr)
     return PARTIAL if failed else 0
 
 
@@ -414,7 +413,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import ServeSettings, serve
     settings = ServeSettings(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              max_queue=args.max_queue, max_upload_mb=args.max_upload_mb, timeout_s=args.timeout,
-                             cors=tuple(args.cors), threads=args.threads)
+                             cors=tuple(args.cors), threads=args.threads, precision=args.precision)
     serve(args.model, settings)
     return 0
 

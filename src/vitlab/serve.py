@@ -8,7 +8,7 @@ Endpoints (FastAPI on uvicorn, the `vitlab[serve]` extra):
   probability], ...], model, latency_ms, batch_size};
 - `POST /v1/attention?method=rollout`: the same upload -> a PNG of the map over the image (raw,
   rollout or gradient: vitlab.attention.explain);
-- `GET /v1/model`: config, classes, preprocessing, batching and limits; `GET /healthz`;
+- `GET /v1/model`: config, classes, preprocessing, precision, batching and limits; `GET /healthz`;
 - `GET /metrics`: Prometheus text (requests by endpoint and status, latency histogram, batch sizes,
   queue depth); `GET /`: the page (no network: everything it needs is in it).
 
@@ -37,6 +37,7 @@ import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,7 @@ import torch
 
 from .data.augment import EvalTransform
 from .errors import ConfigError
+from .predict import INFERENCE_PRECISIONS, check_precision, inference_precision
 from .serve_io import ApiError, Metrics, decode_upload
 
 ATTENTION_METHODS = ("rollout", "raw", "gradient")
@@ -62,9 +64,12 @@ class ServeSettings:
     timeout_s: float = 30.0
     cors: tuple[str, ...] = ()
     threads: int | None = None
+    precision: str = "fp32"  # predictions: "fp32" or "bf16" (autocast; PyTorch models only)
 
     def __post_init__(self) -> None:
         bad = []
+        if self.precision not in INFERENCE_PRECISIONS:
+            bad.append(f"--precision {self.precision!r} must be one of {INFERENCE_PRECISIONS}")
         if not 1 <= self.max_batch <= 1024:
             bad.append(f"--max-batch {self.max_batch} must be in [1, 1024]")
         if not (math.isfinite(self.max_wait_ms) and 0 <= self.max_wait_ms <= 10_000):
@@ -110,6 +115,7 @@ class Batcher:
     def __init__(self, model, settings: ServeSettings, metrics: Metrics):
         self.model, self.settings, self.metrics = model, settings, metrics
         self.transform = EvalTransform(model.config)
+        self.autocast = inference_precision(model, settings.precision)  # predictions only: maps stay fp32
         self.jobs: queue.Queue = queue.Queue()
         self.waiting = 0
         self.lock = threading.Lock()
@@ -175,7 +181,7 @@ class Batcher:
     def _predict(self, jobs: list[Job]) -> None:
         try:
             x, _ = self.transform(torch.from_numpy(np.stack([j.image for j in jobs])))
-            with torch.inference_mode():
+            with torch.inference_mode(), self.autocast:
                 logits = self.model(x)
             probs = logits.float().softmax(-1).cpu()
         except Exception as e:  # a model failure answers these requests; the server goes on
@@ -218,6 +224,7 @@ def page_html() -> str:
 def describe(model, backend: str, settings: ServeSettings, source: str) -> dict[str, Any]:
     cfg = model.config
     return {"model": cfg.name or os.path.basename(os.path.normpath(source)), "backend": backend,
+            "precision": settings.precision,
             "classes": list(cfg.class_names or [str(i) for i in range(cfg.num_classes)]),
             "preprocessing": {"img_size": cfg.img_size, "channels": cfg.in_chans, "mean": list(cfg.mean),
                               "std": list(cfg.std), "resize": "centre square, bicubic, to img_size"},
@@ -235,6 +242,8 @@ def create_app(model, settings: ServeSettings, backend: str = "torch", source: s
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
+
+    check_precision(model, settings.precision)  # bf16 for an ONNX model: refused before anything starts
 
     from PIL import Image  # decode_upload's threads (see folders._open_image): the limits decide, not warnings
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -401,7 +410,6 @@ def create_app(model, settings: ServeSettings, backend: str = "torch", source: s
 
 def load_served_model(path: str, threads: int | None = None):
     """(model, backend): a model or run directory on PyTorch, or an exported .onnx on onnxruntime."""
-    from pathlib import Path
     if Path(path).suffix == ".onnx":
         from .weights.export import OnnxModel
         return OnnxModel(path, threads), "onnxruntime"
@@ -419,9 +427,12 @@ def serve(path: str, settings: ServeSettings) -> None:
         raise ConfigError("vitlab serve needs its extra: pip install 'vitlab[serve]'") from None
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    if settings.precision != "fp32" and Path(path).suffix == ".onnx":  # before the model is loaded
+        raise ConfigError(f"--precision {settings.precision} runs a PyTorch model; {path} is an ONNX export, "
+                          f"which runs in the precision it was exported in")
     model, backend = load_served_model(path, settings.threads)
     app = create_app(model, settings, backend, path)
-    print(f"serving {path} ({backend}) on http://{settings.host}:{settings.port}/ ; batches up to "
+    print(f"serving {path} ({backend}, {settings.precision}) on http://{settings.host}:{settings.port}/ ; batches up to "
           f"{settings.max_batch} within {settings.max_wait_ms:g} ms", flush=True)
     # uvicorn stops on SIGTERM after answering the requests in flight, then raises the signal again
     # for the handler it found: this one makes that a clean exit (0) instead of death by signal.
