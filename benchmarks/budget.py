@@ -73,6 +73,7 @@ def measure(variant: str, minutes: float, seed: int, data_dir: str | None, out_r
         "machine": {k: env.get(k) for k in ("cpu", "cpu_capability", "fast_bf16_cpu", "threads", "torch")},
         "precision": env.get("precision"), "autotune": env.get("autotune"), "run_dir": str(out),
         "model": model_config(out),  # what the recipe was then
+        "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),  # rows accumulate over sessions and machines
     }
 
 

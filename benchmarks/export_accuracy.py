@@ -1,5 +1,7 @@
-"""Test accuracy of a model after export (issue 12, item 4): eager PyTorch, onnxruntime fp32 and
-onnxruntime int8 on the same test split, with file sizes and batch-1 latency.
+"""Test accuracy of a model after export (issue 12, item 4): eager PyTorch (fp32, and under the bf16
+autocast of `vitlab predict/serve --precision bf16`), onnxruntime fp32 and onnxruntime int8 on the
+same test split, with file sizes, batch-1 latency, and how far each moves PyTorch fp32's answers
+(top-1 agreement, largest probability change).
 
     python benchmarks/export_accuracy.py runs/budget/fast-30min-s0/model --data-dir ../shared/datasets \
         --out benchmarks/results/export_cpu.json
@@ -16,24 +18,26 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from vitlab.data.augment import EvalTransform
 from vitlab.engine.runtime import describe_machine
+from vitlab.predict import inference_precision
 from vitlab.weights.export import OnnxModel, export_model
 from vitlab.weights.modeldir import load_model, read_config, recorded_dataset
 
 
-def top1(run, images: torch.Tensor, labels: torch.Tensor, transform, batch: int = 500) -> float:
-    correct = 0
+def probabilities(run, images: torch.Tensor, transform, batch: int = 500) -> torch.Tensor:
+    """(N, classes) softmax of `run`'s logits over `images`, in fp32."""
+    out = []
     for s in range(0, len(images), batch):
         x, _ = transform(images[s:s + batch])
         with torch.inference_mode():
-            correct += int((torch.as_tensor(run(x)).argmax(-1) == labels[s:s + batch]).sum())
-    return correct / len(images)
+            out.append(torch.as_tensor(run(x)).float().softmax(-1))
+    return torch.cat(out)
 
 
+@torch.inference_mode()
 def latency_ms(run, x: torch.Tensor, reps: int = 20) -> float:
     run(x)
     t = time.perf_counter()
@@ -54,22 +58,31 @@ def main() -> None:
     data = recorded_dataset(args.model, model, args.split, data_dir=args.data_dir, name=args.data)
     transform = EvalTransform(model.config)
     labels = torch.as_tensor(data.labels)
-    rows = {}
+    rows, probs = {}, {}
     x1, _ = transform(data.images[:1])
+    fp32_bytes = sum(p.numel() * 4 for p in model.state_dict().values())
+    autocast = inference_precision(model, "bf16")
+
+    def bf16(x):
+        with autocast():
+            return model(x)
     with tempfile.TemporaryDirectory() as tmp:
+        runs = {"pytorch": (model, fp32_bytes, {}), "pytorch bf16": (bf16, fp32_bytes, {})}
         for name, int8 in (("onnxruntime fp32", False), ("onnxruntime int8", True)):
             path = Path(tmp) / f"m{'-int8' if int8 else ''}.onnx"
             rec = export_model(model, path, "onnx", dynamic_batch=True, int8=int8, source=str(args.model))
-            ort = OnnxModel(path)
-            rows[name] = {"top1": top1(ort, data.images, labels, transform), "bytes": rec["bytes"],
-                          "batch1_ms": round(latency_ms(ort, x1), 3),
-                          "parity": rec.get("parity_int8") or rec["parity_fp32"]}
-        rows["pytorch"] = {"top1": top1(model, data.images, labels, transform),
-                           "bytes": sum(p.numel() * 4 for p in model.state_dict().values()),
-                           "batch1_ms": round(latency_ms(lambda x: model(x), x1), 3)}
+            runs[name] = (OnnxModel(path), rec["bytes"], {"parity": rec.get("parity_int8") or rec["parity_fp32"]})
+        for name, (run, size, extra) in runs.items():
+            probs[name] = probabilities(run, data.images, transform)
+            rows[name] = {"top1": float((probs[name].argmax(-1) == labels).float().mean()), "bytes": size,
+                          "batch1_ms": round(latency_ms(run, x1), 3), **extra}
+    ref = probs["pytorch"]
     for k, r in rows.items():
         r["delta_vs_pytorch_points"] = round(100 * (r["top1"] - rows["pytorch"]["top1"]), 2)
+        r["top1_agreement"] = float((probs[k].argmax(-1) == ref.argmax(-1)).float().mean())
+        r["max_abs_dprob"] = float((probs[k] - ref).abs().max())
         print(f"{k:18s} top-1 {100 * r['top1']:.2f}%  ({r['delta_vs_pytorch_points']:+.2f})  "
+              f"agrees {100 * r['top1_agreement']:.2f}%  max |dp| {r['max_abs_dprob']:.4f}  "
               f"{r['bytes'] / 1e6:.2f} MB  batch-1 {r['batch1_ms']:.2f} ms")
     doc = {"model": str(args.model), "config": read_config(args.model)[0].to_dict(), "split": args.split,
            "images": len(labels), "rows": rows, "machine": describe_machine(), "threads": torch.get_num_threads(),

@@ -59,7 +59,7 @@ def backends(model: VisionTransformer, folder: Path, threads: int, wanted: tuple
         autocast = inference_precision(model, "bf16")
 
         def eager_bf16(x):
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), autocast():
                 return model(x)
         out["eager-bf16"] = (eager_bf16, 0.0)
     try:

@@ -294,7 +294,7 @@ def test_output_names_are_safe_unique_and_never_replace(tmp_path):
     out = tmp_path / "maps"
     targets = output_paths(files, out, "rollout", "png")
     assert [t.name for t in targets.values()] == ["cat.rollout.png", "cat-2.rollout.png", "cat-3.rollout.png",
-                                                  "ev_il_rm.rollout.png", ".png.rollout.png"]
+                                                  "ev_il_rm.rollout.png", "_png.rollout.png"]
     assert all(t.parent == out for t in targets.values())
     out.mkdir()
     (out / "attention.json").symlink_to(tmp_path / "nowhere")  # a dangling link is a file in the way too

@@ -233,9 +233,21 @@ def test_predict_in_bf16_runs_pytorch_under_autocast(tmp_path, images, capsys, m
     capsys.readouterr()
     with pytest.raises(ConfigError, match="an exported OnnxModel runs in the precision it was exported in"):
         predict(ex.OnnxModel(model_dir / "model.onnx"), [str(images)], precision="bf16")
-    for bad in (["--backend", "onnxruntime"], []):
-        target = model_dir if bad else model_dir / "model.onnx"
+    for target, bad, message in (
+            (model_dir, ["--backend", "onnxruntime"], "--precision bf16 runs the model on PyTorch, --backend "
+                                                      "onnxruntime on an fp32 export: use --backend torch or auto"),
+            (model_dir / "model.onnx", [], f"{model_dir / 'model.onnx'} is an ONNX export, which runs in the "
+                                           f"precision it was exported in")):
         assert main(["predict", str(target), str(images), "--precision", "bf16", *bad]) == 2
         err = capsys.readouterr().err
-        assert "--precision bf16 runs the model on PyTorch; onnxruntime runs an fp32 export" in err
-        assert err.count("\n") == 1
+        assert message in err and err.count("\n") == 1
+
+
+def test_bf16_without_bf16_units_warns_once_and_still_answers(tmp_path, images, capsys, monkeypatch):
+    import vitlab.engine.runtime as runtime
+    monkeypatch.setattr(runtime, "fast_bf16_available", lambda device_type: False)  # as on an AVX2-only CPU
+    model_dir = saved_model(tmp_path / "m")
+    with pytest.warns(UserWarning, match="this cpu has no bf16 units: bf16 is emulated and slower") as record:
+        assert main(["predict", str(model_dir), str(images), "--precision", "bf16", "--format", "json"]) == 0
+    assert sum("no bf16 units" in str(w.message) for w in record) == 1  # once (the CLI prints it as one line)
+    assert len(json.loads(capsys.readouterr().out)) == 36  # and every image still answered

@@ -340,6 +340,9 @@ def test_an_onnx_export_is_served_alike(model_dir, images, tmp_path):
         assert status == 501 and "attention maps need the PyTorch model" in json.loads(body)["error"]
     finally:
         s.close()
+    from vitlab.errors import ConfigError
+    with pytest.raises(ConfigError, match="precision bf16 runs a PyTorch model; an exported OnnxModel runs in"):
+        create_app(onnx, ServeSettings(precision="bf16"), "onnxruntime")
 
 
 def test_bf16_predictions_answer_as_predict_in_bf16(model_dir, images):
@@ -347,10 +350,9 @@ def test_bf16_predictions_answer_as_predict_in_bf16(model_dir, images):
     with pytest.raises(ConfigError, match=r"--precision 'fp16' must be one of \('fp32', 'bf16'\)"):
         ServeSettings(precision="fp16")
     model = vitlab.load_model(model_dir).eval()
-    rows, _ = predict(model, [str(f) for f in images[:4]], topk=3, precision="bf16")
-    want = {Path(r["file"]).name: r["top"] for r in rows}
+    want = {f.name: predict(model, [str(f)], topk=3, precision="bf16")[0][0]["top"] for f in images[:4]}
     fp32 = expected(model_dir, images[:4])
-    s = Server(model, max_batch=1, max_wait_ms=0, precision="bf16")  # one at a time: predict's batch of one
+    s = Server(model, max_batch=1, max_wait_ms=0, precision="bf16")  # one image a pass, as predict above
     try:
         status, _, info = s.request("GET", "/v1/model")
         assert status == 200 and json.loads(info)["precision"] == "bf16"
@@ -359,8 +361,7 @@ def test_bf16_predictions_answer_as_predict_in_bf16(model_dir, images):
             status, _, got = s.post_image(f, "?topk=3")
             assert status == 200, got
             probs = dict(got["topk"])
-            for t in want[f.name]:  # as predict in bf16 ...
-                assert abs(probs[t["label"]] - t["prob"]) < 5e-3
+            same_answer(got, want[f.name])  # as predict in bf16 ...
             moved = max(moved, *(abs(probs.get(t["label"], 0) - t["prob"]) for t in fp32[f.name]))
         assert moved > 1e-5  # ... and not fp32's answers
         status, _, body = s.request("POST", "/v1/attention", images[0].read_bytes(), {"Content-Type": "image/jpeg"})

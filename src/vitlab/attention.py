@@ -321,6 +321,7 @@ def output_paths(files: list, out, method: str, fmt: str, index: str = "attentio
     targets, taken = {}, set()
     for f in files:
         stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(f).stem)[:100] or "image"
+        stem = "_" + stem[1:] if stem.startswith(".") else stem  # no hidden files
         name, n = stem, 1
         while name in taken:
             n += 1

@@ -167,10 +167,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Top-k labels for image files or folders, as a table, JSON or CSV; fp32 (onnxruntime or PyTorch) or
-    bf16 (PyTorch autocast).
+    """Top-k labels for image files or folders, as a table, JSON or CSV.
 
-    Exit status 3 (not 0) when some files were skipped: each is named on stderr and the others are
+    fp32 (onnxruntime or PyTorch), or bf16 (PyTorch under autocast). Exit status 3 (not 0) when some files were skipped: each is named on stderr and the others are
     still predicted; 2 when none could be."""
     from .predict import collect_files, decode_files, format_rows, predict_decoded
     if args.topk < 1:
@@ -182,9 +181,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise ConfigError("--backend onnxruntime needs onnxruntime: pip install 'vitlab[onnx]'") from None
     if args.precision == "bf16":
         from pathlib import Path
-        if args.backend == "onnxruntime" or Path(args.model).suffix == ".onnx":
-            raise ConfigError("--precision bf16 runs the model on PyTorch; onnxruntime runs an fp32 export: "
-                              "drop one of them")
+
+        from .predict import onnx_precision_message
+        if Path(args.model).suffix == ".onnx":
+            raise ConfigError(onnx_precision_message(args.precision, args.model))
+        if args.backend == "onnxruntime":
+            raise ConfigError("--precision bf16 runs the model on PyTorch, --backend onnxruntime on an fp32 "
+                              "export: use --backend torch or auto with bf16")
     model, model_dir = _predict_model(args.model, args.backend)
     files, failed = collect_files(args.paths)
     ok, unreadable = decode_files(files, model.config)
@@ -194,8 +197,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if model_dir is not None and args.backend != "torch" and args.precision == "fp32":
         model = _onnx_backend(model, model_dir, args.backend)
     rows = predict_decoded(model, ok, topk=args.topk, precision=args.precision)
+    status = _report_skipped("predict", failed)  # before the answers, as ever: the others got theirs
     print(format_rows(rows, args.format))
-    return _report_skipped("predict", failed)  # the others got their predictions
+    return status
 
 
 def _predict_model(path: str, backend: str):
@@ -340,8 +344,9 @@ def cmd_attention(args: argparse.Namespace) -> int:
         raise _nothing_done("explain", failed)
     meta = {"model": str(model_dir), "method": args.method, **options, "pool": cfg.pool, "images": index}
     atomic_write_text(out / "attention.json", json.dumps(meta, indent=2) + "\n")
+    status = _report_skipped("attention", failed)
     print(f"wrote {len(index)} {args.format.upper()} file(s) and attention.json to {out}")
-    return _report_skipped("attention", failed)
+    return status
 
 
 def _nothing_done(verb: str, failed: list) -> VitlabError:

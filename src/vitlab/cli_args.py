@@ -68,8 +68,9 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
                    help="auto: onnxruntime where installed (for a model directory through an export made once "
                    "and cached), else PyTorch; PyTorch with --precision bf16")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="fp32: the model's own answers; bf16: PyTorch autocast, ~2x faster for large models on a "
-                   "CPU with bf16 units, probabilities differ in the 2nd-3rd digit")
+                   help="fp32: the model's own answers; bf16: PyTorch under autocast, for large models or batches "
+                   "~1.5x faster than the default on a CPU with bf16 units (README), probabilities differ in the "
+                   "2nd-3rd digit")
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:

@@ -45,7 +45,7 @@ import torch
 
 from .data.augment import EvalTransform
 from .errors import ConfigError
-from .predict import INFERENCE_PRECISIONS, check_precision, inference_precision
+from .predict import INFERENCE_PRECISIONS, check_precision, inference_precision, onnx_precision_message
 from .serve_io import ApiError, Metrics, decode_upload
 
 ATTENTION_METHODS = ("rollout", "raw", "gradient")
@@ -181,7 +181,7 @@ class Batcher:
     def _predict(self, jobs: list[Job]) -> None:
         try:
             x, _ = self.transform(torch.from_numpy(np.stack([j.image for j in jobs])))
-            with torch.inference_mode(), self.autocast:
+            with torch.inference_mode(), self.autocast():
                 logits = self.model(x)
             probs = logits.float().softmax(-1).cpu()
         except Exception as e:  # a model failure answers these requests; the server goes on
@@ -428,8 +428,7 @@ def serve(path: str, settings: ServeSettings) -> None:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     if settings.precision != "fp32" and Path(path).suffix == ".onnx":  # before the model is loaded
-        raise ConfigError(f"--precision {settings.precision} runs a PyTorch model; {path} is an ONNX export, "
-                          f"which runs in the precision it was exported in")
+        raise ConfigError(onnx_precision_message(settings.precision, path))
     model, backend = load_served_model(path, settings.threads)
     app = create_app(model, settings, backend, path)
     print(f"serving {path} ({backend}, {settings.precision}) on http://{settings.host}:{settings.port}/ ; batches up to "
