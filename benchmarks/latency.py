@@ -97,7 +97,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=0, help="calls per timing (default: ~0.3 s worth, at least 1)")
-    ap.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, from {BACKENDS} (eager always runs)")
+    ap.add_argument("--backends", default=",".join(BACKENDS),
+                    help=f"comma-separated, from {BACKENDS} (eager always runs)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     wanted = tuple(args.backends.split(","))

@@ -169,8 +169,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Top-k labels for image files or folders, as a table, JSON or CSV.
 
-    fp32 (onnxruntime or PyTorch), or bf16 (PyTorch under autocast). Exit status 3 (not 0) when some files were skipped: each is named on stderr and the others are
-    still predicted; 2 when none could be."""
+    fp32 (onnxruntime or PyTorch), or bf16 (PyTorch under autocast). Exit status 3 (not 0) when some
+    files were skipped: each is named on stderr and the others are still predicted; 2 when none could
+    be."""
     from .predict import collect_files, decode_files, format_rows, predict_decoded
     if args.topk < 1:
         raise ConfigError(f"--topk {args.topk} must be >= 1")

@@ -431,8 +431,8 @@ def serve(path: str, settings: ServeSettings) -> None:
         raise ConfigError(onnx_precision_message(settings.precision, path))
     model, backend = load_served_model(path, settings.threads)
     app = create_app(model, settings, backend, path)
-    print(f"serving {path} ({backend}, {settings.precision}) on http://{settings.host}:{settings.port}/ ; batches up to "
-          f"{settings.max_batch} within {settings.max_wait_ms:g} ms", flush=True)
+    print(f"serving {path} ({backend}, {settings.precision}) on http://{settings.host}:{settings.port}/ ; "
+          f"batches up to {settings.max_batch} within {settings.max_wait_ms:g} ms", flush=True)
     # uvicorn stops on SIGTERM after answering the requests in flight, then raises the signal again
     # for the handler it found: this one makes that a clean exit (0) instead of death by signal.
     stopped = []
