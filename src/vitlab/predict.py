@@ -103,11 +103,11 @@ def inference_precision(model, precision: str) -> Callable[[], contextlib.Abstra
     check_precision(model, precision)
     if precision == "fp32":
         return contextlib.nullcontext
-    from .engine.runtime import fast_bf16_available
+    from .engine.runtime import Runtime, fast_bf16_available
     device = next(model.parameters()).device
     if not fast_bf16_available(device.type):
         warnings.warn(f"this {device.type} has no bf16 units: bf16 is emulated and slower than fp32", stacklevel=2)
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return Runtime(device, precision).autocast  # training's autocast, a fresh context per call
 
 
 @torch.no_grad()
