@@ -12,7 +12,9 @@ Variants (VARIANTS below): `plain` is the `cifar10` recipe as it was for issue 9
 --seed-test-limit images because it evaluates at a few images per second on a CPU.
 
 The budget counts training steps only (`train.time_budget`); evaluation comes on top and is
-reported separately. Every finished run is appended to benchmarks/results/budget.json with the
+reported separately. Before each run a ~15-s probe (`probe()`) times a fixed training step and a
+matmul, recorded with the row: two instances of one CPU type can differ by >10% in speed, and the
+probe tells a slow instance's row from a slow recipe's. Every finished run is appended to benchmarks/results/budget.json with the
 machine it ran on, so rows from different sessions accumulate; `--render` groups them per machine.
 Run one measurement at a time: two runs side by side would share the cores and halve each budget.
 """
@@ -44,6 +46,40 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+PROBE_PRESET, PROBE_BATCH = "vit_tiny_patch4_32", 128  # a fixed shape: rows stay comparable as recipes change
+
+
+def probe(rounds: int = 5, steps: int = 2) -> dict:
+    """This machine's speed right now: training images/s of PROBE_PRESET at PROBE_BATCH in fp32 and,
+    where the CPU has bf16 units, bf16 (median of `rounds` rounds, the dtypes interleaved), and the
+    matmul GFLOP/s of each dtype."""
+    import statistics
+
+    import torch
+    from vitlab.bench import bench_config, make_train_step, matmul_peak_gflops
+    from vitlab.engine.runtime import fast_bf16_available
+    from vitlab.model import VisionTransformer
+
+    torch.manual_seed(0)
+    cfg = bench_config(PROBE_PRESET)
+    precisions = ["fp32", "bf16"] if fast_bf16_available("cpu") else ["fp32"]
+    x = torch.rand(PROBE_BATCH, *cfg.input_size)
+    y = torch.randint(0, cfg.num_classes, (PROBE_BATCH,))
+    train = {p: make_train_step(VisionTransformer(cfg), p, torch.device("cpu")) for p in precisions}
+    for p in precisions:  # warm-up
+        train[p](x, y)
+    rates: dict[str, list[float]] = {p: [] for p in precisions}
+    for _ in range(rounds):
+        for p in precisions:
+            t = time.perf_counter()
+            for _ in range(steps):
+                train[p](x, y)
+            rates[p].append(PROBE_BATCH * steps / (time.perf_counter() - t))
+    return {"preset": PROBE_PRESET, "batch": PROBE_BATCH,
+            "train_img_s": {p: round(statistics.median(r), 1) for p, r in rates.items()},
+            "matmul_gflops": {p: round(matmul_peak_gflops(p, torch.device("cpu")), 1) for p in precisions}}
+
+
 def cli(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vitlab", *args], check=True, text=True,
                           capture_output=capture)
@@ -57,6 +93,7 @@ def measure(variant: str, minutes: float, seed: int, data_dir: str | None, out_r
             "train.test_at_end=false", *extra]
     if data_dir:
         sets.append(f"data.data_dir={data_dir}")
+    speed = probe()
     t = time.time()
     cli("train", "--recipe", recipe, "--out", str(out), *[a for s in sets for a in ("--set", s)])
     wall_s = time.time() - t
@@ -72,6 +109,7 @@ def measure(variant: str, minutes: float, seed: int, data_dir: str | None, out_r
         "val_top1": results["best"]["val_top1"], "test_top1": test["top1"], "test_images": test["n"],
         "machine": {k: env.get(k) for k in ("cpu", "cpu_capability", "fast_bf16_cpu", "threads", "torch")},
         "precision": env.get("precision"), "autotune": env.get("autotune"), "run_dir": str(out),
+        "probe": speed,  # this instance's speed, timed just before the run
         "model": model_config(out),  # what the recipe was then
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),  # rows accumulate over sessions and machines
     }
@@ -82,18 +120,26 @@ def machine_key(row: dict) -> str:
     return f"{m['cpu']} ({m['cpu_capability']}{', bf16' if m.get('fast_bf16_cpu') else ''}), torch {m['torch']}"
 
 
+def probe_cell(row: dict) -> str:
+    """The probe's training images/s in the row's precision (fp32 where it has no such figure)."""
+    rates = (row.get("probe") or {}).get("train_img_s") or {}
+    rate = rates.get(row.get("precision")) or rates.get("fp32")
+    return f"{rate:g}" if rate else "-"
+
+
 def render() -> str:
     rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else []
     lines = []
     for machine in sorted({machine_key(r) for r in rows}):
         lines += [f"Machine: {machine}", "",
                   "| variant | budget (min) | test top-1 % | val top-1 % | images seen | epochs-equivalent | "
-                  "precision | test images |", "|---|---|---|---|---|---|---|---|"]
+                  "precision | test images | probe img/s | when |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted((r for r in rows if machine_key(r) == machine), key=lambda r: (r["budget_min"], r["variant"])):
             ep = r.get("epochs_equivalent")
             lines.append(f"| {r['variant']} | {r['budget_min']:g} | {100 * r['test_top1']:.1f} | "
                          f"{100 * r['val_top1']:.1f} | {r.get('images_seen') or '-'} | "
-                         f"{f'{ep:.1f}' if ep is not None else '-'} | {r.get('precision')} | {r['test_images']} |")
+                         f"{f'{ep:.1f}' if ep is not None else '-'} | {r.get('precision')} | {r['test_images']} | "
+                         f"{probe_cell(r)} | {(r.get('when') or '-')[:10]} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -251,3 +251,35 @@ def test_accuracy_table_gives_a_recipe_changed_in_place_its_own_row(accuracy, tm
     assert len(rows) == 2 and all("| 2 (0,1) |" in r for r in rows)
     assert "99.15 ± 0.21" in rows[0] and "99.60 ± 0.14" in rows[1]
     assert rows[0].split("|")[2].strip() == accuracy.fingerprint(old[1]) != accuracy.fingerprint(new[0])
+
+
+# ---- benchmarks/budget.py: the speed probe recorded with every row --------------------------
+@pytest.fixture
+def budget(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import budget
+    monkeypatch.setattr(budget, "RESULTS", tmp_path / "budget.json")
+    return budget
+
+
+def test_budget_probe_times_a_fixed_step_in_each_precision_this_cpu_runs_fast(budget, monkeypatch):
+    monkeypatch.setattr(budget, "PROBE_BATCH", 8)
+    speed = budget.probe(rounds=1, steps=1)
+    from vitlab.engine.runtime import fast_bf16_available
+    expected = ["fp32", "bf16"] if fast_bf16_available("cpu") else ["fp32"]
+    assert speed["preset"] == "vit_tiny_patch4_32" and speed["batch"] == 8
+    assert sorted(speed["train_img_s"]) == sorted(speed["matmul_gflops"]) == sorted(expected)
+    assert all(v > 0 for v in [*speed["train_img_s"].values(), *speed["matmul_gflops"].values()])
+
+
+def test_budget_table_gives_the_probe_in_the_rows_precision_and_a_dash_for_older_rows(budget):
+    machine = {"cpu": "Xeon", "cpu_capability": "AVX512", "fast_bf16_cpu": True, "threads": 2, "torch": "2"}
+    row = {"variant": "fast", "budget_min": 15, "test_top1": 0.8, "val_top1": 0.79, "images_seen": 10,
+           "epochs_equivalent": 1.0, "precision": "bf16", "test_images": 10000, "machine": machine}
+    rows = [{**row, "probe": {"train_img_s": {"fp32": 100.0, "bf16": 250.5}}, "when": "2026-11-27 15:00:00 UTC"},
+            {**row, "variant": "plain", "precision": "fp32", "probe": {"train_img_s": {"fp32": 99.0}}},
+            {**row, "variant": "seed"}]  # a row from before the probe
+    budget.RESULTS.write_text(json.dumps({"rows": rows}))
+    lines = [line for line in budget.render().splitlines() if line.startswith("| ") and "variant" not in line]
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[9:11]] for line in lines}
+    assert cells == {"fast": ["250.5", "2026-11-27"], "plain": ["99", "-"], "seed": ["-", "-"]}
