@@ -283,3 +283,39 @@ def test_budget_table_gives_the_probe_in_the_rows_precision_and_a_dash_for_older
     lines = [line for line in budget.render().splitlines() if line.startswith("| ") and "variant" not in line]
     cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[9:11]] for line in lines}
     assert cells == {"fast": ["250.5", "2026-11-27"], "plain": ["99", "-"], "seed": ["-", "-"]}
+
+
+# ---- benchmarks/stage.py: a data root carried over in bundles ---------------------------------
+def test_stage_packs_bundles_under_the_limit_and_unpacks_the_same_bytes(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import stage
+    rng = torch.Generator().manual_seed(0)
+    root = tmp_path / "data"
+    originals = {}
+    for rel in ("mnist/a.bin", "mnist/b.bin", "cifar10/batches/c.bin", "cifar10/batches/d.bin", "other/x.bin"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        data = torch.randint(0, 256, (150_000,), generator=rng, dtype=torch.uint8).numpy().tobytes()
+        (root / rel).write_bytes(data)
+        originals[rel] = data
+    bundles = stage.pack(root, tmp_path / "stage", ["mnist", "cifar10"], max_mib=0.3)
+    assert len(bundles) == 2  # random bytes do not compress: two ~0.14-MiB files per 0.3-MiB bundle
+    assert all(sum(f.stat().st_size for f in b.glob("*.xz")) <= 0.3 * 2**20 for b in bundles)
+    with pytest.raises(SystemExit, match="exists"):
+        stage.pack(root, tmp_path / "stage", ["mnist"], max_mib=1)
+    into = tmp_path / "far"
+    assert [stage.unpack(b, into) for b in bundles] == [2, 2]
+    assert {p.relative_to(into).as_posix(): p.read_bytes() for p in into.rglob("*") if p.is_file()} == \
+        {k: v for k, v in originals.items() if not k.startswith("other/")}
+    assert stage.unpack(bundles[0], into) == 0  # a repeated transfer writes nothing
+    (into / "mnist" / "a.bin").write_bytes(b"user's own file")
+    victim = "mnist/a.bin" if "mnist/a.bin" in (bundles[0] / stage.MANIFEST).read_text() else None
+    bundle = bundles[0] if victim else bundles[1]
+    with pytest.raises(SystemExit, match="other content: not replaced"):
+        stage.unpack(bundle, into)
+    assert (into / "mnist" / "a.bin").read_bytes() == b"user's own file"
+    manifest = json.loads((bundle / stage.MANIFEST).read_text())
+    manifest[0]["md5"] = "0" * 32  # a corrupted transfer
+    (bundle / stage.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match="expected"):
+        stage.unpack(bundle, tmp_path / "elsewhere")
+    assert not list((tmp_path / "elsewhere").rglob("*.bin*"))
