@@ -14,8 +14,9 @@ Variants (VARIANTS below): `plain` is the `cifar10` recipe as it was for issue 9
 The budget counts training steps only (`train.time_budget`); evaluation comes on top and is
 reported separately. Before each run a ~15-s probe (`probe()`) times a fixed training step and a
 matmul, recorded with the row: two instances of one CPU type can differ by >10% in speed, and the
-probe tells a slow instance's row from a slow recipe's. Every finished run is appended to benchmarks/results/budget.json with the
-machine it ran on, so rows from different sessions accumulate; `--render` groups them per machine.
+probe tells a slow instance's row from a slow recipe's. Every finished run is appended to
+benchmarks/results/budget.json with the machine it ran on, so rows from different sessions
+accumulate; `--render` groups them per machine.
 Run one measurement at a time: two runs side by side would share the cores and halve each budget.
 """
 from __future__ import annotations

@@ -308,8 +308,7 @@ def test_stage_packs_bundles_under_the_limit_and_unpacks_the_same_bytes(monkeypa
         {k: v for k, v in originals.items() if not k.startswith("other/")}
     assert stage.unpack(bundles[0], into) == 0  # a repeated transfer writes nothing
     (into / "mnist" / "a.bin").write_bytes(b"user's own file")
-    victim = "mnist/a.bin" if "mnist/a.bin" in (bundles[0] / stage.MANIFEST).read_text() else None
-    bundle = bundles[0] if victim else bundles[1]
+    bundle = next(b for b in bundles if "mnist/a.bin" in (b / stage.MANIFEST).read_text())
     with pytest.raises(SystemExit, match="other content: not replaced"):
         stage.unpack(bundle, into)
     assert (into / "mnist" / "a.bin").read_bytes() == b"user's own file"
