@@ -3,7 +3,7 @@ borrowed GPU box that gets a copy of the working tree and nothing else), then re
 
     python benchmarks/stage.py pack --data-dir ../shared/datasets --out .stage --max-mib 58
     # send .stage/1, .stage/2, ... one transfer each; on the far side, after each:
-    python3 benchmarks/stage.py unpack .stage/1 --into .stage/data
+    PYTHONPATH=src python3 benchmarks/stage.py unpack .stage/1 --into .stage/data   # vitlab not installed there
     ...
     vitlab train --recipe cifar10 --set data.data_dir=.stage/data     # once every bundle is in
 
@@ -17,7 +17,6 @@ reads the data.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import lzma
 import os
@@ -25,15 +24,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from vitlab.data.sources import md5sum  # the checksum vitlab verifies datasets with
+
 MANIFEST = "manifest.json"
-
-
-def md5sum(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def pack(data_dir: Path, out: Path, names: list[str], max_mib: float) -> list[Path]:
