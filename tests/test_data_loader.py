@@ -3,8 +3,8 @@ import torch
 
 from vitlab import ConfigError, ViTConfig
 from vitlab.data import ImageSet
-from vitlab.data.augment import (AugmentArgs, EvalTransform, TrainTransform, mix, pad_crop, rand_augment,
-                                 random_erase, random_rotation_zoom, rotation_zoom)
+from vitlab.data.augment import (AugmentArgs, EvalTransform, TrainTransform, elastic_displacement, mix, pad_crop,
+                                 rand_augment, random_erase, random_rotation_zoom, rotation_zoom)
 from vitlab.data.loader import BatchLoader
 
 
@@ -133,6 +133,59 @@ def test_rotation_and_zoom_turn_and_enlarge_about_the_centre():
     slope = ends / 5.5  # tan(angle): the left end sits ~5.5 px from the centre
     angles = torch.rad2deg(torch.atan(slope))
     assert angles.abs().max() < 21 and angles.max() > 15 and angles.min() < -15 and angles.std() > 8
+
+
+def test_elastic_displacement_moves_pixels_by_the_field_in_pixels():
+    x = torch.rand(2, 1, 6, 10)  # not square: a swapped x / y scale would show
+    shift = torch.zeros(2, 6, 10, 2)
+    shift[..., 0] = 1.0  # every output pixel samples one pixel to its right
+    out = rotation_zoom(x, torch.zeros(2), torch.ones(2), shift)
+    torch.testing.assert_close(out[..., :-1], x[..., 1:])
+    assert out[..., -1].abs().max() == 0  # beyond the border: zeros
+    shift = torch.zeros(2, 6, 10, 2)
+    shift[..., 1] = -2.0  # two pixels up
+    torch.testing.assert_close(rotation_zoom(x, torch.zeros(2), torch.ones(2), shift)[:, :, 2:], x[:, :, :-2])
+
+
+def test_elastic_field_is_smooth_scaled_by_alpha_and_seeded():
+    field = elastic_displacement(64, 28, 28, 34.0, 4.0, torch.Generator().manual_seed(0))
+    assert field.shape == (64, 28, 28, 2)
+    again = elastic_displacement(64, 28, 28, 17.0, 4.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(field, 2 * again)  # linear in alpha, same noise from the same seed
+    rms = field.pow(2).mean().sqrt().item()
+    assert 0.8 < rms < 2.0  # ~1.3 px for Simard's alpha 34, sigma 4: smoothing shrinks the [-1, 1] noise
+    step = (field[:, 1:] - field[:, :-1]).pow(2).mean().sqrt().item()
+    assert step < 0.25 * rms  # neighbours move together: smooth, not per-pixel noise
+    rough = elastic_displacement(64, 28, 28, 34.0, 0.5, torch.Generator().manual_seed(0))
+    assert (rough[:, 1:] - rough[:, :-1]).pow(2).mean().sqrt() > 0.5 * rough.pow(2).mean().sqrt()
+    with pytest.raises(ConfigError, match="elastic_alpha=-1"):
+        AugmentArgs(elastic_alpha=-1)
+    for bad in (0.0, float("nan"), 65.0):
+        with pytest.raises(ConfigError, match="elastic_sigma"):
+            AugmentArgs(elastic_sigma=bad)
+    with pytest.raises(ConfigError, match="elastic_alpha=inf"):
+        AugmentArgs(elastic_alpha=float("inf"))
+
+
+def test_elastic_off_leaves_the_random_stream_and_images_of_existing_recipes_alone():
+    data = fake_set(32, c=1)
+    # flips are drawn after the geometry: an extra draw for a field that is then zeroed would show there
+    base = TrainTransform(AugmentArgs(rotate=10, scale=0.1, flip=True), record(data))
+    off = TrainTransform(AugmentArgs(rotate=10, scale=0.1, flip=True, elastic_alpha=0.0, elastic_sigma=6.0),
+                         record(data))
+    on = TrainTransform(AugmentArgs(rotate=10, scale=0.1, flip=True, elastic_alpha=34.0), record(data))
+    a = base(data.images, data.labels, torch.Generator().manual_seed(5))[0]
+    assert torch.equal(a, off(data.images, data.labels, torch.Generator().manual_seed(5))[0])
+    g, expected = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    random_rotation_zoom(torch.rand(32, 1, 8, 8), 10, 0.1, g)
+    torch.rand(32, generator=expected), torch.rand(32, generator=expected)  # an angle and a zoom per image, no more
+    assert torch.equal(g.get_state(), expected.get_state())
+    b, labels = on(data.images, data.labels, torch.Generator().manual_seed(5))
+    assert torch.equal(labels, data.labels) and (a - b).abs().mean() > 0.05
+    alone = TrainTransform(AugmentArgs(crop_pad=0, flip=False, elastic_alpha=34.0), record(data))
+    plain_tf = TrainTransform(AugmentArgs(crop_pad=0, flip=False), record(data))
+    assert not torch.equal(alone(data.images, data.labels, torch.Generator().manual_seed(5))[0],
+                           plain_tf(data.images, data.labels, torch.Generator().manual_seed(5))[0])  # on by itself too
 
 
 def test_augmentation_is_seeded():

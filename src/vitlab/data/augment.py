@@ -1,11 +1,12 @@
 """Batched tensor augmentation: every op works on a whole (B, C, H, W) batch at once, with
 per-sample randomness drawn from one torch.Generator, so a batch is reproducible from its seed.
 
-Order: uint8 -> [0, 1] float -> pad + random crop -> rotation + zoom -> horizontal flip ->
+Order: uint8 -> [0, 1] float -> pad + random crop -> rotation + zoom + elastic distortion -> horizontal flip ->
 RandAugment-style ops -> normalise -> random erasing -> mixup / cutmix (soft targets). The evaluation transform is built
 from a model's preprocessing record (resize, channels, mean/std), so it always matches the model.
 
-References: RandAugment (arXiv 1909.13719), TrivialAugment (arXiv 2103.10158), mixup
+References: elastic distortion (Simard et al., "Best practices for convolutional neural networks
+applied to visual document analysis", ICDAR 2003), RandAugment (arXiv 1909.13719), TrivialAugment (arXiv 2103.10158), mixup
 (arXiv 1710.09412), CutMix (arXiv 1905.04899), random erasing (arXiv 1708.04896).
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ OPS = COLOR_OPS + GEOMETRIC_OPS
 
 
 MAX_CROP_PAD = 1024  # pixels; `vitlab train` also holds it to at most the model's image side
+MAX_ELASTIC_SIGMA = 64.0  # pixels: the smoothing kernel has 6 sigma + 1 taps
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,12 @@ class AugmentArgs:
     """Rotate each image by a random angle in [-rotate, rotate] degrees (0 disables; corners filled with black)."""
     scale: float = 0.0
     """Zoom each image by a random factor in [1 - scale, 1 + scale] (0 disables), with the rotation."""
+    elastic_alpha: float = 0.0
+    """Elastic distortion strength in pixels (0 disables): a per-pixel random displacement field, smoothed
+    by a Gaussian of elastic_sigma pixels and scaled by this (Simard et al. 2003 used 34 with sigma 4 on
+    28-px digits)."""
+    elastic_sigma: float = 4.0
+    """Smoothness of the elastic displacement field: the Gaussian's standard deviation in pixels."""
     randaug_ops: int = 0
     """RandAugment ops applied to each image (0 disables)."""
     randaug_magnitude: float = 9.0
@@ -66,6 +74,10 @@ class AugmentArgs:
             problems.append(f"augment.rotate={self.rotate} must be in [0, 180] degrees")
         if not 0 <= self.scale < 1:
             problems.append(f"augment.scale={self.scale} must be in [0, 1)")
+        if not (0 <= self.elastic_alpha and math.isfinite(self.elastic_alpha)):
+            problems.append(f"augment.elastic_alpha={self.elastic_alpha} must be a finite number >= 0 (pixels)")
+        if not 0 < self.elastic_sigma <= MAX_ELASTIC_SIGMA:
+            problems.append(f"augment.elastic_sigma={self.elastic_sigma} must be in (0, {MAX_ELASTIC_SIGMA}] pixels")
         for key in ("mix_prob", "erase_prob"):
             if not 0 <= getattr(self, key) <= 1:
                 problems.append(f"augment.{key}={getattr(self, key)} must be in [0, 1]")
@@ -110,24 +122,49 @@ def hflip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(mask[:, None, None, None], x.flip(-1), x)
 
 
-def rotation_zoom(x: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor) -> torch.Tensor:
+def rotation_zoom(x: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor,
+                  displacement: torch.Tensor | None = None) -> torch.Tensor:
     """Each image of the (B, C, H, W) batch rotated counter-clockwise by angle[b] radians and zoomed by
-    zoom[b] (> 1 enlarges) about its centre, bilinear, with zeros where no pixel maps."""
-    B = x.shape[0]
+    zoom[b] (> 1 enlarges) about its centre, bilinear, with zeros where no pixel maps. `displacement`
+    (B, H, W, 2), in pixels (x, y), moves where each output pixel samples the rotated and zoomed image."""
+    B, _, H, W = x.shape
     cos, sin = angle.cos() / zoom, angle.sin() / zoom  # affine_grid maps output to input coordinates
     theta = torch.stack([torch.stack([cos, -sin, torch.zeros(B)], 1),
                          torch.stack([sin, cos, torch.zeros(B)], 1)], 1)  # (B, 2, 3)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2), x then y, in [-1, 1]
+    if displacement is not None:
+        grid = grid + displacement * torch.tensor([2.0 / W, 2.0 / H])  # pixels -> grid units (one pixel = 2/side)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def random_rotation_zoom(x: torch.Tensor, rotate: float, scale: float, gen: torch.Generator) -> torch.Tensor:
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """A normalised 1-D Gaussian of 2 * ceil(3 sigma) + 1 taps."""
+    r = math.ceil(3 * sigma)
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma ** 2))
+    return k / k.sum()
+
+
+def elastic_displacement(B: int, H: int, W: int, alpha: float, sigma: float, gen: torch.Generator) -> torch.Tensor:
+    """Simard et al.'s elastic field: per-pixel uniform [-1, 1] noise for x and y, smoothed by a Gaussian
+    of `sigma` pixels (separable, zero beyond the border), times `alpha`: (B, H, W, 2) in pixels."""
+    field = 2 * _uniform(gen, B, 2, H, W) - 1  # (B, 2, H, W): x and y displacement
+    k = gaussian_kernel(sigma)
+    r = (len(k) - 1) // 2
+    field = F.conv2d(field, k.view(1, 1, -1, 1).expand(2, 1, -1, 1).contiguous(), padding=(r, 0), groups=2)  # along H
+    field = F.conv2d(field, k.view(1, 1, 1, -1).expand(2, 1, 1, -1).contiguous(), padding=(0, r), groups=2)  # along W
+    return (alpha * field).permute(0, 2, 3, 1)  # (B, 2, H, W) -> (B, H, W, 2)
+
+
+def random_rotation_zoom(x: torch.Tensor, rotate: float, scale: float, gen: torch.Generator,
+                         elastic_alpha: float = 0.0, elastic_sigma: float = 4.0) -> torch.Tensor:
     """Per-image angle uniform in [-rotate, rotate] degrees and zoom uniform in [1 - scale, 1 + scale]
-    (the random affine of the classic MNIST recipes; translation comes from pad + crop)."""
-    B = x.shape[0]
+    (the random affine of the classic MNIST recipes; translation comes from pad + crop), and, when
+    elastic_alpha > 0, an elastic distortion, all in one resampling."""
+    B, _, H, W = x.shape
     angle = (2 * _uniform(gen, B) - 1) * math.radians(rotate)
     zoom = 1 + (2 * _uniform(gen, B) - 1) * scale
-    return rotation_zoom(x, angle, zoom)
+    displacement = elastic_displacement(B, H, W, elastic_alpha, elastic_sigma, gen) if elastic_alpha else None
+    return rotation_zoom(x, angle, zoom, displacement)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -279,8 +316,8 @@ class TrainTransform:
         x = to_model_input(to_float(images), self.in_chans, self.size)
         if aug.crop_pad:
             x = pad_crop(x, aug.crop_pad, gen)
-        if aug.rotate or aug.scale:
-            x = random_rotation_zoom(x, aug.rotate, aug.scale, gen)
+        if aug.rotate or aug.scale or aug.elastic_alpha:
+            x = random_rotation_zoom(x, aug.rotate, aug.scale, gen, aug.elastic_alpha, aug.elastic_sigma)
         if aug.flip:
             x = hflip(x, gen)
         if aug.randaug_ops or aug.trivial:
