@@ -76,6 +76,12 @@ def test_bench_table_names_the_kernel_and_a_missing_seed_model(tmp_path, capsys,
     assert "autotune (explicit): fp32, attention math" in table and "GFLOP/s in fp32" in table
     assert table.count("\nvitlab ") == table.count("\ntimm ") == 1
     assert f"(seed skipped: {missing} not found)" in table
+    seed = tmp_path / "seed_vit.py"
+    seed.write_text(FAKE_SEED)
+    monkeypatch.setattr(vitlab.bench, "SEED_PATH", seed)  # present, but turned off
+    assert main(["bench", *TINY, "--precision", "fp32", "--attn", "math", "--rounds", "1", "--seed-vit", "none"]) == 0
+    table = capsys.readouterr().out
+    assert "(seed skipped: turned off (--seed-vit none))" in table and "\nseed " not in table
 
 
 def test_a_conv_stem_model_is_timed_without_timm(tmp_path, capsys, monkeypatch):

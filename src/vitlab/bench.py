@@ -57,7 +57,9 @@ def default_batch(cfg: ViTConfig) -> int:
 # ---- the models ------------------------------------------------------------------------------
 def load_seed_module(path: Path | None) -> tuple[ModuleType | None, str | None]:
     """(the write-up's model module, None) or (None, why it is skipped)."""
-    if path is None or not Path(path).is_file():
+    if path is None:
+        return None, "turned off (--seed-vit none)"
+    if not Path(path).is_file():
         return None, f"{path} not found"
     spec = importlib.util.spec_from_file_location("seed_vit", path)
     module = importlib.util.module_from_spec(spec)

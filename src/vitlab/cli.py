@@ -400,8 +400,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import SEED_PATH, bench_config, default_batch, format_table, run_bench
     from .engine.runtime import MAX_THREADS, resolve_device
     cfg = bench_config(args.preset, args.set)
-    if args.seed_vit and not Path(args.seed_vit).is_file():
-        raise ConfigError(f"--seed-vit {args.seed_vit}: no such file")
+    off = args.seed_vit == "none"  # its ViT-B-sized shapes can take minutes a round on a CPU
+    if args.seed_vit and not off and not Path(args.seed_vit).is_file():
+        raise ConfigError(f"--seed-vit {args.seed_vit}: no such file (or 'none' to leave it out)")
     if args.threads is not None:
         if not 1 <= args.threads <= MAX_THREADS:
             raise ConfigError(f"--threads {args.threads} must be in [1, {MAX_THREADS}]")
@@ -409,7 +410,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     batch = default_batch(cfg) if args.batch is None else args.batch
     result = run_bench(cfg, batch, resolve_device(args.device), args.precision, args.attn,
                        rounds=args.rounds, steps=args.steps, warmup=args.warmup,
-                       seed_path=Path(args.seed_vit) if args.seed_vit else SEED_PATH)
+                       seed_path=None if off else Path(args.seed_vit) if args.seed_vit else SEED_PATH)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 

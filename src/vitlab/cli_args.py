@@ -158,5 +158,5 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=3, help="steps per model per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     p.add_argument("--seed-vit", metavar="PATH", help="the write-up's model file (default ../shared/baselines/"
-                   "seed_vit.py beside the repository; skipped if absent)")
+                   "seed_vit.py beside the repository; skipped if absent), or 'none' to leave it out")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
