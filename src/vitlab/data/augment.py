@@ -1,13 +1,14 @@
 """Batched tensor augmentation: every op works on a whole (B, C, H, W) batch at once, with
 per-sample randomness drawn from one torch.Generator, so a batch is reproducible from its seed.
 
-Order: uint8 -> [0, 1] float -> pad + random crop -> rotation + zoom + elastic distortion -> horizontal flip ->
-RandAugment-style ops -> normalise -> random erasing -> mixup / cutmix (soft targets). The evaluation transform is built
-from a model's preprocessing record (resize, channels, mean/std), so it always matches the model.
+Order: uint8 -> [0, 1] float -> pad + random crop -> rotation + zoom + elastic distortion (one resampling)
+-> horizontal flip -> RandAugment-style ops -> normalise -> random erasing -> mixup / cutmix (soft targets).
+The evaluation transform is built from a model's preprocessing record (resize, channels, mean/std), so it
+always matches the model.
 
-References: elastic distortion (Simard et al., "Best practices for convolutional neural networks
-applied to visual document analysis", ICDAR 2003), RandAugment (arXiv 1909.13719), TrivialAugment (arXiv 2103.10158), mixup
-(arXiv 1710.09412), CutMix (arXiv 1905.04899), random erasing (arXiv 1708.04896).
+References: elastic distortion (Simard et al., "Best practices for convolutional neural networks applied to
+visual document analysis", ICDAR 2003), RandAugment (arXiv 1909.13719), TrivialAugment (arXiv 2103.10158),
+mixup (arXiv 1710.09412), CutMix (arXiv 1905.04899), random erasing (arXiv 1708.04896).
 """
 from __future__ import annotations
 
