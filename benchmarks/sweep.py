@@ -13,6 +13,10 @@ A spec (YAML) names a base recipe, the settings every run shares, the candidates
     select: {from: [stem64], seeds: [1, 2]}     # the best seed-0 val top-1 among these, seeds 1, 2
     jobs: [{recipe: mnist, seeds: [0, 1, 2]}]    # plus whole recipes as they ship
 
+`select.top: N` re-runs the N best instead of one. Candidates left out of `select.from` wait until
+the choice is made, so that the chosen seeds start at once rather than behind them: list the main
+bets in `from` (one wave of --parallel runs) and the rest run beside the seeds in the next wave.
+
 `--only a,b` runs just those candidates (part of a round, e.g. what fits one CPU session), with no
 fixed jobs and no phase 2. Phase 1 runs every candidate with seed 0 (and the fixed jobs); as soon as the last candidate has
 finished, phase 2 queues the selected candidate's other seeds ahead of anything still waiting.
@@ -51,6 +55,9 @@ def load_spec(path: Path) -> dict:
     unknown = set(select.get("from") or []) - set(spec["candidates"])
     if unknown:
         raise SystemExit(f"{path}: select.from names unknown candidates {sorted(unknown)}")
+    top = select.get("top", 1)
+    if not isinstance(top, int) or isinstance(top, bool) or top < 1:
+        raise SystemExit(f"{path}: select.top must be a whole number >= 1, got {top!r}")
     return spec
 
 
@@ -117,12 +124,14 @@ def main() -> None:
     t0 = time.time()
     deadline = t0 + 60 * args.deadline_min if args.deadline_min else None
     running: list[Job] = []
-    phase1_left = sum(j.phase == 1 for j in queue)
+    pool_names = set(select.get("from") or candidates)  # the candidates phase 2 chooses among
+    pool_left = sum(j.phase == 1 and j.name in pool_names for j in queue)
     seed0: dict[str, float] = {}
+    decided = not select.get("seeds")  # until then, candidates outside the pool wait
     sweep_id = time.strftime("%Y-%m-%dT%H:%M:%S")
 
     def finish(j: Job, status: str) -> None:
-        nonlocal phase1_left
+        nonlocal pool_left
         j.log.close()
         rec = {"sweep": sweep_id, "spec": str(args.spec), "candidate": j.name, "phase": j.phase, "sets": j.sets,
                "status": status, "seed": j.seed, "recipe": j.recipe, "run_dir": str(j.out),
@@ -136,28 +145,33 @@ def main() -> None:
         print(json.dumps({k: rec.get(k) for k in ("candidate", "seed", "status", "val_top1", "test_top1", "wall_s")}),
               flush=True)
         if j.phase == 1:
-            phase1_left -= 1
             if rec.get("val_top1") is not None:
                 seed0[j.name] = rec["val_top1"]
-            if phase1_left == 0:
-                choose()
+            if j.name in pool_names:
+                pool_left -= 1
+                if pool_left == 0:
+                    choose(final=True)
 
-    selected: list[str] = []
-
-    def choose() -> None:
-        """Queue phase 2 (once): the best seed-0 val top-1 among the selectable candidates finished so far."""
-        pool = [k for k in (select.get("from") or candidates) if k in seed0]
-        if selected or not pool or not select.get("seeds"):
+    def choose(final: bool = False) -> None:
+        """Queue phase 2 (once): the seeds of the `select.top` best seed-0 val top-1 among the
+        selectable candidates finished so far. With none finished, it waits, unless `final`."""
+        nonlocal decided
+        pool = [k for k in candidates if k in pool_names and k in seed0]
+        if decided or not (pool or final):
             return
-        best = max(pool, key=seed0.get)
-        selected.append(best)
-        print(f"selected {best} (val top-1 {seed0[best]:.4f}, best of {len(pool)} finished)", flush=True)
-        queue[:0] = [Job(best, spec["recipe"], int(s), common + list(spec["candidates"][best] or []) + args.set, 2)
-                     for s in select["seeds"]]
+        decided = True
+        best = sorted(pool, key=lambda k: -seed0[k])[:select.get("top", 1)]
+        print(f"selected {best} (val top-1 {[round(seed0[k], 4) for k in best]}, of {len(pool)} finished)"
+              if best else "selected nothing: no selectable candidate gave a val top-1", flush=True)
+        queue[:0] = [Job(k, spec["recipe"], int(s), common + list(spec["candidates"][k] or []) + args.set, 2)
+                     for k in best for s in select["seeds"]]
 
     while queue or running:
-        while queue and len(running) < args.parallel:
-            j = queue.pop(0)
+        while len(running) < args.parallel:
+            j = next((j for j in queue if decided or j.phase != 1 or j.name in pool_names), None)
+            if j is None:
+                break
+            queue.remove(j)
             j.out = fresh_dir(out_root, f"{j.name}-s{j.seed}")
             j.log = open(j.out.parent / f"{j.out.name}.log", "w")
             cmd = train_command(j.recipe, j.seed, args.data_dir, j.out, j.sets, threads)

@@ -18,6 +18,7 @@ from pathlib import Path
 out = Path(sys.argv[1])
 args = dict(a.split("=", 1) for a in sys.argv[2:])
 out.mkdir(parents=True)
+(out / "started").write_text(repr(time.time()))
 (out / "config.yaml").write_text(f"data: {{name: fake}}\ntrain: {{seed: {args['seed']}, epochs: 2}}\n")
 (out / "env.json").write_text(json.dumps({"device": "cuda:0", "gpu": "Fake GPU", "cpu": "x", "torch": "2",
                                           "threads": 1, "precision": "bf16"}))
@@ -28,6 +29,7 @@ with open(out / "metrics.jsonl", "w") as f:
     time.sleep(float(args.get("fake.sleep", 0)))
     f.write(json.dumps({"kind": "epoch", "val_top1": val}) + "\n")
 (out / "results.json").write_text(json.dumps({"best": {"val_top1": val}, "test": {"top1": test}, "params": 7}))
+(out / "ended").write_text(repr(time.time()))
 """
 
 
@@ -72,6 +74,24 @@ def test_phase_two_reruns_the_best_validation_candidate_not_the_best_test_one(sw
     b0 = next(r for r in runs if r["candidate"] == "b" and r["seed"] == 0)
     assert (b0["val_top1"], b0["test_top1"], b0["curve"], b0["gpu"]) == (0.8, 0.2, [0.4, 0.8], "Fake GPU")
     assert len({r["sweep"] for r in runs}) == 1 and len({r["run_dir"] for r in runs}) == 7
+
+
+def test_top_n_rerun_and_candidates_outside_the_pool_wait_for_the_choice(sweep, monkeypatch, tmp_path):
+    spec = {"recipe": "cifar10",
+            "candidates": {"a": ["fake.val=0.5", "fake.sleep=0.5"], "b": ["fake.val=0.8"], "d": ["fake.val=0.7"],
+                           "later": ["fake.val=0.99"]},  # best of all, but outside the pool: never chosen
+            "select": {"from": ["a", "b", "d"], "top": 2, "seeds": [1, 2]}}
+    runs = run_sweep(sweep, monkeypatch, tmp_path, spec, "--parallel", "4")
+    assert all(r["status"] == "done" for r in runs)
+    assert sorted((r["candidate"], r["seed"]) for r in runs if r["phase"] == 2) == [("b", 1), ("b", 2), ("d", 1), ("d", 2)]
+
+    def when(r, what):
+        return float((Path(r["run_dir"]) / what).read_text())
+    pool_done = max(when(r, "ended") for r in runs if r["phase"] == 1 and r["candidate"] != "later")
+    waited = [r for r in runs if r["phase"] == 2 or r["candidate"] == "later"]
+    assert len(waited) == 5 and all(when(r, "started") >= pool_done for r in waited)  # a free slot did not start them
+    with pytest.raises(SystemExit, match=re.escape("select.top must be a whole number >= 1, got 0")):
+        run_sweep(sweep, monkeypatch, tmp_path, {**spec, "select": {"seeds": [1], "top": 0}})
 
 
 def test_the_deadline_stops_what_runs_and_keeps_its_curve(sweep, monkeypatch, tmp_path):
