@@ -4,6 +4,7 @@
     python benchmarks/accuracy.py --add-run runs/mnist-seed0          # record a run made by hand
     python benchmarks/accuracy.py --render                            # the README's results table
     python benchmarks/accuracy.py --recipes cifar10 --seeds 0,1 --parallel 2   # two seeds side by side
+    python benchmarks/accuracy.py --from-sweep cifar10    # sweep runs (a GPU lease) of the recipe as it ships
 
 Each run is `vitlab train --recipe R --set train.seed=S --set data.data_dir=D --out runs/bench/R-sS`;
 its record is appended to benchmarks/results/accuracy.json as
@@ -71,6 +72,31 @@ def settings_of(cfg: dict) -> dict:
             if key == "train.seed" or resumable(key) or defaults.get(section, {}).get(k, object()) == v:
                 continue
             out.setdefault(section, {})[k] = v
+    return out
+
+
+def recipe_settings(recipe: str) -> dict:
+    """settings_of() for the recipe as it ships now, seed aside: what a run must have had to count as one."""
+    from vitlab.engine.args import load_run_config
+    return settings_of(json.loads(json.dumps(load_run_config(recipe, []).to_dict())))
+
+
+def from_sweep(recipe: str, sweep_results: Path) -> list[dict]:
+    """Records for the finished sweep runs (benchmarks/sweep.py) whose settings are exactly the
+    recipe's as it ships now, seed aside, that accuracy.json does not hold yet. A candidate that a
+    recipe adopted thus brings its seeds into the results table, each marked with its sweep; a run
+    that differs from the recipe in any setting (the recipe before, another candidate) is left out."""
+    want = recipe_settings(recipe)
+    have = json.loads(RESULTS.read_text())["runs"] if RESULTS.is_file() else []
+    seen = {(r.get("sweep"), r.get("run_dir")) for r in have}
+    out = []
+    for r in json.loads(sweep_results.read_text())["runs"]:
+        if r.get("status") != "done" or r.get("settings") != want or (r.get("sweep"), r.get("run_dir")) in seen:
+            continue
+        rec = {k: v for k, v in r.items() if k not in ("spec", "candidate", "phase", "sets", "status", "curve")}
+        out.append({**rec, "recipe": recipe,
+                    "note": f"from {sweep_results.name}: {r['spec']}, candidate {r['candidate']}, sweep {r['sweep']}; "
+                            f"{r['parallel']} runs shared the machine"})
     return out
 
 
@@ -233,8 +259,17 @@ def main() -> None:
                     help="run N seeds side by side, each with runtime.threads = cores // N")
     ap.add_argument("--add-run", action="append", default=[], metavar="RUN_DIR", help="record an existing run")
     ap.add_argument("--recipe-name", help="recipe name for --add-run (default: from the run's argv)")
+    ap.add_argument("--from-sweep", action="append", default=[], metavar="RECIPE",
+                    help="record the sweep runs (--sweep-results) whose settings are RECIPE's as it ships")
+    ap.add_argument("--sweep-results", type=Path, default=RESULTS.parent / "sweep.json")
     ap.add_argument("--render", action="store_true", help="print the table and write it into README.md")
     args = ap.parse_args()
+    for recipe in args.from_sweep:
+        found = from_sweep(recipe, args.sweep_results)
+        for rec in found:
+            append(rec)
+        print(f"{recipe}: {len(found)} sweep run(s) recorded: "
+              + ", ".join(f"seed {r['seed']} (test {r['test_top1']})" for r in found))
     for run_dir in map(Path, args.add_run):
         env = json.loads((run_dir / "env.json").read_text())
         argv = env.get("argv", [])

@@ -327,3 +327,25 @@ def test_stage_packs_bundles_under_the_limit_and_unpacks_the_same_bytes(monkeypa
     with pytest.raises(SystemExit, match="expected"):
         stage.unpack(bundle, tmp_path / "elsewhere")
     assert not list((tmp_path / "elsewhere").rglob("*.bin*"))
+
+
+def test_accuracy_from_sweep_records_only_runs_of_the_recipe_as_it_ships(accuracy, tmp_path):
+    want = accuracy.recipe_settings("cifar10")
+    assert want["model"]["conv_stem"] and "seed" not in want.get("train", {})
+    other = {**want, "optim": {"lr": 0.0123}}  # a candidate the recipe did not adopt
+    base = {"sweep": "2026-01-01T00:00:00", "spec": "s.yaml", "phase": 1, "sets": [], "curve": [0.5], "epochs": 15,
+            "recipe": "cifar10", "val_top1": 0.8, "test_top1": 0.81, "wall_s": 200.0, "params": 2, "device": "cuda:0",
+            "gpu": "G", "cpu": "x", "torch": "2", "parallel": 8}
+    runs = [{**base, "candidate": "c", "seed": 0, "status": "done", "settings": want, "run_dir": "r/c-s0"},
+            {**base, "candidate": "c", "seed": 1, "status": "failed rc=2", "settings": want, "run_dir": "r/c-s1"},
+            {**base, "candidate": "o", "seed": 0, "status": "done", "settings": other, "run_dir": "r/o-s0"},
+            {**base, "candidate": "c", "seed": 2, "status": "done", "settings": want, "run_dir": "r/c-s2"}]
+    sweep_file = tmp_path / "sweep.json"
+    sweep_file.write_text(json.dumps({"runs": runs}))
+    found = accuracy.from_sweep("cifar10", sweep_file)
+    assert [(r["seed"], r["run_dir"]) for r in found] == [(0, "r/c-s0"), (2, "r/c-s2")]
+    assert found[0]["note"].startswith("from sweep.json: s.yaml, candidate c, sweep 2026-01-01T00:00:00")
+    assert "curve" not in found[0] and "status" not in found[0] and found[0]["parallel"] == 8
+    for rec in found:
+        accuracy.append(rec)
+    assert accuracy.from_sweep("cifar10", sweep_file) == []  # recorded once, never twice
