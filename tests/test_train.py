@@ -279,6 +279,16 @@ def test_every_shipped_recipe_loads_and_builds(tmp_path):
     assert base_model_config(load_run_config("seed")).name == "seed_b16"
 
 
+def test_cifar100_recipe_is_the_cifar10_recipe_with_its_data():
+    """cifar100 is not tuned on its own (no offline copy to tune on): it must follow every change that
+    validation brings to cifar10, or it silently trains the model cifar10 dropped."""
+    c10, c100 = (load_run_config(n).to_dict() for n in ("cifar10", "cifar100"))
+    assert (c10["data"]["name"], c100["data"]["name"]) == ("cifar10", "cifar100")
+    for d in (c10, c100):
+        d["data"].pop("name")
+    assert c10 == c100
+
+
 def test_max_steps_ends_the_schedule_and_the_run(shapes, tmp_path):
     cfg = load_run_config("cifar10", tiny_sets(shapes, **{"train.epochs": 5, "train.max_steps": 13,
                                                           "train.test_at_end": False}))
