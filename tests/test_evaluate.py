@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from vitlab.engine.runtime import Runtime
-from vitlab.errors import DataError
+from vitlab.errors import ConfigError, DataError
 from vitlab.evaluate import evaluate, reliability_bins
 
 CPU = Runtime(torch.device("cpu"), "fp32")
@@ -97,6 +97,27 @@ def test_flip_tta_averages_the_probabilities_of_the_image_and_its_mirror():
     off = evaluate(model, batches, 7, CPU)
     assert_summary(off, expected_metrics(plain, y))
     assert abs(tta["loss"] - off["loss"]) > 0.1  # the mirror matters to this model
+
+
+def test_shift_tta_averages_the_image_and_its_four_one_pixel_shifts():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(30, 1, 4, 6, generator=g)  # H != W: a swapped axis would show
+    y = torch.randint(0, 5, (30,), generator=g)
+    model = Linear((1, 4, 6), 5)
+
+    def moved(dy, dx):  # content moved dy px down, dx px right; the edge row / column repeated
+        rows = (torch.arange(4) - dy).clamp(0, 3)
+        cols = (torch.arange(6) - dx).clamp(0, 5)
+        return x[:, :, rows][:, :, :, cols]
+    with torch.no_grad():
+        views = [model(moved(dy, dx)).softmax(-1) for dy, dx in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))]
+    tta = evaluate(model, [(x[:17], y[:17]), (x[17:], y[17:])], 5, CPU, tta="shift")
+    assert_summary(tta, expected_metrics(sum(views) / 5, y))
+    assert abs(tta["loss"] - evaluate(model, [(x, y)], 5, CPU)["loss"]) > 0.05  # the shifts matter to this model
+    assert_summary(evaluate(model, [(x, y)], 5, CPU, tta=True),  # True: the flip of before
+                   expected_metrics((views[0] + model(x.flip(-1)).softmax(-1)) / 2, y))
+    with pytest.raises(ConfigError, match=r"'rotate' is not one of \['flip', 'shift'\]"):
+        evaluate(model, [(x, y)], 5, CPU, tta="rotate")
 
 
 def test_model_mode_is_restored_and_empty_input_is_an_error():

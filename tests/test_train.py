@@ -116,7 +116,9 @@ def test_eval_and_predict_from_the_command_line(shapes, tmp_path):
     assert metrics["n"] == 18 and sum(map(sum, metrics["confusion"])) == 18
     assert (tmp_path / "run" / "eval_shapes_test" / "confusion.png").is_file()
     tta = json.loads(cli("eval", str(tmp_path / "run"), "--json", "--tta", "--split", "val").stdout)
-    assert tta["tta"] is True and tta["split"] == "val"
+    assert tta["tta"] == "flip" and tta["split"] == "val"
+    shift = json.loads(cli("eval", str(tmp_path / "run"), "--json", "--tta", "shift").stdout)
+    assert shift["tta"] == "shift" and shift["n"] == 18
     # predict: a file, a folder, a greyscale image of another size, and an unreadable file
     odd = tmp_path / "odd"
     odd.mkdir()

@@ -147,8 +147,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model.to(rt.device)
     loader = BatchLoader(data, args.batch_size, False, EvalTransform(model.config))
     metrics = evaluate(model, loader, model.config.num_classes, rt, tta=args.tta)
-    metrics.update(dataset=data.name, split=args.split, model=str(model_dir), tta=args.tta, limit=args.limit,
-                   device=str(rt.device), precision=rt.precision)
+    metrics.update(dataset=data.name, split=args.split, model=str(model_dir), tta=args.tta or False,
+                   limit=args.limit, device=str(rt.device), precision=rt.precision)
     from pathlib import Path
     out = Path(args.out) if args.out else (run_dir or model_dir) / f"eval_{data.name}_{args.split}"
     out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     print(f"{data.name} {args.split}: {metrics['n']} images  top-1 {metrics['top1']:.4f}  "
           f"top-{metrics['top5_k']} {metrics['top5']:.4f}  "
-          f"loss {metrics['loss']:.4f}  ECE {metrics['ece']:.4f}" + ("  (flip TTA)" if args.tta else ""))
+          f"loss {metrics['loss']:.4f}  ECE {metrics['ece']:.4f}" + (f"  ({args.tta} TTA)" if args.tta else ""))
     for cls, acc in zip(data.classes, metrics["per_class"]):
         print(f"  {cls:>16}  {acc:.4f}")
     print(f"confusion matrix and metrics in {out}")

@@ -49,7 +49,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="dataset name or folder (default: the one the model was trained on)")
     p.add_argument("--data-dir", help="data root searched first")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--tta", action="store_true", help="average predictions over the image and its mirror")
+    p.add_argument("--tta", nargs="?", const="flip", choices=["flip", "shift"],
+                   help="test-time augmentation: average predictions over flip (the image and its mirror; "
+                        "the default) or shift (the image and its four 1-pixel shifts: for digits)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--limit", type=int, help="evaluate a stratified, seeded subset of this many images")
     p.add_argument("--device", default="auto")

@@ -1,6 +1,6 @@
 """Evaluation metrics: loss, top-1 / top-5, per-class accuracy, confusion matrix, expected
-calibration error (Guo et al., arXiv 1706.04599, 15 equal-width bins), optional flip test-time
-augmentation. Sums are reduced across ranks, so every rank returns the same numbers.
+calibration error (Guo et al., arXiv 1706.04599, 15 equal-width bins), optional test-time
+augmentation (TTA_MODES). Sums are reduced across ranks, so every rank returns the same numbers.
 
 The result always has the same keys: n, loss, top1, top5, top5_k, ece (+ per_class, confusion with
 `details`). `top5` counts a hit among the `top5_k = min(5, num_classes)` most probable classes.
@@ -13,17 +13,36 @@ import torch
 import torch.nn.functional as F
 
 from .engine.runtime import Runtime, all_reduce_sum
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 ECE_BINS = 15
+TTA_MODES = {
+    "flip": "the image and its horizontal mirror (for classes that mirroring keeps: photos, not digits)",
+    "shift": "the image and its four 1-pixel shifts, edge pixels repeated (keeps any class, digits too)",
+}
+
+
+def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """The views of a (B, C, H, W) batch that `mode` (a key of TTA_MODES) averages over, the image first."""
+    if mode == "flip":
+        return [x, x.flip(-1)]
+    if mode == "shift":
+        H, W = x.shape[-2:]
+        padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+        # crop (top, left) of the padded image: (1, 1) is the image; (0, 1) moves its content 1 px down
+        return [x] + [padded[..., t:t + H, l:l + W] for t, l in ((0, 1), (2, 1), (1, 0), (1, 2))]
+    raise ConfigError(f"test-time augmentation {mode!r} is not one of {sorted(TTA_MODES)}")
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable, num_classes: int, rt: Runtime,
-             tta: bool = False, details: bool = True) -> dict:
-    """Metrics of `model` over (inputs, labels) batches (keys in the module docstring). With
-    `tta`, the probabilities of each image and its horizontal mirror are averaged. Raises
-    DataError when the batches hold no image."""
+             tta: bool | str | None = False, details: bool = True) -> dict:
+    """Metrics of `model` over (inputs, labels) batches (keys in the module docstring). With `tta`
+    (a TTA_MODES key; True means "flip"), the probabilities of the mode's views of each image are
+    averaged. Raises ConfigError for an unknown mode, DataError when the batches hold no image."""
+    mode = "flip" if tta is True else (tta or None)
+    if mode is not None and mode not in TTA_MODES:
+        raise ConfigError(f"test-time augmentation {mode!r} is not one of {sorted(TTA_MODES)}")
     was_training = model.training
     model.eval()
     K = num_classes
@@ -37,11 +56,11 @@ def evaluate(model: torch.nn.Module, batches: Iterable, num_classes: int, rt: Ru
     for x, y in batches:
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
         with rt.autocast():
-            logits = model(x).float()
-            if tta:
-                probs = (logits.softmax(-1) + model(x.flip(-1)).float().softmax(-1)) / 2
-        if not tta:
-            probs = logits.softmax(-1)
+            if mode is None:
+                probs = model(x).float().softmax(-1)
+            else:
+                views = tta_views(x, mode)
+                probs = sum(model(v).float().softmax(-1) for v in views) / len(views)
         log_probs = probs.clamp_min(1e-12).log()
         loss_sum += F.nll_loss(log_probs, y, reduction="sum").double().cpu()
         conf, pred = probs.max(-1)
