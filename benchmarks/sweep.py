@@ -16,6 +16,7 @@ A spec (YAML) names a base recipe, the settings every run shares, the candidates
 `select.top: N` re-runs the N best instead of one. Candidates left out of `select.from` wait until
 the choice is made, so that the chosen seeds start at once rather than behind them: list the main
 bets in `from` (one wave of --parallel runs) and the rest run beside the seeds in the next wave.
+Slots that the pool leaves free stay empty until then.
 
 `--only a,b` runs just those candidates (part of a round, e.g. what fits one CPU session), with no
 fixed jobs and no phase 2. Phase 1 runs every candidate with seed 0 (and the fixed jobs, first); as
@@ -188,6 +189,7 @@ def main() -> None:
                 running.remove(j)
                 finish(j, "done" if rc == 0 else f"failed rc={rc}")
         if deadline and time.time() > deadline:
+            decided = True  # what the deadline stops chooses nothing: no phase 2 to list as not started
             for j in running:
                 os.killpg(j.proc.pid, signal.SIGTERM)
             for j in running:

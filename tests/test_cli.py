@@ -28,7 +28,7 @@ OPTIONS = {
               "--seed-vit", "--json"],
     "convert": ["--from", "--out", "--force", "--preset", "--num-heads", "--img-size", "--pool"],
     "data": ["--data-dir", "--force", "--quiet"],
-    "eval": ["--data", "--data-dir", "--split", "--tta", "--batch-size", "--limit", "--device", "--precision", "--out",
+    "eval": ["--data", "--data-dir", "--split", "--tta", "--tta-mode", "--batch-size", "--limit", "--device", "--precision", "--out",
              "--json"],
     "models": ["--json"],
     "predict": ["--topk", "--format", "--backend", "--precision"],
@@ -161,7 +161,7 @@ def test_eval_prints_and_writes_the_metrics(eval_setup, capsys):
     printed = json.loads(capsys.readouterr().out)
     for key, value in want.items():
         assert printed[key] == pytest.approx(value, rel=1e-4), key
-    assert printed["split"] == "test" and printed["tta"] is False and len(printed["per_class"]) == 10
+    assert printed["split"] == "test" and printed["tta"] is None and len(printed["per_class"]) == 10
     assert printed["precision"] == setup_runtime("cpu").precision  # auto: what training would pick here
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == printed
     assert not [p.name for p in (tmp_path / "ev").iterdir() if p.name.startswith(".")]  # no temp files

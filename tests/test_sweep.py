@@ -90,6 +90,8 @@ def test_top_n_rerun_and_candidates_outside_the_pool_wait_for_the_choice(sweep, 
     pool_done = max(when(r, "ended") for r in runs if r["phase"] == 1 and r["candidate"] != "later")
     waited = [r for r in runs if r["phase"] == 2 or r["candidate"] == "later"]
     assert len(waited) == 5 and all(when(r, "started") >= pool_done for r in waited)  # a free slot did not start them
+    later = next(r for r in runs if r["candidate"] == "later")
+    assert when(later, "started") >= min(when(r, "ended") for r in runs if r["phase"] == 2)  # the seeds went first
     with pytest.raises(SystemExit, match=re.escape("select.top must be a whole number >= 1, got 0")):
         run_sweep(sweep, monkeypatch, tmp_path, {**spec, "select": {"seeds": [1], "top": 0}})
 
@@ -106,6 +108,22 @@ def test_the_deadline_stops_what_runs_and_keeps_its_curve(sweep, monkeypatch, tm
     slow = by[("slow", 0)]
     assert slow["status"] == "stopped at the deadline" and slow["curve"] == [0.45] and "val_top1" not in slow
     assert ("slow", 1) not in by
+
+
+def test_candidates_outside_the_pool_still_run_when_the_whole_pool_fails(sweep, monkeypatch, tmp_path, capsys):
+    spec = {"recipe": "cifar10", "candidates": {"bad": ["fake.val=oops"], "ok": ["fake.val=0.7"]},
+            "select": {"from": ["bad"], "seeds": [1]}}
+    runs = run_sweep(sweep, monkeypatch, tmp_path, spec, "--parallel", "2", "--deadline-min", "0.3")  # no hang if held
+    assert sorted((r["candidate"], r["seed"], r["status"][:6]) for r in runs) == [("bad", 0, "failed"), ("ok", 0, "done")]
+    assert "selected nothing" in capsys.readouterr().out
+
+
+def test_a_deadline_that_stops_the_pool_queues_no_phase_two(sweep, monkeypatch, tmp_path, capsys):
+    spec = {"recipe": "cifar10", "candidates": {"slow": ["fake.val=0.9", "fake.sleep=60"]}, "select": {"seeds": [1]}}
+    runs = run_sweep(sweep, monkeypatch, tmp_path, spec, "--deadline-min", "0.02")
+    out = capsys.readouterr().out
+    assert [r["status"] for r in runs] == ["stopped at the deadline"]
+    assert "selected" not in out and "not started" not in out
 
 
 def test_a_failed_run_is_recorded_and_the_rest_go_on(sweep, monkeypatch, tmp_path):

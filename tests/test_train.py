@@ -117,8 +117,11 @@ def test_eval_and_predict_from_the_command_line(shapes, tmp_path):
     assert (tmp_path / "run" / "eval_shapes_test" / "confusion.png").is_file()
     tta = json.loads(cli("eval", str(tmp_path / "run"), "--json", "--tta", "--split", "val").stdout)
     assert tta["tta"] == "flip" and tta["split"] == "val"
-    shift = json.loads(cli("eval", str(tmp_path / "run"), "--json", "--tta", "shift").stdout)
-    assert shift["tta"] == "shift" and shift["n"] == 18
+    assert (tmp_path / "run" / "eval_shapes_val_tta-flip" / "metrics.json").is_file()
+    shift = json.loads(cli("eval", "--tta-mode", "shift", "--split", "val", str(tmp_path / "run"), "--json").stdout)
+    assert shift["tta"] == "shift" and shift["n"] == tta["n"] and shift["loss"] != tta["loss"]
+    before = json.loads(cli("eval", "--tta", str(tmp_path / "run"), "--split", "val", "--json").stdout)
+    assert before["loss"] == tta["loss"]  # --tta before the path: flip, as before
     # predict: a file, a folder, a greyscale image of another size, and an unreadable file
     odd = tmp_path / "odd"
     odd.mkdir()

@@ -147,10 +147,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model.to(rt.device)
     loader = BatchLoader(data, args.batch_size, False, EvalTransform(model.config))
     metrics = evaluate(model, loader, model.config.num_classes, rt, tta=args.tta)
-    metrics.update(dataset=data.name, split=args.split, model=str(model_dir), tta=args.tta or False,
-                   limit=args.limit, device=str(rt.device), precision=rt.precision)
+    metrics.update(dataset=data.name, split=args.split, model=str(model_dir), tta=args.tta, limit=args.limit,
+                   device=str(rt.device), precision=rt.precision)
     from pathlib import Path
-    out = Path(args.out) if args.out else (run_dir or model_dir) / f"eval_{data.name}_{args.split}"
+    out = Path(args.out) if args.out else (run_dir or model_dir) / (f"eval_{data.name}_{args.split}"
+                                                                    + (f"_tta-{args.tta}" if args.tta else ""))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     save_confusion_png(metrics["confusion"], data.classes, out / "confusion.png")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .evaluate import TTA_MODES
+
 
 def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("filter", nargs="?", help="only names containing this text")
@@ -49,9 +51,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="dataset name or folder (default: the one the model was trained on)")
     p.add_argument("--data-dir", help="data root searched first")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--tta", nargs="?", const="flip", choices=["flip", "shift"],
-                   help="test-time augmentation: average predictions over flip (the image and its mirror; "
-                        "the default) or shift (the image and its four 1-pixel shifts: for digits)")
+    p.add_argument("--tta", action="store_const", const="flip", help="average predictions over the image and "
+                   "its mirror (test-time augmentation; --tta-mode shift for digits)")
+    p.add_argument("--tta-mode", choices=sorted(TTA_MODES), dest="tta",
+                   help="test-time augmentation by name: " + "; ".join(f"{k}: {v}" for k, v in TTA_MODES.items()))
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--limit", type=int, help="evaluate a stratified, seeded subset of this many images")
     p.add_argument("--device", default="auto")
