@@ -19,7 +19,7 @@ bets in `from` (one wave of --parallel runs) and the rest run beside the seeds i
 Slots that the pool leaves free stay empty until then.
 
 `--only a,b` runs just those candidates (part of a round, e.g. what fits one CPU session), with no
-fixed jobs and no phase 2. Phase 1 runs every candidate with seed 0 (and the fixed jobs, first); as
+fixed jobs and no phase 2; `--only a --seeds 1,2` runs more seeds of one by hand. Phase 1 runs every candidate with seed 0 (and the fixed jobs, first); as
 soon as the last selectable candidate has finished (or at `select.by_min` minutes, among those
 finished by then), phase 2 queues the chosen candidates' other seeds ahead of anything still waiting.
 Selection looks at the validation split only (each run's best val top-1); a run's test top-1 is
@@ -100,7 +100,15 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="print the commands of phase 1 and stop")
     ap.add_argument("--only", help="comma-separated candidates: part of a round (e.g. what fits one CPU session); "
                                    "no fixed jobs and no phase 2, which needs the whole round's seed-0 results")
+    ap.add_argument("--seeds", default="0", help="with --only: comma-separated seeds of each named candidate, "
+                                                 "e.g. 1,2 for more seeds of a close one (recorded as phase 2)")
     args = ap.parse_args()
+    try:
+        seeds = sorted({int(x) for x in args.seeds.split(",")})
+    except ValueError:
+        raise SystemExit(f"--seeds {args.seeds!r}: give comma-separated whole numbers, e.g. 1,2") from None
+    if seeds != [0] and not args.only:
+        raise SystemExit("--seeds needs --only: a whole round runs seed 0, then phase 2 picks the seeds")
     spec = load_spec(args.spec)
     common = list(spec.get("common") or [])
     select = spec.get("select") or {}
@@ -111,7 +119,8 @@ def main() -> None:
         if unknown or not names:
             raise SystemExit(f"--only {args.only!r}: unknown candidates {unknown}; the spec has {sorted(candidates)}")
         candidates, select = {n: candidates[n] for n in names}, {}
-    queue = [Job(k, spec["recipe"], 0, common + list(v or []) + args.set, 1) for k, v in candidates.items()]
+    queue = [Job(k, spec["recipe"], seed, common + list(v or []) + args.set, 1 if seed == 0 else 2)
+             for seed in seeds for k, v in candidates.items()]
     for j in ([] if args.only else spec.get("jobs") or []):
         queue += [Job(j["recipe"], j["recipe"], int(s), list(j.get("sets") or []) + args.set, 0)
                   for s in j.get("seeds", [0])]

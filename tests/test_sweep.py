@@ -141,6 +141,11 @@ def test_only_runs_part_of_a_round_without_fixed_jobs_or_phase_two(sweep, monkey
     assert sorted((r["candidate"], r["seed"], r["phase"]) for r in runs) == [("a", 0, 1), ("b", 0, 1)]
     with pytest.raises(SystemExit, match=re.escape("unknown candidates ['z']")):
         run_sweep(sweep, monkeypatch, tmp_path, spec, "--only", "a,z")
+    more = run_sweep(sweep, monkeypatch, tmp_path, spec, "--only", "c", "--seeds", "2,1")[2:]
+    assert sorted((r["candidate"], r["seed"], r["phase"]) for r in more) == [("c", 1, 2), ("c", 2, 2)]
+    for bad, message in ((["--seeds", "1"], "--seeds needs --only"), (["--only", "a", "--seeds", "x"], "'x'")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            run_sweep(sweep, monkeypatch, tmp_path, spec, *bad)
 
 
 @pytest.mark.parametrize("spec, message", [
