@@ -19,9 +19,10 @@ bets in `from` (one wave of --parallel runs) and the rest run beside the seeds i
 Slots that the pool leaves free stay empty until then.
 
 `--only a,b` runs just those candidates (part of a round, e.g. what fits one CPU session), with no
-fixed jobs and no phase 2; `--only a --seeds 1,2` runs more seeds of one by hand. Phase 1 runs every candidate with seed 0 (and the fixed jobs, first); as
-soon as the last selectable candidate has finished (or at `select.by_min` minutes, among those
-finished by then), phase 2 queues the chosen candidates' other seeds ahead of anything still waiting.
+fixed jobs and no phase 2; `--only a --seeds 1,2` runs more seeds of one by hand. Phase 1 runs every
+candidate with seed 0 (and the fixed jobs, first); as soon as the last selectable candidate has
+finished (or at `select.by_min` minutes, among those finished by then), phase 2 queues the chosen
+candidates' other seeds ahead of anything still waiting.
 Selection looks at the validation split only (each run's best val top-1); a run's test top-1 is
 that of its val-selected weights, measured once at its end, and plays no part in any choice.
 

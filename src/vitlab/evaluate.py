@@ -22,16 +22,24 @@ TTA_MODES = {
 }
 
 
+def check_tta_mode(tta: bool | str | None) -> str | None:
+    """The TTA mode that `tta` names (True: "flip"; False or None: no TTA), or ConfigError."""
+    mode = "flip" if tta is True else (tta or None)
+    if mode is not None and mode not in TTA_MODES:
+        raise ConfigError(f"test-time augmentation {mode!r} is not one of {sorted(TTA_MODES)}")
+    return mode
+
+
 def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
     """The views of a (B, C, H, W) batch that `mode` (a key of TTA_MODES) averages over, the image first."""
-    if mode == "flip":
+    if check_tta_mode(mode) == "flip":
         return [x, x.flip(-1)]
     if mode == "shift":
         H, W = x.shape[-2:]
         padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
         # crop (top, left) of the padded image: (1, 1) is the image; (0, 1) moves its content 1 px down
         return [x] + [padded[..., t:t + H, l:l + W] for t, l in ((0, 1), (2, 1), (1, 0), (1, 2))]
-    raise ConfigError(f"test-time augmentation {mode!r} is not one of {sorted(TTA_MODES)}")
+    raise ConfigError(f"no views for test-time augmentation {mode!r}")  # a TTA_MODES key without views
 
 
 @torch.no_grad()
@@ -40,9 +48,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable, num_classes: int, rt: Ru
     """Metrics of `model` over (inputs, labels) batches (keys in the module docstring). With `tta`
     (a TTA_MODES key; True means "flip"), the probabilities of the mode's views of each image are
     averaged. Raises ConfigError for an unknown mode, DataError when the batches hold no image."""
-    mode = "flip" if tta is True else (tta or None)
-    if mode is not None and mode not in TTA_MODES:
-        raise ConfigError(f"test-time augmentation {mode!r} is not one of {sorted(TTA_MODES)}")
+    mode = check_tta_mode(tta)  # before any work
     was_training = model.training
     model.eval()
     K = num_classes
