@@ -30,6 +30,39 @@ def test_strides_and_token_grid(patch, stem, strides, proj):
     assert model.patch_embed.proj.kernel_size == (proj, proj) == model.patch_embed.proj.stride
 
 
+@pytest.mark.parametrize("patch, stem, full_res, strides, proj", [
+    (4, (8, 16, 16), 1, (1, 2, 2), 1),     # full resolution first, then the two halvings
+    (4, (8, 16, 16), 2, (1, 1, 2), 2),     # one halving left: the projection covers 2 px
+    (4, (8, 16), 2, (1, 1), 4),            # all at full resolution: a 4-px projection
+    (4, (8, 16, 16), 0, (2, 2, 1), 1),     # 0: the default layout
+])
+def test_full_resolution_layers_come_first_and_keep_the_token_grid(patch, stem, full_res, strides, proj):
+    cfg = tiny_config(img_size=patch * 3, patch_size=patch, conv_stem=stem, stem_full_res=full_res)
+    assert cfg.stem_strides == strides and cfg.proj_size == proj
+    model = vitlab.create_model(cfg).eval()
+    x = torch.randn(2, 3, patch * 3, patch * 3)
+    first = model.patch_embed.stem[0](x)
+    assert first.shape[-1] == patch * 3 // strides[0]  # the layer really runs at that resolution
+    assert [layer.conv.stride[0] for layer in model.patch_embed.stem] == list(strides)
+    assert model.patch_embed(x).shape == (2, 9, cfg.embed_dim)
+    assert model.patch_embed.proj.kernel_size == (proj, proj)
+
+
+@pytest.mark.parametrize("stem, bad", [((8, 16), 3), ((), 1), ((8,), -1), ((8,), 0.5), ((8,), True), ((8,), "1")])
+def test_bad_full_resolution_counts_are_refused_with_the_value(stem, bad):
+    with pytest.raises(ConfigError, match=f"stem_full_res={bad!r}"):
+        tiny_config(conv_stem=stem, stem_full_res=bad)
+
+
+def test_full_resolution_round_trips_through_a_saved_model(tmp_path):
+    model = randomize(vitlab.create_model(tiny_config(conv_stem=(8, 16), stem_full_res=1))).eval()
+    vitlab.save_model(model, tmp_path / "m")
+    same = vitlab.load_model(tmp_path / "m").eval()
+    assert same.config.stem_full_res == 1 and same.config.stem_strides == (1, 2)
+    x = torch.randn(2, 3, *[model.config.img_size] * 2)
+    torch.testing.assert_close(same(x), model(x))
+
+
 @pytest.mark.parametrize("bad", [(0,), (-8,), (8.5,), (True,), "32", (8,) * 17, (10**6,)])
 def test_bad_stems_are_refused_with_the_value(bad):
     with pytest.raises(ConfigError, match="conv_stem="):
@@ -136,3 +169,16 @@ def test_a_stem_setting_over_a_pretrained_model_without_one_fails_before_the_run
     err = capsys.readouterr().err
     assert code == 2 and "model.conv_stem=[8] differs from the pretrained model's conv_stem=[]" in err
     assert "--set model.conv_stem=[]" in err and not out.exists()
+
+
+def test_another_full_resolution_over_a_pretrained_stem_fails_before_the_run(tmp_path, capsys):
+    """Same weight shapes, other strides: the stem's filters would see another scale, so it is refused."""
+    from vitlab.cli import main
+    vitlab.save_model(vitlab.create_model(tiny_config(conv_stem=(8,))), tmp_path / "pre")
+    out = tmp_path / "run"
+    code = main(["train", "--recipe", "cifar10", "--set", f"model.pretrained={tmp_path / 'pre'}",
+                 "--set", "model.conv_stem=[8]", "--set", "model.stem_full_res=1",
+                 "--set", f"data.data_dir={tmp_path / 'nodata'}", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.stem_full_res=1 differs from the pretrained model's stem_full_res=0" in err
+    assert not out.exists()

@@ -104,6 +104,10 @@ class ViTConfig:
     2106.14881). Each layer halves the resolution while the rest of the patch side is even, else
     keeps it; the projection (kernel = stride) covers what is left of the patch. Empty: the plain
     linear patch embedding of the ViT paper."""
+    stem_full_res: int = 0
+    """How many of the first conv-stem layers keep the input's full resolution (stride 1) before the
+    halving starts, as CNNs for small images do (a ResNet for CIFAR keeps 32x32 in its first stage).
+    0: the first layer already halves it. The token grid is the same either way."""
     init_values: float | None = None
     """LayerScale initial value (CaiT, arXiv 2103.17239); None disables LayerScale."""
     norm_eps: float = 1e-6
@@ -133,10 +137,11 @@ class ViTConfig:
 
     @property
     def stem_strides(self) -> tuple[int, ...]:
-        """Stride of each conv-stem layer: 2 while the rest of the patch side is even, else 1."""
+        """Stride of each conv-stem layer: 1 for the first `stem_full_res`, then 2 while the rest of the
+        patch side is even, else 1."""
         strides, rest = [], self.patch_size
-        for _ in self.conv_stem:
-            strides.append(2 if rest % 2 == 0 else 1)
+        for i, _ in enumerate(self.conv_stem):
+            strides.append(2 if i >= self.stem_full_res and rest % 2 == 0 else 1)
             rest //= strides[-1]
         return tuple(strides)
 
@@ -257,6 +262,9 @@ class ViTConfig:
                 _is_int(c) and 1 <= c <= LIMITS["stem_channels"] for c in self.conv_stem):
             problems.append(f"conv_stem={_short(self.conv_stem)} must be a list of at most {LIMITS['stem_layers']} "
                             f"channel counts in [1, {LIMITS['stem_channels']}] (empty: no conv stem)")
+        elif not _is_int(self.stem_full_res) or not 0 <= self.stem_full_res <= len(self.conv_stem):
+            problems.append(f"stem_full_res={self.stem_full_res!r} must be a whole number from 0 to the "
+                            f"{len(self.conv_stem)} conv-stem layers (conv_stem={list(self.conv_stem)})")
         if self.name is not None and not isinstance(self.name, str):
             problems.append(f"name={self.name!r} must be a string or null")
         if problems:  # the cross-field checks below need values of the right types and sizes

@@ -124,6 +124,9 @@ class ModelArgs:
     """Channels of 3x3 conv + BatchNorm + ReLU layers before the patch projection, e.g. [32, 64]: a
     convolutional stem (arXiv 2106.14881) that learns far faster from scratch on small images; []
     is the plain linear patch embedding."""
+    stem_full_res: int | None = None
+    """How many of the first conv-stem layers keep the full input resolution (stride 1) before the
+    halving ones, e.g. 1 with conv_stem [32, 64, 128]: 32x32 -> 32x32 -> 16x16 -> 8x8 on 32-px images."""
     weight_init: str = "trunc_normal"
     """Init of a from-scratch model's linear layers: trunc_normal (std 0.02, timm's default) or
     xavier (uniform, scaled by each layer's width; big_vision's plain ViT)."""
