@@ -116,8 +116,29 @@ def test_shift_tta_averages_the_image_and_its_four_one_pixel_shifts():
     assert abs(tta["loss"] - evaluate(model, [(x, y)], 5, CPU)["loss"]) > 0.05  # the shifts matter to this model
     assert_summary(evaluate(model, [(x, y)], 5, CPU, tta=True),  # True: the flip of before
                    expected_metrics((views[0] + model(x.flip(-1)).softmax(-1)) / 2, y))
-    with pytest.raises(ConfigError, match=r"'rotate' is not one of \['flip', 'shift'\]"):
+    with pytest.raises(ConfigError, match=r"'rotate' is not one of \['flip', 'flip-shift', 'shift'\]"):
         evaluate(model, [(x, y)], 5, CPU, tta="rotate")
+
+
+def test_flip_shift_tta_averages_ten_views_each_shift_and_its_mirror():
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(24, 2, 5, 4, generator=g)  # H != W and two channels
+    y = torch.randint(0, 6, (24,), generator=g)
+    model = Linear((2, 5, 4), 6)
+
+    def view(dy, dx, mirrored):  # built by indexing: content moved dy down, dx right, then mirrored
+        rows = (torch.arange(5) - dy).clamp(0, 4)
+        cols = (torch.arange(4) - dx).clamp(0, 3)
+        if mirrored:
+            cols = cols.flip(0)
+        return x[:, :, rows][:, :, :, cols]
+    with torch.no_grad():
+        probs = [model(view(dy, dx, m)).softmax(-1) for m in (False, True)
+                 for dy, dx in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))]
+    tta = evaluate(model, [(x[:10], y[:10]), (x[10:], y[10:])], 6, CPU, tta="flip-shift")
+    assert_summary(tta, expected_metrics(sum(probs) / 10, y))
+    for other in ("flip", "shift"):  # both halves matter to this model
+        assert abs(tta["loss"] - evaluate(model, [(x, y)], 6, CPU, tta=other)["loss"]) > 0.01
 
 
 def test_model_mode_is_restored_and_empty_input_is_an_error():

@@ -52,7 +52,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="data root searched first")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--tta", action="store_const", const="flip", help="average predictions over the image and "
-                   "its mirror (test-time augmentation; --tta-mode shift for digits)")
+                   "its mirror (test-time augmentation; --tta-mode flip-shift: ten views, shift: for digits)")
     p.add_argument("--tta-mode", choices=sorted(TTA_MODES), dest="tta",
                    help="test-time augmentation by name: " + "; ".join(f"{k}: {v}" for k, v in TTA_MODES.items()))
     p.add_argument("--batch-size", type=int, default=500)

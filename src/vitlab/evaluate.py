@@ -19,6 +19,7 @@ ECE_BINS = 15
 TTA_MODES = {
     "flip": "the image and its horizontal mirror (for classes that mirroring keeps: photos, not digits)",
     "shift": "the image and its four 1-pixel shifts, edge pixels repeated (keeps any class, digits too)",
+    "flip-shift": "the five views of shift and their mirrors: ten views (photos)",
 }
 
 
@@ -39,6 +40,9 @@ def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
         padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
         # crop (top, left) of the padded image: (1, 1) is the image; (0, 1) moves its content 1 px down
         return [x] + [padded[..., t:t + H, l:l + W] for t, l in ((0, 1), (2, 1), (1, 0), (1, 2))]
+    if mode == "flip-shift":
+        shifted = tta_views(x, "shift")
+        return shifted + [v.flip(-1) for v in shifted]
     raise ConfigError(f"no views for test-time augmentation {mode!r}")  # a TTA_MODES key without views
 
 
