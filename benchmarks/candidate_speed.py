@@ -15,6 +15,7 @@ machine, to benchmarks/results/candidate_speed.json.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -60,6 +61,7 @@ def measure(spec_path: Path, names: list[str], precision: str, rounds: int, step
     base = statistics.median(runs["recipe"]["rates"])
     return {"spec": str(spec_path), "recipe": spec["recipe"], "precision": precision, "rounds": rounds,
             "steps": steps, "machine": describe_machine(), "command": " ".join(sys.argv),
+            "kernel_caps": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ},
             "candidates": {n: {"sets": r["sets"], "batch": r["batch"],
                                "train_img_s": round(statistics.median(r["rates"]), 1),
                                "vs_recipe": round(statistics.median(r["rates"]) / base, 3)}

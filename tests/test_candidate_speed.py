@@ -18,7 +18,7 @@ def speed(monkeypatch):
     def fake_step(model, precision, device):
         cfg = model.config
         built[len(built)] = cfg
-        per_image = 0.0002 * (3 if cfg.stem_full_res else 1)  # the full-resolution stem: 3x slower here
+        per_image = 0.0002 * (3 if cfg.conv_stem == (8, 16) else 1)  # the "full" candidate: 3x slower here
 
         def step(x, y):
             assert x.shape[1:] == (cfg.in_chans, cfg.img_size, cfg.img_size) and y.shape == x.shape[:1]
@@ -41,13 +41,23 @@ def test_candidates_are_the_recipe_plus_their_overrides_timed_against_it(speed, 
     rec = mod.measure(spec, ["full", "small_batch"], "fp32", rounds=3, steps=1)
     c = rec["candidates"]
     assert list(c) == ["recipe", "full", "small_batch"]  # "unused" was not asked for
-    assert [cfg.conv_stem for cfg in built.values()] == [(64, 128, 128, 128), (8, 16), (64, 128, 128, 128)]
-    assert built[1].stem_strides == (1, 2) and built[0].stem_full_res == 0
+    from vitlab.engine.args import load_run_config
+    shipped = tuple(load_run_config("cifar10").model.conv_stem)  # read, not hard-coded: recipes change
+    assert (8, 16) != shipped and [cfg.conv_stem for cfg in built.values()] == [shipped, (8, 16), shipped]
+    assert built[1].stem_strides == (1, 2) and built[1].stem_full_res == 1
     assert (c["recipe"]["batch"], c["full"]["batch"], c["small_batch"]["batch"]) == (256, 256, 64)
     assert c["recipe"]["vs_recipe"] == 1.0
     assert c["full"]["vs_recipe"] == pytest.approx(1 / 3, rel=0.25)  # images/s, not time per step
     assert c["small_batch"]["vs_recipe"] == pytest.approx(1.0, rel=0.25)  # per image, whatever the batch
     assert rec["machine"]["cpu"] and rec["precision"] == "fp32"
+    assert rec["kernel_caps"] == {}  # no ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA set here
+
+
+def test_kernel_caps_in_the_environment_are_recorded(speed, tmp_path, monkeypatch):
+    mod, _ = speed
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    rec = mod.measure(write_spec(tmp_path, {"a": ["model.depth=2"]}), ["a"], "fp32", rounds=1, steps=1)
+    assert rec["kernel_caps"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def test_an_unknown_candidate_is_named_and_nothing_is_written(speed, tmp_path, monkeypatch):
