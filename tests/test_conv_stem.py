@@ -48,7 +48,8 @@ def test_full_resolution_layers_come_first_and_keep_the_token_grid(patch, stem, 
     assert model.patch_embed.proj.kernel_size == (proj, proj)
 
 
-@pytest.mark.parametrize("stem, bad", [((8, 16), 3), ((), 1), ((8,), -1), ((8,), 0.5), ((8,), True), ((8,), "1")])
+@pytest.mark.parametrize("stem, bad", [((8, 16), 3), ((8,), 2), ((8,), -1), ((8,), 0.5), ((8,), True), ((8,), "1"),
+                                       ((), -1), ((), "1")])
 def test_bad_full_resolution_counts_are_refused_with_the_value(stem, bad):
     with pytest.raises(ConfigError, match=f"stem_full_res={bad!r}"):
         tiny_config(conv_stem=stem, stem_full_res=bad)
@@ -182,3 +183,17 @@ def test_another_full_resolution_over_a_pretrained_stem_fails_before_the_run(tmp
     err = capsys.readouterr().err
     assert code == 2 and "model.stem_full_res=1 differs from the pretrained model's stem_full_res=0" in err
     assert not out.exists()
+
+
+def test_removing_the_stem_of_a_full_resolution_recipe_gives_the_plain_model(tmp_path, capsys):
+    """`--set model.conv_stem=[]` over the cifar10 recipe (stem_full_res 1): the plain patch embedding,
+    equal to a config that never had a stem, so it also fine-tunes from a plain pretrained model."""
+    from vitlab.engine.args import load_run_config
+    from vitlab.train import base_model_config
+    plain = tiny_config(conv_stem=(), stem_full_res=1)
+    assert plain.stem_full_res == 0 and plain == tiny_config(conv_stem=())
+    cfg = base_model_config(load_run_config("cifar10", ["model.conv_stem=[]"]))
+    assert cfg.conv_stem == () and cfg.stem_full_res == 0 and cfg.stem_strides == () and cfg.proj_size == 4
+    vitlab.save_model(vitlab.create_model(tiny_config()), tmp_path / "pre")
+    tuned = base_model_config(load_run_config("cifar10", ["model.conv_stem=[]", f"model.pretrained={tmp_path / 'pre'}"]))
+    assert tuned.stem_full_res == 0 and tuned.conv_stem == ()

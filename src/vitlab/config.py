@@ -127,6 +127,10 @@ class ViTConfig:
             value = getattr(self, key)
             if isinstance(value, list):
                 object.__setattr__(self, key, tuple(value))
+        if self.conv_stem == () and _is_int(self.stem_full_res) and self.stem_full_res >= 0:
+            # no stem, nothing kept at full resolution: `--set model.conv_stem=[]` over a recipe whose
+            # stem starts at full resolution gives the plain patch embedding, equal to any other
+            object.__setattr__(self, "stem_full_res", 0)
         self.validate()
 
     # ---- derived values -------------------------------------------------------------------

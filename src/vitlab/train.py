@@ -67,12 +67,12 @@ def base_model_config(settings: RunConfig) -> ViTConfig:
             raise ConfigError(f"model.conv_stem={list(stem)} differs from the pretrained model's conv_stem="
                               f"{list(source.conv_stem)} ({settings.model.pretrained}): its weights have no such "
                               f"layers; --set model.conv_stem={list(source.conv_stem)} keeps the pretrained one")
-        full_res = overrides.get("stem_full_res", source.stem_full_res)
-        if full_res != source.stem_full_res:  # same shapes, but the convs would see another scale
-            raise ConfigError(f"model.stem_full_res={full_res} differs from the pretrained model's "
+        cfg = source.replace(**overrides)
+        if cfg.stem_strides != source.stem_strides:  # same shapes, but the convs would see another scale
+            raise ConfigError(f"model.stem_full_res={cfg.stem_full_res} differs from the pretrained model's "
                               f"stem_full_res={source.stem_full_res} ({settings.model.pretrained}): its stem "
                               f"learned at those strides; --set model.stem_full_res={source.stem_full_res} keeps them")
-        return source.replace(**overrides)
+        return cfg
     return get_config(settings.model.preset, **settings.model.overrides())
 
 
