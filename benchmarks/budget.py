@@ -54,10 +54,8 @@ def probe(rounds: int = 5, steps: int = 2) -> dict:
     """This machine's speed right now: training images/s of PROBE_PRESET at PROBE_BATCH in fp32 and,
     where the CPU has bf16 units, bf16 (median of `rounds` rounds, the dtypes interleaved), and the
     matmul GFLOP/s of each dtype."""
-    import statistics
-
     import torch
-    from vitlab.bench import bench_config, make_train_step, matmul_peak_gflops
+    from vitlab.bench import bench_config, make_train_step, matmul_peak_gflops, train_rates_in_turns
     from vitlab.engine.runtime import fast_bf16_available
     from vitlab.model import VisionTransformer
 
@@ -66,18 +64,10 @@ def probe(rounds: int = 5, steps: int = 2) -> dict:
     precisions = ["fp32", "bf16"] if fast_bf16_available("cpu") else ["fp32"]
     x = torch.rand(PROBE_BATCH, *cfg.input_size)
     y = torch.randint(0, cfg.num_classes, (PROBE_BATCH,))
-    train = {p: make_train_step(VisionTransformer(cfg), p, torch.device("cpu")) for p in precisions}
-    for p in precisions:  # warm-up
-        train[p](x, y)
-    rates: dict[str, list[float]] = {p: [] for p in precisions}
-    for _ in range(rounds):
-        for p in precisions:
-            t = time.perf_counter()
-            for _ in range(steps):
-                train[p](x, y)
-            rates[p].append(PROBE_BATCH * steps / (time.perf_counter() - t))
+    train = {p: (make_train_step(VisionTransformer(cfg), p, torch.device("cpu")), x, y) for p in precisions}
+    rates = train_rates_in_turns(train, rounds, steps, warmup=1)
     return {"preset": PROBE_PRESET, "batch": PROBE_BATCH,
-            "train_img_s": {p: round(statistics.median(r), 1) for p, r in rates.items()},
+            "train_img_s": {p: round(r, 1) for p, r in rates.items()},
             "matmul_gflops": {p: round(matmul_peak_gflops(p, torch.device("cpu")), 1) for p in precisions}}
 
 

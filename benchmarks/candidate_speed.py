@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import yaml
 
 from accuracy import append
-from vitlab.bench import make_train_step
+from vitlab.bench import make_train_step, train_rates_in_turns
 from vitlab.engine.args import load_run_config
 from vitlab.engine.runtime import describe_machine
 from vitlab.model import VisionTransformer
@@ -41,31 +39,23 @@ def measure(spec_path: Path, names: list[str], precision: str, rounds: int, step
         raise SystemExit(f"{spec_path}: no candidate(s) {unknown}; it has {sorted(spec['candidates'])}")
     torch.manual_seed(0)
     common = list(spec.get("common", []))
-    runs = {}
+    runs, sets_of = {}, {}
     for name, sets in [("recipe", [])] + [(n, list(spec["candidates"][n])) for n in names]:
         settings = load_run_config(spec["recipe"], common + sets)
         cfg = base_model_config(settings)
         batch = settings.train.batch_size
         x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size)
         y = torch.randint(0, cfg.num_classes, (batch,))
-        step = make_train_step(VisionTransformer(cfg), precision, torch.device("cpu"))
-        for _ in range(2):  # warm-up: first-call allocation and kernel choice
-            step(x, y)
-        runs[name] = {"step": step, "x": x, "y": y, "batch": batch, "sets": sets, "rates": []}
-    for _ in range(rounds):
-        for r in runs.values():
-            t = time.perf_counter()
-            for _ in range(steps):
-                r["step"](r["x"], r["y"])
-            r["rates"].append(steps * r["batch"] / (time.perf_counter() - t))
-    base = statistics.median(runs["recipe"]["rates"])
+        runs[name] = (make_train_step(VisionTransformer(cfg), precision, torch.device("cpu")), x, y)
+        sets_of[name] = sets
+    # 2 warm-up steps each: first-call allocation and kernel choice
+    rates = train_rates_in_turns(runs, rounds, steps, warmup=2)
     return {"spec": str(spec_path), "recipe": spec["recipe"], "precision": precision, "rounds": rounds,
             "steps": steps, "machine": describe_machine(), "command": " ".join(sys.argv),
             "kernel_caps": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ},
-            "candidates": {n: {"sets": r["sets"], "batch": r["batch"],
-                               "train_img_s": round(statistics.median(r["rates"]), 1),
-                               "vs_recipe": round(statistics.median(r["rates"]) / base, 3)}
-                           for n, r in runs.items()}}
+            "candidates": {n: {"sets": sets_of[n], "batch": x.shape[0], "train_img_s": round(rates[n], 1),
+                               "vs_recipe": round(rates[n] / rates["recipe"], 3)}
+                           for n, (_, x, _) in runs.items()}}
 
 
 def main() -> None:

@@ -108,6 +108,24 @@ def make_train_step(model: nn.Module, precision: str, device: torch.device) -> C
     return step
 
 
+def train_rates_in_turns(runs: dict[str, tuple[Callable, torch.Tensor, torch.Tensor]], rounds: int, steps: int,
+                         warmup: int) -> dict[str, float]:
+    """Median training images/s of each named (step, x, y) from make_train_step: `warmup` untimed
+    steps each, then `rounds` rounds in which each takes its turn of `steps` timed steps, so that noise
+    from the machine hits all of them alike (benchmarks/budget.py, benchmarks/candidate_speed.py)."""
+    for step, x, y in runs.values():
+        for _ in range(warmup):
+            step(x, y)
+    rates: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, (step, x, y) in runs.items():
+            t = time.perf_counter()
+            for _ in range(steps):
+                step(x, y)
+            rates[k].append(steps * x.shape[0] / (time.perf_counter() - t))
+    return {k: statistics.median(r) for k, r in rates.items()}
+
+
 def make_infer(model: nn.Module, precision: str, device: torch.device) -> Callable:
     rt = Runtime(torch.device(device), precision)
 
