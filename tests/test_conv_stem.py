@@ -185,7 +185,7 @@ def test_another_full_resolution_over_a_pretrained_stem_fails_before_the_run(tmp
     assert not out.exists()
 
 
-def test_removing_the_stem_of_a_full_resolution_recipe_gives_the_plain_model(tmp_path, capsys):
+def test_removing_the_stem_of_a_full_resolution_recipe_gives_the_plain_model(tmp_path):
     """`--set model.conv_stem=[]` over the cifar10 recipe (stem_full_res 1): the plain patch embedding,
     equal to a config that never had a stem, so it also fine-tunes from a plain pretrained model."""
     from vitlab.engine.args import load_run_config
