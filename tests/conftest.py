@@ -16,6 +16,9 @@ torch.set_num_threads(int(os.environ.get("VITLAB_TEST_THREADS", min(2, os.cpu_co
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
+# Fixtures of the hostile-weights tests (three modules): a tiny model, saved three ways.
+pytest_plugins = ["weights_fixtures"]
+
 
 def tiny_config(**kw) -> ViTConfig:
     """A few-thousand-parameter ViT on 16-px images; fields overridable."""

@@ -1,6 +1,7 @@
 """Hostile and careless inputs to model directories, configs and `vitlab convert` (issue 8 items 2,
 3, 10, 11): each either works or ends in one clear error naming the file or setting, nothing on disk
-is lost, and sizes in a config are never trusted before the weights confirm them."""
+is lost, and sizes in a config are never trusted before the weights confirm them. `vitlab convert --out`
+has its own file (test_hostile_convert.py), and so do Hugging Face folders (test_hostile_hf.py)."""
 import json
 import math
 import os
@@ -14,54 +15,15 @@ from safetensors.torch import save_file
 
 import vitlab
 from vitlab import ConfigError, ModelFileError, ViTConfig
-from vitlab.cli import main
 from vitlab.errors import ConversionError
 from vitlab.weights.convert import convert
-from vitlab.weights.hf import from_hf, to_hf
+from vitlab.weights.hf import to_hf
 from vitlab.weights.modeldir import read_config
 from vitlab.weights.timm import infer_config
 
-from conftest import randomize, tiny_config
+from conftest import tiny_config
 
-FAST_S = 2.0  # a refused size must fail at once, not after allocating
-
-
-def cli(capsys, *argv: str) -> str:
-    """Run `vitlab ARGV`, expect exit 2 with exactly one stderr line and no traceback; that line."""
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
-def tree(path):
-    """{relative path: bytes} of everything under `path`."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def model():
-    return randomize(vitlab.create_model(tiny_config())).eval()
-
-
-@pytest.fixture
-def saved(tmp_path, model):
-    return vitlab.save_model(model, tmp_path / "m")
-
-
-@pytest.fixture
-def ckpt(tmp_path):
-    """A timm-layout safetensors checkpoint (vitlab's names are timm's); 64 wide, so one 64-wide head."""
-    file = tmp_path / "ckpt.safetensors"
-    model = randomize(vitlab.create_model(tiny_config(embed_dim=64, num_heads=1)))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, file)
-    return file
-
-
-@pytest.fixture
-def hf_dir(tmp_path, model):
-    return to_hf(model, tmp_path / "hf")
+from weights_fixtures import FAST_S, cli, edit_json, tree
 
 
 def edit_config(saved, **changes):
@@ -69,128 +31,6 @@ def edit_config(saved, **changes):
     doc = json.loads(f.read_text())
     doc["config"].update(changes)
     f.write_text(json.dumps(doc))
-
-
-def edit_json(file, **changes):
-    doc = json.loads(file.read_text())
-    doc.update(changes)
-    file.write_text(json.dumps(doc))
-
-
-# ---- item 2: `vitlab convert --out` never loses anything ----------------------------------------
-def test_convert_out_equal_to_the_hf_source_is_refused(capsys, hf_dir):
-    before = tree(hf_dir)
-    err = cli(capsys, "convert", hf_dir, "--from", "hf", "--out", hf_dir)
-    assert "is the source" in err
-    assert tree(hf_dir) == before
-    cli(capsys, "convert", hf_dir, "--from", "hf", "--out", hf_dir, "--force")  # not even with --force
-    assert tree(hf_dir) == before
-
-
-def test_convert_out_inside_the_source_is_refused(capsys, hf_dir):
-    before = tree(hf_dir)
-    assert "is inside the source" in cli(capsys, "convert", hf_dir, "--from", "hf", "--out", hf_dir / "sub")
-    assert tree(hf_dir) == before and not (hf_dir / "sub").exists()
-
-
-def test_convert_out_around_the_source_is_refused_even_with_force(capsys, tmp_path, ckpt):
-    """--out is the folder holding the checkpoint: replacing it would delete the source."""
-    before = tree(tmp_path)
-    assert "contains the source" in cli(capsys, "convert", ckpt, "--from", "timm", "--out", tmp_path, "--force")
-    assert tree(tmp_path) == before
-
-
-def test_convert_out_symlink_to_the_source_is_refused(capsys, tmp_path, hf_dir):
-    (tmp_path / "link").symlink_to(hf_dir)
-    before = tree(hf_dir)
-    assert "is the source" in cli(capsys, "convert", hf_dir, "--from", "hf", "--out", tmp_path / "link", "--force")
-    assert tree(hf_dir) == before
-
-
-def test_convert_into_a_non_empty_folder_needs_force(capsys, tmp_path, ckpt):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    err = cli(capsys, "convert", ckpt, "--from", "timm", "--out", out)
-    assert "not empty" in err and "--force" in err
-    assert tree(out) == {"notes.txt": b"mine"}
-
-
-def test_force_replaces_only_a_model_directory(capsys, tmp_path, ckpt):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    (out / "config.json").write_text("{}")
-    assert "not a vitlab model directory" in cli(capsys, "convert", ckpt, "--from", "timm", "--out", out, "--force")
-    assert (out / "notes.txt").read_text() == "mine"
-
-
-def test_force_replaces_a_model_directory_whole(tmp_path, ckpt):
-    out = vitlab.save_model(vitlab.create_model(tiny_config(depth=3)), tmp_path / "out")
-    assert main(["convert", str(ckpt), "--from", "timm", "--out", str(out), "--force"]) == 0
-    assert vitlab.load_model(out).config.depth == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors", "out"]  # no temp dirs left
-
-
-def test_convert_over_a_model_directory_without_force_is_refused(capsys, tmp_path, ckpt):
-    out = vitlab.save_model(vitlab.create_model(tiny_config(depth=3)), tmp_path / "out")
-    before = tree(out)
-    cli(capsys, "convert", ckpt, "--from", "timm", "--out", out)
-    assert tree(out) == before
-
-
-def test_convert_out_that_is_a_file_is_refused(capsys, tmp_path, ckpt):
-    (tmp_path / "out").write_text("mine")
-    assert "not a directory" in cli(capsys, "convert", ckpt, "--from", "timm", "--out", tmp_path / "out", "--force")
-    assert (tmp_path / "out").read_text() == "mine"
-
-
-def test_convert_into_an_empty_folder_works(tmp_path, ckpt):
-    (tmp_path / "out").mkdir()
-    assert main(["convert", str(ckpt), "--from", "timm", "--out", str(tmp_path / "out")]) == 0
-    assert vitlab.load_model(tmp_path / "out").config.depth == 2
-
-
-def test_a_failed_forced_convert_keeps_the_old_model(tmp_path, ckpt, monkeypatch):
-    out = vitlab.save_model(vitlab.create_model(tiny_config(depth=3)), tmp_path / "out")
-    before = tree(out)
-
-    def disk_full(*a, **k):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr("vitlab.weights.modeldir.save_file", disk_full)
-    with pytest.raises(OSError, match="No space"):
-        convert(ckpt, "timm", out, force=True)
-    assert tree(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors", "out"]
-
-
-def test_convert_writes_the_directory_whole_or_not_at_all(tmp_path, ckpt, monkeypatch):
-    """A convert that dies after the weights but before the config leaves no half model at --out."""
-    import vitlab.weights.modeldir as modeldir
-
-    def die(*a, **k):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(modeldir, "atomic_write_text", die)
-    with pytest.raises(KeyboardInterrupt):
-        convert(ckpt, "timm", tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]
-
-
-def test_convert_never_replaces_an_out_filled_while_it_ran(tmp_path, ckpt, monkeypatch):
-    """--out was empty when checked, then another process wrote into it: without --force, the
-    final rename refuses instead of replacing the other process's files."""
-    import vitlab.weights.convert as conv
-    real_save = conv.save_model
-
-    def save_then_race(model, path, extra=None):
-        real_save(model, path, extra=extra)
-        (tmp_path / "out").mkdir(exist_ok=True)
-        (tmp_path / "out" / "theirs.txt").write_text("theirs")
-    monkeypatch.setattr(conv, "save_model", save_then_race)
-    with pytest.raises(ModelFileError, match="Nothing was replaced"):
-        convert(ckpt, "timm", tmp_path / "out")
-    assert tree(tmp_path / "out") == {"theirs.txt": b"theirs"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors", "out"]
 
 
 # ---- item 3: sizes in config.json are checked against the weights before anything is built -----
@@ -227,14 +67,6 @@ def test_config_state_shapes_match_the_model_for_every_layout():
         real = {k: tuple(v.shape) for k, v in vitlab.create_model(cfg).state_dict().items()}
         assert cfg.state_shapes() == real, layout
         assert cfg.num_params == sum(p.numel() for p in vitlab.create_model(cfg).parameters())
-
-
-def test_hf_num_hidden_layers_huge_fails_fast(capsys, hf_dir, tmp_path):
-    edit_json(hf_dir / "config.json", num_hidden_layers=10**9)
-    start = time.perf_counter()
-    err = cli(capsys, "convert", hf_dir, "--from", "hf", "--out", tmp_path / "out")
-    assert time.perf_counter() - start < FAST_S
-    assert "num_hidden_layers=1000000000" in err and "2 layers" in err
 
 
 def test_cli_img_size_huge_fails_fast(capsys, ckpt, tmp_path):
@@ -312,143 +144,6 @@ def test_extra_that_is_a_list_is_one_error(saved):
 def test_config_from_json_that_is_not_json():
     with pytest.raises(ConfigError, match="must be JSON"):
         ViTConfig.from_json("{depth: 3")
-
-
-# ---- item 10: malformed Hugging Face folders ----------------------------------------------------
-def test_hf_config_not_json(capsys, hf_dir, tmp_path):
-    (hf_dir / "config.json").write_text("{not json")
-    assert "config.json is not valid JSON" in cli(capsys, "convert", hf_dir, "--from", "hf", "--out", tmp_path / "o")
-
-
-def test_hf_config_a_list(capsys, hf_dir, tmp_path):
-    (hf_dir / "config.json").write_text("[1, 2]")
-    assert "must hold a JSON object, not a list" in cli(capsys, "convert", hf_dir, "--from", "hf",
-                                                        "--out", tmp_path / "o")
-
-
-@pytest.mark.parametrize("value, words", [(None, "num_hidden_layers is missing"),
-                                          ("2", "num_hidden_layers is '2'"),
-                                          (True, "num_hidden_layers is True"),
-                                          (-1, "num_hidden_layers is -1"),
-                                          (3, "num_hidden_layers=3 but the weights hold 2")])
-def test_hf_num_hidden_layers_bad(capsys, hf_dir, tmp_path, value, words):
-    doc = json.loads((hf_dir / "config.json").read_text())
-    if value is None:
-        del doc["num_hidden_layers"]
-    else:
-        doc["num_hidden_layers"] = value
-    (hf_dir / "config.json").write_text(json.dumps(doc))
-    assert words in cli(capsys, "convert", hf_dir, "--from", "hf", "--out", tmp_path / "o")
-
-
-@pytest.mark.parametrize("field, value", [("layer_norm_eps", "abc"), ("layer_norm_eps", float("nan")),
-                                          ("hidden_size", 64), ("image_size", [16, 32]),
-                                          ("num_attention_heads", "2")])
-def test_hf_other_config_fields_bad(capsys, hf_dir, tmp_path, field, value):
-    edit_json(hf_dir / "config.json", **{field: value})
-    assert field in cli(capsys, "convert", hf_dir, "--from", "hf", "--out", tmp_path / "o")
-
-
-@pytest.fixture
-def sharded(hf_dir):
-    """The HF folder with its weights split into two shards and an index."""
-    from safetensors.torch import load_file
-    state = load_file(hf_dir / "model.safetensors")
-    (hf_dir / "model.safetensors").unlink()
-    keys = sorted(state)
-    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
-    weight_map = {}
-    for shard, part in halves.items():
-        save_file({k: state[k] for k in part}, hf_dir / shard)
-        weight_map.update({k: shard for k in part})
-    (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return hf_dir
-
-
-def test_hf_sharded_works(sharded, model, tmp_path):
-    cfg, state = from_hf(sharded)
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-
-
-def test_hf_index_not_json(capsys, sharded, tmp_path):
-    (sharded / "model.safetensors.index.json").write_text("{")
-    assert "index.json is not valid JSON" in cli(capsys, "convert", sharded, "--from", "hf", "--out", tmp_path / "o")
-
-
-def test_hf_index_without_weight_map(capsys, sharded, tmp_path):
-    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
-    assert "no 'weight_map'" in cli(capsys, "convert", sharded, "--from", "hf", "--out", tmp_path / "o")
-
-
-@pytest.mark.parametrize("shard", ["../../etc/passwd", "/etc/passwd", "sub/../../x.safetensors", 5])
-def test_hf_index_shard_outside_the_folder_is_refused(capsys, sharded, tmp_path, shard, monkeypatch):
-    index = sharded / "model.safetensors.index.json"
-    doc = json.loads(index.read_text())
-    doc["weight_map"][next(iter(doc["weight_map"]))] = shard
-    index.write_text(json.dumps(doc))
-    read = []
-    monkeypatch.setattr("vitlab.weights.hf.read_state_dict", lambda f: read.append(f) or {})
-    err = cli(capsys, "convert", sharded, "--from", "hf", "--out", tmp_path / "o")
-    assert "refusing" in err or "not a file name" in err
-    assert read == []  # refused before any shard is opened
-
-
-def test_hf_index_shard_symlinked_outside_is_refused(capsys, sharded, tmp_path):
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (sharded / "sub").symlink_to(outside)
-    index = sharded / "model.safetensors.index.json"
-    doc = json.loads(index.read_text())
-    doc["weight_map"][next(iter(doc["weight_map"]))] = "sub/x.safetensors"
-    index.write_text(json.dumps(doc))
-    assert "resolves outside" in cli(capsys, "convert", sharded, "--from", "hf", "--out", tmp_path / "o")
-
-
-def test_hf_index_lists_a_tensor_no_shard_holds(capsys, sharded, tmp_path):
-    index = sharded / "model.safetensors.index.json"
-    doc = json.loads(index.read_text())
-    doc["weight_map"]["vit.extra.weight"] = "model-00001-of-00002.safetensors"
-    index.write_text(json.dumps(doc))
-    assert "no shard holds" in cli(capsys, "convert", sharded, "--from", "hf", "--out", tmp_path / "o")
-
-
-def test_hf_preprocessor_not_json(capsys, hf_dir, tmp_path):
-    (hf_dir / "preprocessor_config.json").write_text("nope")
-    assert "preprocessor_config.json is not valid JSON" in cli(capsys, "convert", hf_dir, "--from", "hf",
-                                                               "--out", tmp_path / "o")
-
-
-@pytest.mark.parametrize("mean", ["abc", [0.5, 0.5], [0.5, None, 0.5], [0.5, float("nan"), 0.5]])
-def test_hf_preprocessor_bad_mean(capsys, hf_dir, tmp_path, mean):
-    edit_json(hf_dir / "preprocessor_config.json", image_mean=mean)
-    assert "image_mean" in cli(capsys, "convert", hf_dir, "--from", "hf", "--out", tmp_path / "o")
-
-
-def test_hf_preprocessor_single_number_mean_applies_to_every_channel(hf_dir):
-    edit_json(hf_dir / "preprocessor_config.json", image_mean=0.25, image_std=0.5)
-    cfg, _ = from_hf(hf_dir)
-    assert cfg.mean == (0.25,) * 3 and cfg.std == (0.5,) * 3
-
-
-def test_hf_id2label_non_string_values(capsys, hf_dir, tmp_path):
-    edit_json(hf_dir / "config.json", id2label={str(i): i for i in range(5)})
-    assert "id2label values must be strings" in cli(capsys, "convert", hf_dir, "--from", "hf",
-                                                    "--out", tmp_path / "o")
-
-
-def test_hf_id2label_a_list(capsys, hf_dir, tmp_path):
-    edit_json(hf_dir / "config.json", id2label=["a", "b", "c", "d", "e"])
-    assert "id2label must be an object" in cli(capsys, "convert", hf_dir, "--from", "hf", "--out", tmp_path / "o")
-
-
-def test_hf_missing_value_projection(hf_dir):
-    from safetensors.torch import load_file
-    state = load_file(hf_dir / "model.safetensors")
-    del state["vit.encoder.layer.1.attention.attention.value.weight"]
-    save_file(state, hf_dir / "model.safetensors")
-    with pytest.raises(ConversionError, match="layer 1 .*not all of query, key, value"):
-        from_hf(hf_dir)
 
 
 # ---- timm / torchvision inference from odd shapes -----------------------------------------------
@@ -603,16 +298,6 @@ def test_load_model_override_that_changes_shapes(saved):
         vitlab.load_model(saved, depth=5)
 
 
-@pytest.mark.parametrize("args, words", [(["--num-heads", "0"], "num_heads=0"),
-                                         (["--num-heads", "3"], "not divisible by num_heads=3"),
-                                         (["--img-size", "-1"], "img_size=-1"),
-                                         (["--img-size", "0"], "img_size=0"),
-                                         (["--preset", "nonsense"], "unknown model 'nonsense'")])
-def test_convert_bad_arguments(capsys, tmp_path, ckpt, args, words):
-    assert words in cli(capsys, "convert", ckpt, "--from", "timm", "--out", tmp_path / "o", *args)
-    assert not (tmp_path / "o").exists()
-
-
 # ---- item 11: files honour the umask ------------------------------------------------------------
 @pytest.fixture
 def umask():
@@ -674,16 +359,6 @@ def test_save_unwraps_compile_around_a_ddp_like_wrapper(tmp_path, model):
 
 
 # ---- more odd files and arguments ---------------------------------------------------------------
-def test_hf_config_json_that_is_a_directory(capsys, hf_dir, tmp_path):
-    (hf_dir / "config.json").unlink()
-    (hf_dir / "config.json").mkdir()
-    assert "config.json is a directory" in cli(capsys, "convert", hf_dir, "--from", "hf", "--out", tmp_path / "o")
-
-
-def test_hf_weights_symlinked_to_dev_zero(capsys, hf_dir, tmp_path):
-    (hf_dir / "model.safetensors").unlink()
-    (hf_dir / "model.safetensors").symlink_to("/dev/zero")
-    assert "not a regular file" in cli(capsys, "convert", hf_dir, "--from", "hf", "--out", tmp_path / "o")
 
 
 def test_load_model_at_a_huge_image_size_fails_fast(saved):
