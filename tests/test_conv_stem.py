@@ -181,8 +181,22 @@ def test_another_full_resolution_over_a_pretrained_stem_fails_before_the_run(tmp
                  "--set", "model.conv_stem=[8]", "--set", "model.stem_full_res=1",
                  "--set", f"data.data_dir={tmp_path / 'nodata'}", "--out", str(out)])
     err = capsys.readouterr().err
-    assert code == 2 and "model.stem_full_res=1 differs from the pretrained model's stem_full_res=0" in err
-    assert not out.exists()
+    assert code == 2 and "model.stem_full_res=1 would give the conv stem strides [1], not the pretrained model's [2]" in err
+    assert "--set model.stem_full_res=0 keeps them" in err and "patch_size" not in err and not out.exists()
+
+
+def test_a_patch_size_that_changes_the_stem_strides_over_a_pretrained_stem_is_named(tmp_path, capsys):
+    """Patch 4 over a two-layer stem halves twice; patch 2 halves once: the message names patch_size,
+    the setting that changed, not stem_full_res, which did not."""
+    from vitlab.cli import main
+    vitlab.save_model(vitlab.create_model(tiny_config(conv_stem=(8, 8))), tmp_path / "pre")
+    out = tmp_path / "run"
+    code = main(["train", "--recipe", "cifar10", "--set", f"model.pretrained={tmp_path / 'pre'}",
+                 "--set", "model.conv_stem=[8,8]", "--set", "model.stem_full_res=0", "--set", "model.patch_size=2",
+                 "--set", f"data.data_dir={tmp_path / 'nodata'}", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.patch_size=2 would give the conv stem strides [2, 1], not the pretrained model's [2, 2]" in err
+    assert "--set model.patch_size=4 keeps them" in err and "stem_full_res" not in err and not out.exists()
 
 
 def test_removing_the_stem_of_a_full_resolution_recipe_gives_the_plain_model(tmp_path):

@@ -69,9 +69,13 @@ def base_model_config(settings: RunConfig) -> ViTConfig:
                               f"layers; --set model.conv_stem={list(source.conv_stem)} keeps the pretrained one")
         cfg = source.replace(**overrides)
         if cfg.stem_strides != source.stem_strides:  # same shapes, but the convs would see another scale
-            raise ConfigError(f"model.stem_full_res={cfg.stem_full_res} differs from the pretrained model's "
-                              f"stem_full_res={source.stem_full_res} ({settings.model.pretrained}): its stem "
-                              f"learned at those strides; --set model.stem_full_res={source.stem_full_res} keeps them")
+            # Strides follow from patch_size and stem_full_res: name whichever of them the settings changed.
+            changed = [k for k in ("stem_full_res", "patch_size") if getattr(cfg, k) != getattr(source, k)]
+            raise ConfigError(" and ".join(f"model.{k}={getattr(cfg, k)}" for k in changed)
+                              + f" would give the conv stem strides {list(cfg.stem_strides)}, not the pretrained "
+                              f"model's {list(source.stem_strides)} ({settings.model.pretrained}): its stem learned "
+                              f"at those strides; " + " ".join(f"--set model.{k}={getattr(source, k)}" for k in changed)
+                              + " keeps them")
         return cfg
     return get_config(settings.model.preset, **settings.model.overrides())
 
