@@ -22,7 +22,6 @@ from vitlab.weights.modeldir import read_config
 from vitlab.weights.timm import infer_config
 
 from conftest import tiny_config
-
 from weights_fixtures import FAST_S, cli, edit_json, tree
 
 

@@ -106,7 +106,8 @@ def test_kill_and_resume_ends_with_the_same_weights(shapes, tmp_path):
 
 
 def test_eval_and_predict_from_the_command_line(shapes, tmp_path):
-    sets = tiny_sets(shapes, **{"train.epochs": 10, "augment.crop_pad": 0, "model.conv_stem": "[4]"})
+    sets = tiny_sets(shapes, **{"train.epochs": 10, "augment.crop_pad": 0, "model.conv_stem": "[4]",
+                                "model.stem_full_res": "1"})  # a one-layer stem: at most one layer at full res
     r = cli("train", "--recipe", "cifar10", *[a for s in sets for a in ("--set", s)], "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
     ev = cli("eval", str(tmp_path / "run"), "--json")

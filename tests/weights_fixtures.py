@@ -6,8 +6,9 @@ found by name; the helpers are imported."""
 import json
 
 import pytest
-import vitlab
 from safetensors.torch import save_file
+
+import vitlab
 from vitlab.cli import main
 from vitlab.weights.hf import to_hf
 
