@@ -1,5 +1,6 @@
 import gzip
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -15,6 +16,19 @@ from vitlab import ViTConfig
 torch.set_num_threads(int(os.environ.get("VITLAB_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+CLI_ERROR = re.compile(r"vitlab [a-z]+: error: \S")
+
+
+def refusal(rc: int, err: str, *needles: str) -> str:
+    """Assert that a `vitlab` command refused as the CLI must: exit code 2 and exactly one stderr line,
+    `vitlab COMMAND: error: ...` (so no traceback), naming every needle. Returns that line."""
+    assert rc == 2, err
+    assert err.count("\n") == 1 and CLI_ERROR.match(err), err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
 
 # Fixtures of the hostile-weights tests (three modules): a tiny model, saved three ways.
 pytest_plugins = ["weights_fixtures"]

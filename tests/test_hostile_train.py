@@ -21,6 +21,8 @@ from vitlab.engine.log import RunLogger, plot_curves, read_metrics
 from vitlab.engine.rundir import RunLock
 from vitlab.errors import ModelFileError
 
+from conftest import refusal
+
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
@@ -49,8 +51,9 @@ def train_cli(*args) -> int:
 
 
 def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("vitlab train: error: "), err
+    """The one stderr line of a refused `vitlab train`; each caller has asserted the exit code (2)."""
+    err = refusal(2, capsys.readouterr().err)
+    assert err.startswith("vitlab train: error: "), err
     return err
 
 
