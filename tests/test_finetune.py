@@ -11,6 +11,7 @@ from PIL import Image
 
 import vitlab
 import vitlab.train as train_mod
+from conftest import refusal
 from vitlab.config import ViTConfig
 from vitlab.engine.args import load_run_config
 from vitlab.pos_embed import resample_pos_embed
@@ -144,6 +145,30 @@ def test_finetune_from_a_foreign_checkpoint_converted_on_the_fly(tmp_path, monke
     model = vitlab.load_model(tmp_path / "run" / "model")
     assert model.config.num_heads == 2 and model.config.img_size == 24
     assert sorted(p.relative_to(tmp_path / "src") for p in (tmp_path / "src").rglob("*")) == before  # untouched
+
+
+def test_a_diverged_head_does_not_block_fine_tuning_with_a_new_head(tmp_path, monkeypatch, capsys):
+    """NaN or infinite values in the head of a checkpoint do not matter when the head is replaced
+    (other classes); in the body they still refuse the run, in one line, before it starts."""
+    from safetensors.torch import load_file, save_file
+    from vitlab.cli import main
+    source, original = _foreign("timm.safetensors", tmp_path / "src")
+    state = load_file(source)
+    state["head.weight"][0, 0], state["head.bias"][1] = float("nan"), float("inf")
+    save_file(state, source)
+    start = _start_of_run(tmp_path, monkeypatch, source, "model.num_heads=2")
+    assert start["head.weight"].shape == (3, 16) and not start["head.weight"].any() and not start["head.bias"].any()
+    for k in original:
+        if not k.startswith(("head.", "pos_embed")):
+            assert torch.equal(start[k], original[k]), k
+
+    state["blocks.1.mlp.fc1.weight"][2, 3] = float("nan")
+    save_file(state, source)
+    code = main(["train", "--recipe", "finetune", "--set", f"data.name={tmp_path / 'data'}", "--set",
+                 f"model.pretrained={source}", "--set", "model.num_heads=2", "--set", "runtime.progress=false",
+                 "--out", str(tmp_path / "run2")])
+    refusal(code, capsys.readouterr().err, "NaN or infinite values in 1 tensor(s): blocks.1.mlp.fc1.weight")
+    assert not (tmp_path / "run2").exists()
 
 
 @pytest.mark.parametrize("setup, message", [

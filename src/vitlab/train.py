@@ -205,9 +205,12 @@ def build_model(settings: RunConfig, train_set: ImageSet) -> VisionTransformer:
         check_shapes(cfg, {k: tuple(v.shape) for k, v in state.items()}, str(settings.model.pretrained),
                      resample_pos=True)  # before the model is allocated
         model = VisionTransformer(cfg, attn_impl=attn_impl)
+        new_head = cfg.num_classes != len(classes) or cfg.class_names != classes
+        if new_head:  # the checkpoint's head is dropped, so its values (NaN after a diverged run) do not matter
+            state = {**state, **{k: v for k, v in model.state_dict().items() if k.startswith("head.")}}
         load_state_into(model, state, str(settings.model.pretrained))
         forget_pretrained()
-        if model.config.num_classes != len(classes) or model.config.class_names != classes:
+        if new_head:
             model.reset_classifier(len(classes), class_names=classes)
         return model
     model_cfg = base_model_config(settings)
