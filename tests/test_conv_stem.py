@@ -211,3 +211,25 @@ def test_removing_the_stem_of_a_full_resolution_recipe_gives_the_plain_model(tmp
     vitlab.save_model(vitlab.create_model(tiny_config()), tmp_path / "pre")
     tuned = base_model_config(load_run_config("cifar10", ["model.conv_stem=[]", f"model.pretrained={tmp_path / 'pre'}"]))
     assert tuned.stem_full_res == 0 and tuned.conv_stem == ()
+
+
+def test_the_stem_runs_on_channels_last_input_with_the_same_result():
+    """The stem's convs get a channels-last input (faster oneDNN kernels on CPUs); the tokens are
+    those of the same layers applied to the plain contiguous image, and gradients reach the image."""
+    torch.manual_seed(0)
+    model = vitlab.VisionTransformer(tiny_config(img_size=16, patch_size=4, conv_stem=(8, 8), stem_full_res=1))
+    randomize(model)
+    model.eval()
+    layouts = []
+    model.patch_embed.stem[0].conv.register_forward_pre_hook(
+        lambda _, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    tokens = model.patch_embed(x)
+    assert layouts == [True] and x.is_contiguous()  # the caller's tensor is not changed
+    reference = x.detach().contiguous()
+    for layer in model.patch_embed.stem:
+        reference = layer(reference)
+    reference = model.patch_embed.proj(reference).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(tokens, reference, rtol=1e-5, atol=1e-5)
+    tokens.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape and x.grad.abs().sum() > 0

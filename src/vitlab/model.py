@@ -88,6 +88,9 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stem is not None:
+            # channels-last input: oneDNN's 3x3 convs run 1.15-1.17x faster per training step on CPUs
+            # (session 18, cifar10 recipe; values unchanged, only the memory layout)
+            x = x.contiguous(memory_format=torch.channels_last)
             x = self.stem(x)  # (B, C, H, W) -> (B, C', H/s, W/s)
         x = self.proj(x)  # -> (B, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
