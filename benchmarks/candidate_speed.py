@@ -32,6 +32,11 @@ from vitlab.train import base_model_config
 RESULTS = Path(__file__).resolve().parent / "results" / "candidate_speed.json"
 
 
+def kernel_caps() -> dict[str, str]:
+    """The environment variables that cap ATen's and oneDNN's kernels (an AVX2 estimate), as set."""
+    return {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
+
+
 def measure(spec_path: Path, names: list[str], precision: str, rounds: int, steps: int) -> dict:
     spec = yaml.safe_load(spec_path.read_text())
     unknown = [n for n in names if n not in spec["candidates"]]
@@ -52,7 +57,7 @@ def measure(spec_path: Path, names: list[str], precision: str, rounds: int, step
     rates = train_rates_in_turns(runs, rounds, steps, warmup=2)
     return {"spec": str(spec_path), "recipe": spec["recipe"], "precision": precision, "rounds": rounds,
             "steps": steps, "machine": describe_machine(), "command": " ".join(sys.argv),
-            "kernel_caps": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ},
+            "kernel_caps": kernel_caps(),
             "candidates": {n: {"sets": sets_of[n], "batch": x.shape[0], "train_img_s": round(rates[n], 1),
                                "vs_recipe": round(rates[n] / rates["recipe"], 3)}
                            for n, (_, x, _) in runs.items()}}

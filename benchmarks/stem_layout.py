@@ -12,7 +12,6 @@ the machine, to benchmarks/results/stem_layout.json.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import types
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from accuracy import append
+from candidate_speed import kernel_caps
 from vitlab.bench import make_train_step, train_rates_in_turns
 from vitlab.engine.args import load_run_config
 from vitlab.engine.runtime import describe_machine
@@ -54,7 +54,7 @@ def measure(recipe: str, precision: str, rounds: int, steps: int) -> dict:
                                  rounds, steps, warmup=2)
     return {"recipe": recipe, "precision": precision, "batch": batch, "rounds": rounds, "steps": steps,
             "machine": describe_machine(), "command": " ".join(sys.argv),
-            "kernel_caps": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ},
+            "kernel_caps": kernel_caps(),
             "train_img_s": {k: round(v, 1) for k, v in rates.items()},
             "channels_last_vs_nchw": round(rates["channels_last"] / rates["nchw"], 3)}
 
