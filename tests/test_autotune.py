@@ -1,6 +1,7 @@
 """engine/autotune.py: explicit settings win, the fastest candidate is chosen (fake timers), the
 process and disk caches spare a second measurement, a damaged cache is ignored, a resumed run keeps
-its precision and kernel, a run records its choice in env.json, and rank 0 decides for all ranks."""
+its precision, kernel and stem layout, a run records its choice in env.json, and rank 0 decides for
+all ranks. The conv stem's input layout is timed only for a model that has a stem."""
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ from vitlab.train import run_training
 
 CPU = torch.device("cpu")
 CFG = tiny_config()
+STEM_CFG = tiny_config(conv_stem=(8, 16))  # 16 px, patch 4: two stride-2 layers, a 1x1 projection
 
 
 @pytest.fixture(autouse=True)
@@ -36,10 +38,19 @@ def fake_measure(seconds: dict[str, float], calls: list):
     return measure
 
 
+def fake_measure_stem(seconds: dict[str, float], calls: list):
+    """A measure_stem() that returns `seconds` by layout and logs the precision it was asked about."""
+    def measure_stem(cfg, batch, device, precision):
+        calls.append(precision)
+        return dict(seconds)
+    return measure_stem
+
+
 def forbid_measuring(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("measured although it should not have")
     monkeypatch.setattr(autotune, "measure", refuse)
+    monkeypatch.setattr(autotune, "measure_stem", refuse)
 
 
 def bf16_here(monkeypatch, fast: bool) -> None:
@@ -174,8 +185,12 @@ def test_a_resumed_run_keeps_its_precision_and_kernel(monkeypatch, tmp_path):
 
 
 def test_a_tiny_run_records_its_choice_in_env_json(monkeypatch, tmp_path):
-    calls = []
+    calls, stem_calls = [], []
     monkeypatch.setattr(autotune, "measure", fake_measure({"fp32/sdpa": 2, "fp32/math": 1}, calls))
+    monkeypatch.setattr(autotune, "measure_stem", fake_measure_stem({"channels_last": 3, "contiguous": 1}, stem_calls))
+    seen = []  # the stem's input layout in every training and evaluation forward
+    real_forward = autotune.PatchEmbed.forward
+    monkeypatch.setattr(autotune.PatchEmbed, "forward", lambda self, x: seen.append(self.channels_last) or real_forward(self, x))
     data = tmp_path / "digits"
     write_mnist_like(data, n_train=40, n_test=10, gz=False, classes=2)
     sets = {"data.name": str(data), "data.val_size": 10, "model.depth": 1, "model.embed_dim": 16, "model.num_heads": 2,
@@ -183,11 +198,13 @@ def test_a_tiny_run_records_its_choice_in_env_json(monkeypatch, tmp_path):
     settings = load_run_config("mnist", [f"{k}={v}" for k, v in sets.items()])
     run_training(settings, tmp_path / "run")
     env = json.loads((tmp_path / "run" / "env.json").read_text())
-    assert len(calls) == 1
+    assert len(calls) == 1 and stem_calls == ["fp32"]  # the mnist recipe has a conv stem
     record = env["autotune"]
     assert (record["precision"], record["attn_impl"], record["source"]) == ("fp32", "math", "measured")
-    assert record["timings"] == {"fp32/sdpa": 2e3, "fp32/math": 1e3}
+    assert record["stem_layout"] == "contiguous"
+    assert record["timings"] == {"fp32/sdpa": 2e3, "fp32/math": 1e3, "stem/channels_last": 3e3, "stem/contiguous": 1e3}
     assert env["precision"] == "fp32"
+    assert seen and not any(seen)  # training, validation and the final test all used the chosen layout
 
 
 # ---- two ranks: rank 0 decides ---------------------------------------------------------------
@@ -197,9 +214,11 @@ def _rank_main(rank: int, port: int, cache: str, results) -> None:
     try:
         # each rank's timer disagrees: rank 0 finds math faster, rank 1 (if it measured) sdpa
         seconds = {"fp32/sdpa": 2, "fp32/math": 1} if rank == 0 else {"fp32/sdpa": 1, "fp32/math": 2}
+        layouts = {"channels_last": 2, "contiguous": 1} if rank == 0 else {"channels_last": 1, "contiguous": 2}
         autotune.measure = fake_measure(seconds, [])
-        choice = autotune.choose(CFG, 16, CPU, "fp32", "auto", Runtime(CPU, "fp32", rank, 2))
-        results[rank] = (choice.precision, choice.attn_impl, choice.source)
+        autotune.measure_stem = fake_measure_stem(layouts, [])
+        choice = autotune.choose(STEM_CFG, 16, CPU, "fp32", "auto", Runtime(CPU, "fp32", rank, 2))
+        results[rank] = (choice.precision, choice.attn_impl, choice.source, choice.stem_layout)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -209,7 +228,7 @@ def test_every_rank_uses_rank_0s_choice(tmp_path):
     import torch.multiprocessing as mp
     results = mp.Manager().dict()
     mp.spawn(_rank_main, args=(29531, str(tmp_path / "cache"), results), nprocs=2)
-    assert results[0] == results[1] == ("fp32", "math", "measured")
+    assert results[0] == results[1] == ("fp32", "math", "measured", "contiguous")
 
 
 def test_patch_dropout_shortens_the_timed_sequence():
@@ -243,3 +262,75 @@ def test_a_run_from_before_autotune_resumes_with_the_fixed_rule(monkeypatch, tmp
     rt = autotune.tune_run(model, runtime_args(), Runtime(CPU, "fp32"), 16, tmp_path, {"precision": "bf16"})
     assert (rt.precision, rt.choice["attn_impl"], rt.choice["source"]) == ("bf16", "auto", "resumed")
     assert {b.attn.impl for b in model.blocks} == {"auto"}
+
+
+# ---- the conv stem's input layout ------------------------------------------------------------
+def test_only_a_model_with_a_stem_has_its_layout_timed(monkeypatch):
+    forbid_measuring(monkeypatch)
+    assert autotune.choose(CFG, 16, CPU, "fp32", "sdpa") == autotune.Choice("fp32", "sdpa", "explicit", stem_layout="channels_last")
+    assert autotune.choose(STEM_CFG, 16, CPU, "fp32", "sdpa", stem_layout="contiguous").stem_layout == "contiguous"
+    stem_calls = []
+    monkeypatch.setattr(autotune, "measure_stem", fake_measure_stem({"channels_last": 2, "contiguous": 1}, stem_calls))
+    choice = autotune.choose(STEM_CFG, 16, CPU, "fp32", "sdpa")  # the block needs no timing: only the stem
+    assert (choice.precision, choice.attn_impl, choice.stem_layout, choice.source) == ("fp32", "sdpa", "contiguous", "measured")
+    assert choice.timings == {"stem/channels_last": 2e3, "stem/contiguous": 1e3} and stem_calls == ["fp32"]
+    with pytest.raises(ConfigError, match="stem_layout='nhwc'"):
+        autotune.choose(STEM_CFG, 16, CPU, "fp32", "sdpa", stem_layout="nhwc")
+
+
+def test_the_stem_is_timed_under_the_precision_the_run_will_use(monkeypatch):
+    bf16_here(monkeypatch, True)
+    stem_calls = []
+    monkeypatch.setattr(autotune, "measure", fake_measure({"fp32/sdpa": 3, "fp32/math": 3, "bf16/sdpa": 2, "bf16/math": 1}, []))
+    monkeypatch.setattr(autotune, "measure_stem", fake_measure_stem({"channels_last": 1, "contiguous": 2}, stem_calls))
+    choice = autotune.choose(STEM_CFG, 16, CPU)
+    assert (choice.precision, choice.stem_layout) == ("bf16", "channels_last") and stem_calls == ["bf16"]
+
+
+@pytest.mark.parametrize("contiguous_s, expected", [(0.97, "channels_last"), (0.9, "contiguous")])
+def test_channels_last_stays_unless_contiguous_is_clearly_faster(monkeypatch, contiguous_s, expected):
+    monkeypatch.setattr(autotune, "measure_stem", fake_measure_stem({"channels_last": 1.0, "contiguous": contiguous_s}, []))
+    assert autotune.choose(STEM_CFG, 16, CPU, "fp32", "sdpa").stem_layout == expected
+
+
+def test_the_stem_layout_is_cached_under_the_stem_shapes(monkeypatch, own_cache):
+    monkeypatch.setattr(autotune, "measure_stem", fake_measure_stem({"channels_last": 2, "contiguous": 1}, []))
+    assert autotune.choose(STEM_CFG, 16, CPU, "fp32", "sdpa").source == "measured"
+    entry, = json.loads(own_cache.read_text()).values()
+    assert entry["stem_layout"] == "contiguous"
+    monkeypatch.setattr(autotune, "_MEMO", {})  # a new process
+    forbid_measuring(monkeypatch)
+    choice = autotune.choose(STEM_CFG, 16, CPU, "fp32", "sdpa")
+    assert (choice.stem_layout, choice.source) == ("contiguous", "cache")
+    key = autotune.cache_key(STEM_CFG, 16, CPU, ["fp32"], ["sdpa"], stem_auto=True)[0]
+    for changed in (STEM_CFG.replace(conv_stem=(8, 32)), STEM_CFG.replace(stem_full_res=1),
+                    STEM_CFG.replace(img_size=32), STEM_CFG.replace(in_chans=1, mean=(0.5,), std=(0.5,))):
+        assert autotune.cache_key(changed, 16, CPU, ["fp32"], ["sdpa"], stem_auto=True)[0] != key, changed
+    # an entry written by a vitlab that did not time the layout, under this key, is measured over
+    own_cache.write_text(json.dumps({key: {"precision": "fp32", "attn_impl": "sdpa"}}))
+    monkeypatch.setattr(autotune, "_MEMO", {})
+    monkeypatch.setattr(autotune, "measure_stem", fake_measure_stem({"channels_last": 1, "contiguous": 2}, []))
+    assert autotune.choose(STEM_CFG, 16, CPU, "fp32", "sdpa").source == "measured"
+
+
+def test_a_real_stem_measurement_times_both_layouts_and_leaves_the_rng_alone():
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    choice = autotune.choose(STEM_CFG, 32, CPU, "fp32", "sdpa", cache_file=None)
+    assert torch.equal(torch.rand(3), want)
+    assert set(choice.timings) == {"stem/channels_last", "stem/contiguous"}
+    assert all(0 < ms < 5000 for ms in choice.timings.values()) and choice.stem_layout in ("channels_last", "contiguous")
+    assert 1 <= choice.shape["stem_trial_batch"] <= 32
+
+
+@pytest.mark.parametrize("env, expected", [({"autotune": {"attn_impl": "sdpa", "stem_layout": "contiguous"}}, "contiguous"),
+                                           ({"autotune": {"attn_impl": "sdpa"}}, "channels_last"),  # before the layout was timed
+                                           ({"autotune": {"attn_impl": "sdpa", "stem_layout": "nhwc"}}, "channels_last")])
+def test_a_resumed_run_keeps_its_stem_layout(monkeypatch, tmp_path, env, expected):
+    forbid_measuring(monkeypatch)
+    model = VisionTransformer(STEM_CFG)
+    (tmp_path / "env.json").write_text(json.dumps(env))
+    rt = autotune.tune_run(model, runtime_args(), Runtime(CPU, "fp32"), 16, tmp_path, {"precision": "bf16"})
+    assert (rt.choice["stem_layout"], rt.choice["source"]) == (expected, "resumed")
+    assert model.patch_embed.channels_last == (expected == "channels_last")

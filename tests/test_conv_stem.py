@@ -233,3 +233,9 @@ def test_the_stem_runs_on_channels_last_input_with_the_same_result():
     torch.testing.assert_close(tokens, reference, rtol=1e-5, atol=1e-5)
     tokens.sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape and x.grad.abs().sum() > 0
+    model.set_stem_layout("contiguous")  # the other layout (engine/autotune.py times both): same tokens
+    layouts.clear()
+    torch.testing.assert_close(model.patch_embed(x), tokens, rtol=1e-5, atol=1e-5)
+    assert layouts == [False]
+    with pytest.raises(ConfigError, match="stem_layout='nchw' must be one of"):
+        model.set_stem_layout("nchw")

@@ -87,6 +87,7 @@ BAD_SETS = [
     ("train.seed=-1", "train.seed"), ("train.seed=12345678901234567890", "train.seed"),
     ("runtime.threads=-1", "runtime.threads"), ("runtime.threads=0", "runtime.threads"),
     ("runtime.attn_impl=fast", "attn_impl"), ("runtime.precision=fp16", "fp16"), ("runtime.device=tpu", "device"),
+    ("runtime.stem_layout=nhwc", "runtime.stem_layout"),
     ("augment.crop_pad=100000", "crop_pad"), ("augment.crop_pad=9", "crop_pad"),
     ("augment.randaug_ops=1000000", "randaug_ops"), ("model.num_heads=5", "num_heads"),
     ("model.depth=1000000000", "depth"), ("model.img_size=10000000", "img_size"),

@@ -196,6 +196,13 @@ def matmul_peak_gflops(precision: str, device: torch.device, seconds: float = 0.
 
 
 # ---- the benchmark ---------------------------------------------------------------------------
+def tuned_model(cfg: ViTConfig, choice: autotune.Choice) -> VisionTransformer:
+    """vitlab's model with the attention kernel and stem layout that autotune chose."""
+    model = VisionTransformer(cfg, attn_impl=choice.attn_impl)
+    model.set_stem_layout(choice.stem_layout)
+    return model
+
+
 def run_bench(cfg: ViTConfig, batch: int, device: torch.device | str = "cpu", precision: str = "auto",
               attn_impl: str = "auto", rounds: int = 5, steps: int = 3, warmup: int = 2, latency_reps: int = 5,
               seed_path: Path | None = SEED_PATH, compile_vitlab: bool = False) -> dict[str, Any]:
@@ -212,14 +219,14 @@ def run_bench(cfg: ViTConfig, batch: int, device: torch.device | str = "cpu", pr
     torch.manual_seed(0)
     choice = autotune.choose(cfg, batch, device, precision, attn_impl)
     prec = choice.precision
-    models: dict[str, nn.Module] = {"vitlab": VisionTransformer(cfg, attn_impl=choice.attn_impl)}
+    models: dict[str, nn.Module] = {"vitlab": tuned_model(cfg, choice)}
     refs, skipped = reference_models(cfg, seed_path)
     models.update(refs)
     models = {k: m.to(device) for k, m in models.items()}
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     flops = {k: count_flops(m, cfg, prec, device, min(batch, FLOP_BATCH)) for k, m in models.items()}
     if compile_vitlab:  # counted through the plain module: compilation does not change the work
-        models["vitlab+compile"] = torch.compile(VisionTransformer(cfg, attn_impl=choice.attn_impl).to(device))
+        models["vitlab+compile"] = torch.compile(tuned_model(cfg, choice).to(device))
         params["vitlab+compile"], flops["vitlab+compile"] = params["vitlab"], flops["vitlab"]
     train = {k: make_train_step(m, prec, device) for k, m in models.items()}
     infer = {k: make_infer(m, prec, device) for k, m in models.items()}
@@ -289,6 +296,7 @@ def format_table(r: dict[str, Any]) -> str:
              + (f", conv stem {s['conv_stem']}" if s.get("conv_stem") else "") + f"; batch {r['batch']} on {r['device']} "
              f"({r['machine']['cpu']}, {r['machine']['threads']} threads)",
              f"autotune ({c['source']}): {c['precision']}, attention {c['attn_impl']}"
+             + (f", stem input {c['stem_layout']}" if s.get("conv_stem") and c.get("stem_layout") else "")
              + (f"  [{timings}]" if timings else ""),
              f"matmul peak: {r['peak_gflops']:.1f} GFLOP/s in {r['precision']}", "",
              f"{'':16}{'params':>8}{'train':>10}{'GFLOP/s':>9}{'% peak':>8}{'infer':>10}{'GFLOP/s':>9}"

@@ -22,6 +22,10 @@ from .layers import WEIGHT_INITS, DropPath, LayerScale, PatchDropout, drop_add_r
 from .pos_embed import resample_pos_embed, sincos_pos_embed
 
 ATTN_IMPLS = ("auto", "sdpa", "math")
+# The memory layout the conv stem's input is given: channels-last trains the cifar10 recipe's stem
+# faster (AMX Xeon: 1.23x bf16, 1.09x capped-AVX2 fp32) but mnist's slower (0.95x bf16)
+# (benchmarks/stem_layout.py), so training runs time both (engine/autotune.py).
+STEM_LAYOUTS = ("channels_last", "contiguous")
 
 # Which kernel 'auto' picks, from `python benchmarks/attention.py` (results/attention*.json):
 # - CUDA: fused SDPA (flash / memory-efficient kernels).
@@ -85,12 +89,13 @@ class PatchEmbed(nn.Module):
         self.stem = nn.Sequential(*layers) if layers else None
         rest = patch_size // math.prod(strides)
         self.proj = nn.Conv2d(channels, embed_dim, kernel_size=rest, stride=rest)
+        self.channels_last = True  # the input layout (STEM_LAYOUTS): speed, and values only by rounding
+
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stem is not None:
-            # channels-last input: oneDNN's convs are faster on it (training step, AMX Xeon: 1.23x bf16 and
-            # 1.09x capped-AVX2 fp32 for the cifar10 recipe, 0.95x bf16 for mnist's; benchmarks/stem_layout.py)
-            x = x.contiguous(memory_format=torch.channels_last)
+            if self.channels_last:  # see STEM_LAYOUTS
+                x = x.contiguous(memory_format=torch.channels_last)
             x = self.stem(x)  # (B, C, H, W) -> (B, C', H/s, W/s)
         x = self.proj(x)  # -> (B, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
@@ -251,6 +256,12 @@ class VisionTransformer(nn.Module):
             raise ConfigError(f"attn_impl={impl!r} must be one of {ATTN_IMPLS}")
         for block in self.blocks:
             block.attn.impl = impl
+
+    def set_stem_layout(self, layout: str) -> None:
+        """The conv stem's input layout, one of STEM_LAYOUTS (no effect without a stem)."""
+        if layout not in STEM_LAYOUTS:
+            raise ConfigError(f"stem_layout={layout!r} must be one of {STEM_LAYOUTS}")
+        self.patch_embed.channels_last = layout == "channels_last"
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}

@@ -322,6 +322,9 @@ class RuntimeArgs:
     """CPU threads for torch (default: torch's choice)."""
     attn_impl: str = "auto"
     """Attention kernel: auto, sdpa, math."""
+    stem_layout: str = "auto"
+    """Memory layout of the conv stem's input: auto (the faster of the two, timed at run start),
+    channels_last, contiguous."""
     cudnn_attention: bool = False
     """Let SDPA use cuDNN's attention kernels on CUDA (off: flash / memory-efficient attention instead;
     cuDNN's bf16 backward gave NaN gradients in 6 of 15 CIFAR-10 runs on an H100, torch 2.11)."""
@@ -330,7 +333,7 @@ class RuntimeArgs:
 
     def __post_init__(self) -> None:
         from .runtime import check_runtime_settings  # the device/precision names live with the runtime
-        check_runtime_settings(self.device, self.precision, self.threads, self.attn_impl)
+        check_runtime_settings(self.device, self.precision, self.threads, self.attn_impl, self.stem_layout)
 
 
 @dataclass(frozen=True)

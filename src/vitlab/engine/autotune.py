@@ -1,11 +1,15 @@
-"""Attention kernel and precision, timed on the machine at hand (issue 9, item 1).
+"""Attention kernel, precision and the conv stem's input layout, timed on the machine at hand
+(issue 9, item 1).
 
 `auto` used to mean fixed rules: bf16 wherever the hardware has bf16 units, and the explicit
 attention kernel under bf16 on CPU up to a token count measured on one machine
 (model.pick_attn_impl). Machines differ too much for that (the same step runs 2x apart between
 CPUs of one class), so here the candidates are timed instead, on the run's real shapes: one
 transformer block built from the model's config, forward + backward on a (b, N, D) input, for
-attention in {sdpa, math} x the precisions this device can run. The fastest median wins.
+attention in {sdpa, math} x the precisions this device can run. The fastest median wins. A model
+with a conv stem then has its patch embedding timed under the chosen precision with the input in
+each of model.STEM_LAYOUTS (channels-last trains the cifar10 recipe's stem 1.23x faster in bf16 on
+an AMX Xeon, but mnist's 0.95x; benchmarks/stem_layout.py).
 
 An explicit setting always wins (runtime.precision / runtime.attn_impl other than auto); only
 what is auto is measured. The answer is cached per process and on disk (a JSON file in the user
@@ -16,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -27,17 +30,18 @@ import torch
 from torch import nn
 
 from ..config import ViTConfig
-from ..model import ATTN_IMPLS, VisionTransformer, pick_attn_impl
+from ..model import ATTN_IMPLS, STEM_LAYOUTS, PatchEmbed, VisionTransformer, pick_attn_impl
 from ..util import atomic_write_text
 from ..util import cache_root as cache_dir  # one rule for every vitlab cache
-from .runtime import (PRECISIONS, Runtime, broadcast_ints, cpu_model, fast_bf16_available, on_main,
-                      resolve_precision)
+from .runtime import (PRECISIONS, Runtime, broadcast_ints, check_runtime_settings, cpu_model, fast_bf16_available,
+                      on_main, resolve_precision)
 
 SOURCES = ("measured", "cache", "explicit", "resumed")
 CACHE_FILE = "autotune.json"
 # One timed trial's work (forward + backward FLOPs): ~10-20 ms on a 2-core CPU, well above timer
 # noise; the trial batch b is derived from it and capped by the run's micro-batch.
 TRIAL_FLOPS = {"cpu": 1e9, "cuda": 1e12}
+STEM_TRIAL_FLOPS = {"cpu": 4e9, "cuda": 1e12}  # the layouts' gap shrinks at tiny batches: time a larger one
 BUDGET_S = 0.3  # timed rounds after the warm-up, all candidates together (at least one round)
 MAX_ROUNDS = 5
 
@@ -46,12 +50,13 @@ _MEMO: dict[str, Choice] = {}  # this process's answers, by cache key
 
 @dataclass(frozen=True)
 class Choice:
-    """The precision and attention kernel a run uses, and how they were chosen."""
+    """The precision, attention kernel and stem input layout a run uses, and how they were chosen."""
     precision: str
     attn_impl: str
     source: str  # measured | cache | explicit | resumed
     timings: dict[str, float] = field(default_factory=dict, compare=False)  # "fp32/sdpa" -> median ms
     shape: dict[str, int] = field(default_factory=dict, compare=False)  # what was timed
+    stem_layout: str = STEM_LAYOUTS[0]  # timings "stem/channels_last" etc. where it was measured
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -84,12 +89,30 @@ def block_flops(N: int, D: int, hidden: int) -> float:
     return 3 * 2 * N * (4 * D * D + 2 * D * hidden + 2 * N * D)
 
 
+def stem_flops(cfg: ViTConfig) -> float:
+    """Forward + backward FLOPs of the patch embedding (conv stem + projection) per image."""
+    total, channels, side = 0.0, cfg.in_chans, cfg.img_size
+    for width, stride in zip(cfg.conv_stem, cfg.stem_strides):
+        side = -(-side // stride)  # 3x3 conv, padding 1
+        total += 2 * channels * width * 9 * side * side
+        channels = width
+    total += 2 * channels * cfg.embed_dim * cfg.proj_size**2 * cfg.num_patches
+    return 3 * total
+
+
 def cache_key(cfg: ViTConfig, batch: int, device: torch.device, precisions: list[str],
-              attns: list[str]) -> tuple[str, dict[str, int]]:
-    """(the key, the timed shape). The batch enters as its power-of-two bucket."""
+              attns: list[str], stem_auto: bool = False) -> tuple[str, dict[str, int]]:
+    """(the key, the timed shape). The batch enters as its power-of-two bucket. With `stem_auto`
+    the stem's shapes enter the key too, and its trial batch the shape."""
     N, D, hidden = train_tokens(cfg), cfg.embed_dim, cfg.mlp_hidden_dim
     bucket = 1 << (max(1, batch).bit_length() - 1)
     b = int(max(1, min(bucket, TRIAL_FLOPS.get(device.type, 1e9) // block_flops(N, D, hidden))))
+    stem = ""
+    shape = {"tokens": N, "width": D, "heads": cfg.num_heads, "mlp": hidden, "trial_batch": b}
+    if stem_auto:
+        stem = (f"|stem {','.join(map(str, cfg.conv_stem))} strides {','.join(map(str, cfg.stem_strides))} "
+                f"proj {cfg.proj_size} img {cfg.in_chans}x{cfg.img_size} layout {','.join(STEM_LAYOUTS)}")
+        shape["stem_trial_batch"] = int(max(1, min(bucket, STEM_TRIAL_FLOPS.get(device.type, 4e9) // stem_flops(cfg))))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "-"
     key = "|".join([cpu_model(), torch.backends.cpu.get_cpu_capability(), gpu, f"torch {torch.__version__}",
                     f"threads {torch.get_num_threads()}", device.type,
@@ -97,8 +120,8 @@ def cache_key(cfg: ViTConfig, batch: int, device: torch.device, precisions: list
                     # what else changes a block's kernels: SDPA with dropout_p > 0 is another kernel
                     f"attn_drop {cfg.attn_drop_rate:g} drop {cfg.drop_rate:g} qkv_bias {int(cfg.qkv_bias)} "
                     f"layerscale {int(bool(cfg.init_values))}",
-                    f"precision {','.join(precisions)} attn {','.join(attns)}"])
-    return key, {"tokens": N, "width": D, "heads": cfg.num_heads, "mlp": hidden, "trial_batch": b}
+                    f"precision {','.join(precisions)} attn {','.join(attns)}"]) + stem
+    return key, shape
 
 
 # ---- measuring ------------------------------------------------------------------------------
@@ -106,7 +129,7 @@ def trial_seconds(block: nn.Module, x: torch.Tensor, precision: str) -> float:
     """One forward + backward of `block` on `x` under `precision`, in seconds."""
     device = x.device
     block.zero_grad(set_to_none=True)
-    x.grad = None
+    x.grad = None  # (no-op for an input without gradient)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t = time.perf_counter()
@@ -155,6 +178,38 @@ def measure(cfg: ViTConfig, shape: dict[str, int], device: torch.device, precisi
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def measure_stem(cfg: ViTConfig, batch: int, device: torch.device, precision: str) -> dict[str, float]:
+    """Median seconds of a forward + backward of the patch embedding on a (batch, C, H, W) image batch
+    with the input in each of STEM_LAYOUTS, keyed by layout; the layouts take turns, as in measure().
+    The image needs no gradient (training never asks for it), so the first conv's input gradient,
+    which a layout would change the cost of, is not computed here either."""
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.conv_stem, cfg.stem_strides)
+        embed = embed.to(device).train()
+        x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
+        times: dict[str, list[float]] = {layout: [] for layout in STEM_LAYOUTS}
+
+        def one_round() -> float:
+            total = 0.0
+            for layout in STEM_LAYOUTS:
+                embed.channels_last = layout == "channels_last"
+                s = trial_seconds(embed, x, precision)
+                times[layout].append(s)
+                total += s
+            return total
+
+        one_round()  # warm-up
+        for v in times.values():
+            v.clear()
+        rounds = max(1, min(MAX_ROUNDS, int(BUDGET_S / max(one_round(), 1e-9))))
+        for _ in range(rounds - 1):
+            one_round()
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 # ---- the disk cache -------------------------------------------------------------------------
 def read_cache(path: Path | None) -> dict[str, Any]:
     """The cache file's entries; an absent, unreadable or damaged file reads as empty (measure again)."""
@@ -179,14 +234,16 @@ def save_cache(path: Path | None, key: str, entry: dict[str, Any]) -> None:
         pass
 
 
-def cached_choice(entry: Any, precisions: list[str], attns: list[str], shape: dict[str, int]) -> Choice | None:
+def cached_choice(entry: Any, precisions: list[str], attns: list[str], shape: dict[str, int],
+                  layouts: list[str]) -> Choice | None:
     if not isinstance(entry, dict):
         return None
     p, a, t = entry.get("precision"), entry.get("attn_impl"), entry.get("timings")
-    if p not in precisions or a not in attns:
+    layout = entry.get("stem_layout", STEM_LAYOUTS[0]) if len(layouts) == 1 else entry.get("stem_layout")
+    if p not in precisions or a not in attns or layout not in STEM_LAYOUTS:
         return None
     timings = {k: v for k, v in t.items() if isinstance(v, (int, float))} if isinstance(t, dict) else {}
-    return Choice(p, a, "cache", timings, shape)
+    return Choice(p, a, "cache", timings, shape, layout if len(layouts) > 1 else layouts[0])
 
 
 # ---- the choice -----------------------------------------------------------------------------
@@ -205,12 +262,17 @@ def default_candidate(device: torch.device, tokens: int, precisions: list[str], 
     return f"{p}/{a if a in attns else attns[0]}"
 
 
-def pick(seconds: dict[str, float], default: str) -> tuple[str, str]:
-    """(precision, attn) of the fastest candidate, or of `default` unless that is MARGIN slower."""
+def fastest(seconds: dict[str, float], default: str) -> str:
+    """The fastest candidate, or `default` unless that is MARGIN slower."""
     best = min(seconds, key=seconds.get)
     if default in seconds and seconds[best] > (1 - MARGIN) * seconds[default]:
         best = default
-    p, a = best.split("/")
+    return best
+
+
+def pick(seconds: dict[str, float], default: str) -> tuple[str, str]:
+    """(precision, attn) of the fastest candidate, or of `default` unless that is MARGIN slower."""
+    p, a = fastest(seconds, default).split("/")
     return p, a
 
 
@@ -219,75 +281,94 @@ _DEFAULT = object()
 
 def choose(model: VisionTransformer | ViTConfig, batch: int, device: torch.device | str,
            precision: str = "auto", attn_impl: str = "auto", rt: Runtime | None = None,
-           cache_file: Path | None | object = _DEFAULT) -> Choice:
-    """The precision and attention kernel for training `model` with micro-batches of `batch` on
-    `device`. Settings other than "auto" are kept as given. With `rt` distributed, rank 0 decides
-    and every rank gets its answer. `cache_file` None: no disk cache (default: cache_dir())."""
+           cache_file: Path | None | object = _DEFAULT, stem_layout: str = "auto") -> Choice:
+    """The precision, attention kernel and stem input layout for training `model` with micro-batches
+    of `batch` on `device`. Settings other than "auto" are kept as given; a model without a conv stem
+    gets "channels_last" for an auto layout (it has no stem to give it to). With `rt` distributed,
+    rank 0 decides and every rank gets its answer. `cache_file` None: no disk cache (default:
+    cache_dir())."""
     cfg = model.config if isinstance(model, VisionTransformer) else model
     device = torch.device(device)
-    if attn_impl not in ATTN_IMPLS:
-        from ..errors import ConfigError
-        raise ConfigError(f"runtime.attn_impl={attn_impl!r} must be one of {ATTN_IMPLS}")
+    check_runtime_settings("auto", "auto", None, attn_impl, stem_layout)  # a ConfigError naming the bad value
     precisions = precision_candidates(device) if precision == "auto" else [resolve_precision(precision, device)]
     attns = ["sdpa", "math"] if attn_impl == "auto" else [attn_impl]
-    if len(precisions) * len(attns) == 1:  # nothing to choose: set explicitly, or one candidate here
-        return Choice(precisions[0], attns[0], "explicit")
+    layouts = list(STEM_LAYOUTS) if stem_layout == "auto" and cfg.conv_stem else \
+        [STEM_LAYOUTS[0] if stem_layout == "auto" else stem_layout]
+    if len(precisions) * len(attns) * len(layouts) == 1:  # nothing to choose: set explicitly, or one candidate here
+        return Choice(precisions[0], attns[0], "explicit", stem_layout=layouts[0])
     path = (cache_dir() / CACHE_FILE) if cache_file is _DEFAULT else cache_file
-    key, shape = cache_key(cfg, batch, device, precisions, attns)
+    key, shape = cache_key(cfg, batch, device, precisions, attns, stem_auto=len(layouts) > 1)
 
     def decide() -> Choice:
         if key in _MEMO:
             return dataclasses.replace(_MEMO[key], source="cache")
-        found = cached_choice(read_cache(path).get(key), precisions, attns, shape)
+        found = cached_choice(read_cache(path).get(key), precisions, attns, shape, layouts)
         if found is None:
-            seconds = measure(cfg, shape, device, precisions, attns)
-            p, a = pick(seconds, default_candidate(device, shape["tokens"], precisions, attns))
-            found = Choice(p, a, "measured", {k: round(v * 1e3, 3) for k, v in seconds.items()}, shape)
-            save_cache(path, key, {"precision": p, "attn_impl": a, "timings": found.timings,
-                                   "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
+            p, a, timings = precisions[0], attns[0], {}
+            if len(precisions) * len(attns) > 1:
+                seconds = measure(cfg, shape, device, precisions, attns)
+                p, a = pick(seconds, default_candidate(device, shape["tokens"], precisions, attns))
+                timings = {k: round(v * 1e3, 3) for k, v in seconds.items()}
+            layout = layouts[0]
+            if len(layouts) > 1:  # under the precision the run will use
+                stem_seconds = measure_stem(cfg, shape["stem_trial_batch"], device, p)
+                layout = fastest(stem_seconds, STEM_LAYOUTS[0])
+                timings.update({f"stem/{k}": round(v * 1e3, 3) for k, v in stem_seconds.items()})
+            found = Choice(p, a, "measured", timings, shape, layout)
+            entry = {"precision": p, "attn_impl": a, "timings": found.timings,
+                     "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+            save_cache(path, key, {**entry, "stem_layout": layout} if len(layouts) > 1 else entry)
         _MEMO[key] = found
         return found
 
     if rt is None or not rt.distributed:
         return decide()
     mine = on_main(rt, decide)  # an error on rank 0 stops every rank
-    codes = [PRECISIONS.index(mine.precision), ATTN_IMPLS.index(mine.attn_impl), SOURCES.index(mine.source)] \
-        if mine is not None else [0, 0, 0]
-    p, a, s = broadcast_ints(codes, rt)
-    return mine if mine is not None else Choice(PRECISIONS[p], ATTN_IMPLS[a], SOURCES[s], {}, shape)
+    codes = [PRECISIONS.index(mine.precision), ATTN_IMPLS.index(mine.attn_impl), SOURCES.index(mine.source),
+             STEM_LAYOUTS.index(mine.stem_layout)] if mine is not None else [0, 0, 0, 0]
+    p, a, s, lay = broadcast_ints(codes, rt)
+    return mine if mine is not None else Choice(PRECISIONS[p], ATTN_IMPLS[a], SOURCES[s], {}, shape, STEM_LAYOUTS[lay])
 
 
-def recorded_attn_impl(run_dir: Path) -> str | None:
-    """The kernel a run started with (its env.json), so that a resumed run computes the same floats."""
+def recorded(run_dir: Path, name: str, allowed: tuple[str, ...]) -> str | None:
+    """What a run started with (its env.json's autotune record), so that a resumed run computes the
+    same floats: `name` is "attn_impl" or "stem_layout"; None when absent or not one of `allowed`."""
     try:
         rec = json.loads((Path(run_dir) / "env.json").read_text()).get("autotune") or {}
     except (OSError, ValueError, UnicodeDecodeError, AttributeError, RecursionError):
         return None
-    impl = rec.get("attn_impl") if isinstance(rec, dict) else None
-    return impl if impl in ("sdpa", "math") else None
+    value = rec.get(name) if isinstance(rec, dict) else None
+    return value if value in allowed else None
 
 
 def tune_run(model: VisionTransformer, runtime_args: Any, rt: Runtime, batch: int, run_dir: Path,
              state: dict[str, Any] | None = None) -> Runtime:
-    """Choose for a training run: the model gets the kernel, the returned Runtime the precision and
-    the record for env.json. A resumed run (`state` is its checkpoint) keeps the precision it was
-    written with (Trainer.restore refuses another) and the kernel its env.json records."""
-    precision, attn = runtime_args.precision, runtime_args.attn_impl
+    """Choose for a training run: the model gets the kernel and stem layout, the returned Runtime the
+    precision and the record for env.json. A resumed run (`state` is its checkpoint) keeps the
+    precision it was written with (Trainer.restore refuses another) and the kernel and stem layout
+    its env.json records."""
+    precision, attn, layout = runtime_args.precision, runtime_args.attn_impl, runtime_args.stem_layout
     resumed = fixed_rule = False
     if state is not None:
         if precision == "auto" and state.get("precision") in PRECISIONS[1:]:
             precision, resumed = state["precision"], True
         if attn == "auto":
-            recorded = recorded_attn_impl(run_dir)
+            impl = recorded(run_dir, "attn_impl", ("sdpa", "math"))
             # A run from before autotune records no kernel: it ran the fixed rule, attn_impl "auto".
-            attn, fixed_rule, resumed = recorded or "sdpa", recorded is None, True
-    choice = choose(model, batch, rt.device, precision, attn, rt)
+            attn, fixed_rule, resumed = impl or "sdpa", impl is None, True
+        if layout == "auto" and model.config.conv_stem:
+            # A run from before the layout was timed records none: it gave its stem a channels-last
+            # input (or, older still, a contiguous one; the values differ by rounding only).
+            layout, resumed = recorded(run_dir, "stem_layout", STEM_LAYOUTS) or STEM_LAYOUTS[0], True
+    choice = choose(model, batch, rt.device, precision, attn, rt, stem_layout=layout)
     if fixed_rule:
         choice = dataclasses.replace(choice, attn_impl="auto")
     if resumed and choice.source == "explicit":
         choice = dataclasses.replace(choice, source="resumed")
     model.set_attn_impl(choice.attn_impl)
+    model.set_stem_layout(choice.stem_layout)
     return dataclasses.replace(rt, precision=choice.precision, choice=choice.to_dict())
 
 
-__all__ = ["Choice", "choose", "tune_run", "cache_dir", "measure", "trial_seconds", "precision_candidates"]
+__all__ = ["Choice", "choose", "tune_run", "cache_dir", "measure", "measure_stem", "trial_seconds",
+           "precision_candidates"]

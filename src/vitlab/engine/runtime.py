@@ -63,7 +63,8 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     choice: dict | None = field(default=None, compare=False)
-    """How precision and the attention kernel were chosen (engine/autotune.py), for env.json."""
+    """How precision, the attention kernel and the stem's input layout were chosen (engine/autotune.py),
+    for env.json."""
 
     @property
     def is_main(self) -> bool:
@@ -83,9 +84,10 @@ class Runtime:
 MAX_THREADS = 1024
 
 
-def check_runtime_settings(device: str, precision: str, threads: int | None, attn_impl: str) -> None:
+def check_runtime_settings(device: str, precision: str, threads: int | None, attn_impl: str,
+                           stem_layout: str = "auto") -> None:
     """The runtime settings' values, without touching the hardware (see `resolve_device` for that)."""
-    from ..model import ATTN_IMPLS
+    from ..model import ATTN_IMPLS, STEM_LAYOUTS
     problems = []
     try:
         torch.device(device) if device != "auto" else None
@@ -97,6 +99,8 @@ def check_runtime_settings(device: str, precision: str, threads: int | None, att
         problems.append(f"runtime.threads={threads} must be null (torch's choice) or in [1, {MAX_THREADS}]")
     if attn_impl not in ATTN_IMPLS:
         problems.append(f"runtime.attn_impl={attn_impl!r} must be one of {ATTN_IMPLS}")
+    if stem_layout not in ("auto", *STEM_LAYOUTS):
+        problems.append(f"runtime.stem_layout={stem_layout!r} must be one of {('auto', *STEM_LAYOUTS)}")
     if problems:
         raise ConfigError("; ".join(problems))
 
