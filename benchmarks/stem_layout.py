@@ -1,19 +1,20 @@
-"""Training-step throughput of a recipe's model with its conv stem fed a channels-last image (what
-vitlab.model.PatchEmbed does since session 18) against the plain contiguous (NCHW) image.
+"""Training-step throughput of a recipe's model with its conv stem fed a channels-last image against
+the plain contiguous (NCHW) image, and which of the two vitlab's autotune picks at run start.
 
     python benchmarks/stem_layout.py                                   # cifar10 recipe, bf16
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/stem_layout.py --precision fp32
 
 Both models hold the same weights and take turns, round after round, in one process (as
 benchmarks/candidate_speed.py), so noise from the machine hits both alike; read the ratio. The NCHW
-model runs the same layers with PatchEmbed's layout change left out. Each result is appended, with
-the machine, to benchmarks/results/stem_layout.json.
+model runs the same layers with PatchEmbed's layout change left out (`set_stem_layout("contiguous")`). Then
+engine/autotune.py chooses as a training run would (no disk cache; it times the patch embedding
+alone, on a small batch): the record says whether it picked the layout that trained faster here. Each
+result is appended, with the machine, to benchmarks/results/stem_layout.json.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -21,18 +22,13 @@ import torch
 from accuracy import append
 from candidate_speed import kernel_caps
 from vitlab.bench import make_train_step, train_rates_in_turns
+from vitlab.engine import autotune
 from vitlab.engine.args import load_run_config
 from vitlab.engine.runtime import describe_machine
 from vitlab.model import VisionTransformer
 from vitlab.train import base_model_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stem_layout.json"
-
-
-def plain_layout_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """PatchEmbed.forward without the channels-last conversion: the layout before session 18."""
-    x = self.proj(self.stem(x))  # (B, C, H, W) -> (B, D, h, w), memory layout as given
-    return x.flatten(2).transpose(1, 2)  # -> (B, h*w, D)
 
 
 def measure(recipe: str, precision: str, rounds: int, steps: int) -> dict:
@@ -44,7 +40,8 @@ def measure(recipe: str, precision: str, rounds: int, steps: int) -> dict:
     channels_last = VisionTransformer(cfg)
     plain = VisionTransformer(cfg)
     plain.load_state_dict(channels_last.state_dict())
-    plain.patch_embed.forward = types.MethodType(plain_layout_forward, plain.patch_embed)
+    channels_last.set_stem_layout("channels_last")
+    plain.set_stem_layout("contiguous")
     batch = settings.train.batch_size
     x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size)
     y = torch.randint(0, cfg.num_classes, (batch,))
@@ -52,11 +49,16 @@ def measure(recipe: str, precision: str, rounds: int, steps: int) -> dict:
     rates = train_rates_in_turns({"nchw": (make_train_step(plain, precision, cpu), x, y),
                                   "channels_last": (make_train_step(channels_last, precision, cpu), x, y)},
                                  rounds, steps, warmup=2)
+    choice = autotune.choose(cfg, batch, cpu, precision, "auto", cache_file=None)
+    faster = "channels_last" if rates["channels_last"] >= rates["nchw"] else "contiguous"
     return {"recipe": recipe, "precision": precision, "batch": batch, "rounds": rounds, "steps": steps,
             "machine": describe_machine(), "command": " ".join(sys.argv),
             "kernel_caps": kernel_caps(),
             "train_img_s": {k: round(v, 1) for k, v in rates.items()},
-            "channels_last_vs_nchw": round(rates["channels_last"] / rates["nchw"], 3)}
+            "channels_last_vs_nchw": round(rates["channels_last"] / rates["nchw"], 3),
+            "autotune": {"stem_layout": choice.stem_layout, "picked_the_faster": choice.stem_layout == faster,
+                         "stem_ms": {k.removeprefix("stem/"): v for k, v in choice.timings.items() if k.startswith("stem/")},
+                         "stem_trial_batch": choice.shape.get("stem_trial_batch")}}
 
 
 def main() -> None:
@@ -69,7 +71,8 @@ def main() -> None:
     args = ap.parse_args()
     record = measure(args.recipe, args.precision, args.rounds, args.steps)
     print(f"{args.recipe} {args.precision}: {record['train_img_s']} -> channels-last "
-          f"{record['channels_last_vs_nchw']:.3f}x")
+          f"{record['channels_last_vs_nchw']:.3f}x; autotune picks {record['autotune']['stem_layout']} "
+          f"(stem alone, batch {record['autotune']['stem_trial_batch']}: {record['autotune']['stem_ms']} ms)")
     append(record, args.out)
 
 

@@ -140,34 +140,27 @@ def trial_seconds(block: nn.Module, x: torch.Tensor, precision: str) -> float:
     return time.perf_counter() - t
 
 
-def measure(cfg: ViTConfig, shape: dict[str, int], device: torch.device, precisions: list[str],
-            attns: list[str]) -> dict[str, float]:
-    """Median seconds per trial of each (precision, attention) candidate, keyed "precision/attn".
+def forked_rng(device: torch.device):
+    """The global RNG state (and the GPU's, for a CUDA device), put back on exit: whether a run
+    measured or read the cache must not change what it computes."""
+    return torch.random.fork_rng(devices=[device.index if device.index is not None else torch.cuda.current_device()]
+                                 if device.type == "cuda" else [])
 
-    The candidates take turns, round after round, so that load from elsewhere hits them alike. One
+
+def in_turns(trials: dict[str, Any], device: torch.device) -> dict[str, float]:
+    """Median seconds of each trial (a function that runs once and returns its seconds), by name.
+
+    The trials take turns, round after round, so that load from elsewhere hits them alike. One
     warm-up round (oneDNN / cuBLAS set-up; a process's first LayerNorm backward alone takes ~0.4 s on
     CPU, which its first training step would pay anyway), then rounds until BUDGET_S is spent (1 to
-    MAX_ROUNDS): about 0.3 s for vit_tiny_patch4_32, one round of b=1 for vit_base_patch16_224.
-    The global RNG is put back afterwards: whether a run measured or read the cache must not
-    change what it computes."""
-    devices = []  # CUDA generators forked too, where the trials run on a GPU
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        model = VisionTransformer(cfg.replace(depth=1, drop_path_rate=0.0)).to(device).train()
-        block = model.blocks[0]
-        x = torch.randn(shape["trial_batch"], shape["tokens"], shape["width"], device=device, requires_grad=True)
-        candidates = [(p, a) for p in precisions for a in attns]
-        times: dict[str, list[float]] = {f"{p}/{a}": [] for p, a in candidates}
+    MAX_ROUNDS), under forked_rng (a trial with dropout draws random numbers)."""
+    with forked_rng(device):
+        times: dict[str, list[float]] = {name: [] for name in trials}
 
         def one_round() -> float:
-            total = 0.0
-            for p, a in candidates:
-                model.set_attn_impl(a)
-                s = trial_seconds(block, x, p)
-                times[f"{p}/{a}"].append(s)
-                total += s
-            return total
+            for name, trial in trials.items():
+                times[name].append(trial())
+            return sum(v[-1] for v in times.values())
 
         one_round()  # warm-up
         for v in times.values():
@@ -176,38 +169,40 @@ def measure(cfg: ViTConfig, shape: dict[str, int], device: torch.device, precisi
         for _ in range(rounds - 1):
             one_round()
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def measure(cfg: ViTConfig, shape: dict[str, int], device: torch.device, precisions: list[str],
+            attns: list[str]) -> dict[str, float]:
+    """Median seconds per trial of each (precision, attention) candidate, keyed "precision/attn", on
+    one block of the model (in_turns): about 0.3 s for vit_tiny_patch4_32, one round of b=1 for
+    vit_base_patch16_224."""
+    with forked_rng(device):  # the weights' and the input's draws
+        model = VisionTransformer(cfg.replace(depth=1, drop_path_rate=0.0)).to(device).train()
+        x = torch.randn(shape["trial_batch"], shape["tokens"], shape["width"], device=device, requires_grad=True)
+
+    def trial(p: str, a: str):
+        def run() -> float:
+            model.set_attn_impl(a)
+            return trial_seconds(model.blocks[0], x, p)
+        return run
+    return in_turns({f"{p}/{a}": trial(p, a) for p in precisions for a in attns}, device)
 
 
 def measure_stem(cfg: ViTConfig, batch: int, device: torch.device, precision: str) -> dict[str, float]:
     """Median seconds of a forward + backward of the patch embedding on a (batch, C, H, W) image batch
-    with the input in each of STEM_LAYOUTS, keyed by layout; the layouts take turns, as in measure().
-    The image needs no gradient (training never asks for it), so the first conv's input gradient,
-    which a layout would change the cost of, is not computed here either."""
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
+    with the input in each of STEM_LAYOUTS, keyed by layout (in_turns). The image needs no gradient
+    (training never asks for it), so the first conv's input gradient is not computed here either."""
+    with forked_rng(device):
         embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.conv_stem, cfg.stem_strides)
         embed = embed.to(device).train()
         x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
-        times: dict[str, list[float]] = {layout: [] for layout in STEM_LAYOUTS}
 
-        def one_round() -> float:
-            total = 0.0
-            for layout in STEM_LAYOUTS:
-                embed.channels_last = layout == "channels_last"
-                s = trial_seconds(embed, x, precision)
-                times[layout].append(s)
-                total += s
-            return total
-
-        one_round()  # warm-up
-        for v in times.values():
-            v.clear()
-        rounds = max(1, min(MAX_ROUNDS, int(BUDGET_S / max(one_round(), 1e-9))))
-        for _ in range(rounds - 1):
-            one_round()
-    return {k: statistics.median(v) for k, v in times.items()}
+    def trial(layout: str):
+        def run() -> float:
+            embed.channels_last = layout == "channels_last"
+            return trial_seconds(embed, x, precision)
+        return run
+    return in_turns({layout: trial(layout) for layout in STEM_LAYOUTS}, device)
 
 
 # ---- the disk cache -------------------------------------------------------------------------
