@@ -22,9 +22,10 @@ from .layers import WEIGHT_INITS, DropPath, LayerScale, PatchDropout, drop_add_r
 from .pos_embed import resample_pos_embed, sincos_pos_embed
 
 ATTN_IMPLS = ("auto", "sdpa", "math")
-# The memory layout the conv stem's input is given: channels-last trains the cifar10 recipe's stem
-# faster (AMX Xeon: 1.23x bf16, 1.09x capped-AVX2 fp32) but mnist's slower (0.95x bf16)
-# (benchmarks/stem_layout.py), so training runs time both (engine/autotune.py).
+# The memory layout the conv stem's input is given: channels-last trains the cifar10 recipe's model
+# faster (AMX Xeon: 1.20-1.23x bf16, 1.08-1.09x capped-AVX2 fp32), mnist's alike within noise
+# (0.95-1.07x; benchmarks/stem_layout.py); other machines may differ, so training runs time both
+# (engine/autotune.py).
 STEM_LAYOUTS = ("channels_last", "contiguous")
 
 # Which kernel 'auto' picks, from `python benchmarks/attention.py` (results/attention*.json):

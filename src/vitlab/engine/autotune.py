@@ -8,8 +8,8 @@ CPUs of one class), so here the candidates are timed instead, on the run's real 
 transformer block built from the model's config, forward + backward on a (b, N, D) input, for
 attention in {sdpa, math} x the precisions this device can run. The fastest median wins. A model
 with a conv stem then has its patch embedding timed under the chosen precision with the input in
-each of model.STEM_LAYOUTS (channels-last trains the cifar10 recipe's stem 1.23x faster in bf16 on
-an AMX Xeon, but mnist's 0.95x; benchmarks/stem_layout.py).
+each of model.STEM_LAYOUTS (channels-last trains the cifar10 recipe's model 1.2x faster in bf16 on
+an AMX Xeon, mnist's alike within noise; benchmarks/stem_layout.py).
 
 An explicit setting always wins (runtime.precision / runtime.attn_impl other than auto); only
 what is auto is measured. The answer is cached per process and on disk (a JSON file in the user
