@@ -11,7 +11,7 @@ with a conv stem then has its patch embedding timed under the chosen precision w
 each of model.STEM_LAYOUTS (channels-last trains the cifar10 recipe's model 1.2x faster in bf16 on
 an AMX Xeon, mnist's alike within noise; benchmarks/stem_layout.py).
 
-An explicit setting always wins (runtime.precision / runtime.attn_impl other than auto); only
+An explicit setting always wins (runtime.precision / runtime.attn_impl / runtime.stem_layout other than auto); only
 what is auto is measured. The answer is cached per process and on disk (a JSON file in the user
 cache dir), keyed by the machine (CPU model and capability, GPU, torch, threads) and the shape.
 Under torchrun rank 0 measures (or reads the cache) and broadcasts, so every rank computes alike.
