@@ -50,6 +50,8 @@ def measure(recipe: str, precision: str, rounds: int, steps: int) -> dict:
                                   "channels_last": (make_train_step(channels_last, precision, cpu), x, y)},
                                  rounds, steps, warmup=2)
     choice = autotune.choose(cfg, batch, cpu, precision, "auto", cache_file=None)
+    if not autotune.layout_matters(cfg):
+        print(f"{recipe}: {cfg.in_chans}-channel images are both layouts at once; the ratio below is noise")
     faster = "channels_last" if rates["channels_last"] >= rates["nchw"] else "contiguous"
     return {"recipe": recipe, "precision": precision, "batch": batch, "rounds": rounds, "steps": steps,
             "machine": describe_machine(), "command": " ".join(sys.argv),

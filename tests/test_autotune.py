@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_config, write_mnist_like
+from conftest import tiny_config, write_shapes
 from vitlab.engine import autotune
 from vitlab.engine.args import load_run_config
 from vitlab.engine.runtime import Runtime
@@ -191,14 +191,14 @@ def test_a_tiny_run_records_its_choice_in_env_json(monkeypatch, tmp_path):
     seen = []  # the stem's input layout in every training and evaluation forward
     real_forward = autotune.PatchEmbed.forward
     monkeypatch.setattr(autotune.PatchEmbed, "forward", lambda self, x: seen.append(self.channels_last) or real_forward(self, x))
-    data = tmp_path / "digits"
-    write_mnist_like(data, n_train=40, n_test=10, gz=False, classes=2)
-    sets = {"data.name": str(data), "data.val_size": 10, "model.depth": 1, "model.embed_dim": 16, "model.num_heads": 2,
-            "train.batch_size": 10, "train.epochs": 1, "runtime.progress": False, "runtime.precision": "fp32"}
-    settings = load_run_config("mnist", [f"{k}={v}" for k, v in sets.items()])
+    data = write_shapes(tmp_path / "shapes", ("h", "v", "d"), 10)  # colour images: the stem's layout is timed
+    sets = {"data.name": str(data), "data.val_size": 6, "model.img_size": 16, "model.depth": 1, "model.embed_dim": 16,
+            "model.num_heads": 2, "model.conv_stem": "[8,16]", "train.batch_size": 8, "train.epochs": 1,
+            "runtime.progress": False, "runtime.precision": "fp32"}
+    settings = load_run_config("cifar10", [f"{k}={v}" for k, v in sets.items()])
     run_training(settings, tmp_path / "run")
     env = json.loads((tmp_path / "run" / "env.json").read_text())
-    assert len(calls) == 1 and stem_calls == ["fp32"]  # the mnist recipe has a conv stem
+    assert len(calls) == 1 and stem_calls == ["fp32"]
     record = env["autotune"]
     assert (record["precision"], record["attn_impl"], record["source"]) == ("fp32", "math", "measured")
     assert record["stem_layout"] == "contiguous"
@@ -265,9 +265,11 @@ def test_a_run_from_before_autotune_resumes_with_the_fixed_rule(monkeypatch, tmp
 
 
 # ---- the conv stem's input layout ------------------------------------------------------------
-def test_only_a_model_with_a_stem_has_its_layout_timed(monkeypatch):
+def test_only_a_model_with_a_stem_on_colour_images_has_its_layout_timed(monkeypatch):
     forbid_measuring(monkeypatch)
     assert autotune.choose(CFG, 16, CPU, "fp32", "sdpa") == autotune.Choice("fp32", "sdpa", "explicit", stem_layout="channels_last")
+    grey = tiny_config(conv_stem=(8, 16), in_chans=1)  # a (B, 1, H, W) image is both layouts at once
+    assert autotune.choose(grey, 16, CPU, "fp32", "sdpa").source == "explicit"
     assert autotune.choose(STEM_CFG, 16, CPU, "fp32", "sdpa", stem_layout="contiguous").stem_layout == "contiguous"
     stem_calls = []
     monkeypatch.setattr(autotune, "measure_stem", fake_measure_stem({"channels_last": 2, "contiguous": 1}, stem_calls))
@@ -303,14 +305,31 @@ def test_the_stem_layout_is_cached_under_the_stem_shapes(monkeypatch, own_cache)
     choice = autotune.choose(STEM_CFG, 16, CPU, "fp32", "sdpa")
     assert (choice.stem_layout, choice.source) == ("contiguous", "cache")
     key = autotune.cache_key(STEM_CFG, 16, CPU, ["fp32"], ["sdpa"], stem_auto=True)[0]
-    for changed in (STEM_CFG.replace(conv_stem=(8, 32)), STEM_CFG.replace(stem_full_res=1),
-                    STEM_CFG.replace(img_size=32), STEM_CFG.replace(in_chans=1, mean=(0.5,), std=(0.5,))):
+    for changed in (STEM_CFG.replace(conv_stem=(8, 32)), STEM_CFG.replace(stem_full_res=1),  # the same tokens
+                    STEM_CFG.replace(in_chans=4, mean=(0.5,) * 4, std=(0.5,) * 4)):
+        assert changed.seq_len == STEM_CFG.seq_len
         assert autotune.cache_key(changed, 16, CPU, ["fp32"], ["sdpa"], stem_auto=True)[0] != key, changed
-    # an entry written by a vitlab that did not time the layout, under this key, is measured over
-    own_cache.write_text(json.dumps({key: {"precision": "fp32", "attn_impl": "sdpa"}}))
+    # a vitlab that did not time the layout wrote its entries under the key without the stem part:
+    # they answer a run with an explicit layout, but one with an auto layout measures
+    old = autotune.cache_key(STEM_CFG, 16, CPU, ["fp32"], ["sdpa", "math"])[0]
+    assert old != autotune.cache_key(STEM_CFG, 16, CPU, ["fp32"], ["sdpa", "math"], stem_auto=True)[0]
+    own_cache.write_text(json.dumps({old: {"precision": "fp32", "attn_impl": "math"}}))
     monkeypatch.setattr(autotune, "_MEMO", {})
+    choice = autotune.choose(STEM_CFG, 16, CPU, "fp32", stem_layout="contiguous")
+    assert (choice.attn_impl, choice.stem_layout, choice.source) == ("math", "contiguous", "cache")
+    monkeypatch.setattr(autotune, "measure", fake_measure({"fp32/sdpa": 1, "fp32/math": 2}, []))
     monkeypatch.setattr(autotune, "measure_stem", fake_measure_stem({"channels_last": 1, "contiguous": 2}, []))
-    assert autotune.choose(STEM_CFG, 16, CPU, "fp32", "sdpa").source == "measured"
+    choice = autotune.choose(STEM_CFG, 16, CPU, "fp32")
+    assert (choice.attn_impl, choice.stem_layout, choice.source) == ("sdpa", "channels_last", "measured")
+
+
+def test_an_explicit_layout_wins_over_this_processs_earlier_answer(monkeypatch):
+    """Models of one block shape share a key when the layout is not timed: the answer kept for one
+    (here a stem-less model's) must not hand its layout to the next."""
+    monkeypatch.setattr(autotune, "measure", fake_measure({"fp32/sdpa": 2, "fp32/math": 1}, []))
+    assert autotune.choose(CFG, 16, CPU, "fp32").stem_layout == "channels_last"
+    choice = autotune.choose(STEM_CFG, 16, CPU, "fp32", stem_layout="contiguous")
+    assert (choice.attn_impl, choice.stem_layout, choice.source) == ("math", "contiguous", "cache")
 
 
 def test_a_real_stem_measurement_times_both_layouts_and_leaves_the_rng_alone():

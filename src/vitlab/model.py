@@ -23,9 +23,9 @@ from .pos_embed import resample_pos_embed, sincos_pos_embed
 
 ATTN_IMPLS = ("auto", "sdpa", "math")
 # The memory layout the conv stem's input is given: channels-last trains the cifar10 recipe's model
-# faster (AMX Xeon: 1.20-1.23x bf16, 1.08-1.09x capped-AVX2 fp32), mnist's alike within noise
-# (0.95-1.07x; benchmarks/stem_layout.py); other machines may differ, so training runs time both
-# (engine/autotune.py).
+# faster (AMX Xeon: 1.20-1.23x bf16, 1.08-1.09x capped-AVX2 fp32; benchmarks/stem_layout.py); other
+# machines may differ, so training runs time both (engine/autotune.py). A 1-channel image is both
+# layouts at once, so for greyscale models the choice changes nothing.
 STEM_LAYOUTS = ("channels_last", "contiguous")
 
 # Which kernel 'auto' picks, from `python benchmarks/attention.py` (results/attention*.json):
@@ -91,7 +91,6 @@ class PatchEmbed(nn.Module):
         rest = patch_size // math.prod(strides)
         self.proj = nn.Conv2d(channels, embed_dim, kernel_size=rest, stride=rest)
         self.channels_last = True  # the input layout (STEM_LAYOUTS): speed, and values only by rounding
-
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stem is not None:

@@ -9,7 +9,7 @@ transformer block built from the model's config, forward + backward on a (b, N, 
 attention in {sdpa, math} x the precisions this device can run. The fastest median wins. A model
 with a conv stem then has its patch embedding timed under the chosen precision with the input in
 each of model.STEM_LAYOUTS (channels-last trains the cifar10 recipe's model 1.2x faster in bf16 on
-an AMX Xeon, mnist's alike within noise; benchmarks/stem_layout.py).
+an AMX Xeon; benchmarks/stem_layout.py). A 1-channel image is both layouts at once: not timed.
 
 An explicit setting always wins (runtime.precision / runtime.attn_impl / runtime.stem_layout other than auto); only
 what is auto is measured. The answer is cached per process and on disk (a JSON file in the user
@@ -46,8 +46,9 @@ TRIAL_FLOPS = {"cpu": 1e9, "cuda": 1e12}
 STEM_TRIAL_FLOPS = {"cpu": 1e10, "cuda": 1e12}
 BUDGET_S = 0.3  # timed rounds after the warm-up, all candidates together (at least one round)
 MAX_ROUNDS = 5
-# The stem's trials are short and noisy: the mnist recipe's stem (bf16, AMX Xeon) gave contiguous/channels-last
-# ratios of 0.87-1.22 from 5-round medians and 0.97-1.07 from 12-round ones, so it gets more rounds.
+# The stem's trials are short and noisy: the mnist recipe's stem (1 channel, so both "layouts" ran the same
+# computation; bf16, AMX Xeon) gave time ratios of 0.87-1.22 from 5-round medians and 0.97-1.07 from 12-round
+# ones, so it gets more rounds.
 STEM_BUDGET_S, STEM_MAX_ROUNDS = 1.0, 12
 
 _MEMO: dict[str, Choice] = {}  # this process's answers, by cache key
@@ -92,6 +93,12 @@ def block_flops(N: int, D: int, hidden: int) -> float:
     """Forward + backward FLOPs of one block per sample: qkv + proj (4 D^2), MLP (2 D hidden) and the
     two attention matmuls (2 N D each) per token, x2 for multiply-add, x3 for the backward."""
     return 3 * 2 * N * (4 * D * D + 2 * D * hidden + 2 * N * D)
+
+
+def layout_matters(cfg: ViTConfig) -> bool:
+    """Whether the stem's input layout changes any computation: a conv stem on more than one channel
+    (a (B, 1, H, W) image is channels-last and contiguous at once)."""
+    return bool(cfg.conv_stem) and cfg.in_chans > 1
 
 
 def stem_flops(cfg: ViTConfig) -> float:
@@ -237,21 +244,23 @@ def save_cache(path: Path | None, key: str, entry: dict[str, Any]) -> None:
 
 def cached_choice(entry: Any, precisions: list[str], attns: list[str], shape: dict[str, int],
                   layouts: list[str]) -> Choice | None:
+    """The entry as a Choice; None unless it holds a candidate of each kind (a layout only where one
+    was timed: with a single layout that one is given)."""
     if not isinstance(entry, dict):
         return None
     p, a, t = entry.get("precision"), entry.get("attn_impl"), entry.get("timings")
-    layout = entry.get("stem_layout", STEM_LAYOUTS[0]) if len(layouts) == 1 else entry.get("stem_layout")
-    if p not in precisions or a not in attns or layout not in STEM_LAYOUTS:
+    layout = entry.get("stem_layout") if len(layouts) > 1 else layouts[0]
+    if p not in precisions or a not in attns or layout not in layouts:
         return None
     timings = {k: v for k, v in t.items() if isinstance(v, (int, float))} if isinstance(t, dict) else {}
-    return Choice(p, a, "cache", timings, shape, layout if len(layouts) > 1 else layouts[0])
+    return Choice(p, a, "cache", timings, shape, layout)
 
 
 # ---- the choice -----------------------------------------------------------------------------
 MARGIN = 0.05
 """Another candidate replaces the default only when it is this much faster: the same run on the
 same machine should not flip between kernels (and their float rounding) on timing noise."""
-STEM_MARGIN = 0.10  # the stem's 12-round medians still vary by +-5% between repeats (STEM_BUDGET_S)
+STEM_MARGIN = 0.10  # identical stems' 12-round medians still differed by up to 7% (STEM_BUDGET_S)
 
 
 def default_candidate(device: torch.device, tokens: int, precisions: list[str], attns: list[str]) -> str:
@@ -285,8 +294,8 @@ def choose(model: VisionTransformer | ViTConfig, batch: int, device: torch.devic
            precision: str = "auto", attn_impl: str = "auto", rt: Runtime | None = None,
            cache_file: Path | None | object = _DEFAULT, stem_layout: str = "auto") -> Choice:
     """The precision, attention kernel and stem input layout for training `model` with micro-batches
-    of `batch` on `device`. Settings other than "auto" are kept as given; a model without a conv stem
-    gets "channels_last" for an auto layout (it has no stem to give it to). With `rt` distributed,
+    of `batch` on `device`. Settings other than "auto" are kept as given; an auto layout is timed only
+    where it matters (layout_matters), else "channels_last". With `rt` distributed,
     rank 0 decides and every rank gets its answer. `cache_file` None: no disk cache (default:
     cache_dir())."""
     cfg = model.config if isinstance(model, VisionTransformer) else model
@@ -294,7 +303,7 @@ def choose(model: VisionTransformer | ViTConfig, batch: int, device: torch.devic
     check_runtime_settings("auto", "auto", None, attn_impl, stem_layout)  # a ConfigError naming the bad value
     precisions = precision_candidates(device) if precision == "auto" else [resolve_precision(precision, device)]
     attns = ["sdpa", "math"] if attn_impl == "auto" else [attn_impl]
-    layouts = list(STEM_LAYOUTS) if stem_layout == "auto" and cfg.conv_stem else \
+    layouts = list(STEM_LAYOUTS) if stem_layout == "auto" and layout_matters(cfg) else \
         [STEM_LAYOUTS[0] if stem_layout == "auto" else stem_layout]
     if len(precisions) * len(attns) * len(layouts) == 1:  # nothing to choose: set explicitly, or one candidate here
         return Choice(precisions[0], attns[0], "explicit", stem_layout=layouts[0])
@@ -302,8 +311,10 @@ def choose(model: VisionTransformer | ViTConfig, batch: int, device: torch.devic
     key, shape = cache_key(cfg, batch, device, precisions, attns, stem_auto=len(layouts) > 1)
 
     def decide() -> Choice:
-        if key in _MEMO:
-            return dataclasses.replace(_MEMO[key], source="cache")
+        if key in _MEMO:  # (a key without the stem part is shared by models with other stems or layouts)
+            memo = _MEMO[key]
+            return dataclasses.replace(memo, source="cache",
+                                       stem_layout=memo.stem_layout if len(layouts) > 1 else layouts[0])
         found = cached_choice(read_cache(path).get(key), precisions, attns, shape, layouts)
         if found is None:
             p, a, timings = precisions[0], attns[0], {}
@@ -358,7 +369,7 @@ def tune_run(model: VisionTransformer, runtime_args: Any, rt: Runtime, batch: in
             impl = recorded(run_dir, "attn_impl", ("sdpa", "math"))
             # A run from before autotune records no kernel: it ran the fixed rule, attn_impl "auto".
             attn, fixed_rule, resumed = impl or "sdpa", impl is None, True
-        if layout == "auto" and model.config.conv_stem:
+        if layout == "auto" and layout_matters(model.config):
             # A run from before the layout was timed records none: it gave its stem a channels-last
             # input (or, older still, a contiguous one; the values differ by rounding only).
             layout, resumed = recorded(run_dir, "stem_layout", STEM_LAYOUTS) or STEM_LAYOUTS[0], True
