@@ -51,7 +51,7 @@ MAX_ROUNDS = 5
 # ones, so it gets more rounds.
 STEM_BUDGET_S, STEM_MAX_ROUNDS = 1.0, 12
 
-_MEMO: dict[str, Choice] = {}  # this process's answers, by cache key
+_MEMO: dict[str, dict[str, Any]] = {}  # this process's answers, by cache key, as written to disk
 
 
 @dataclass(frozen=True)
@@ -311,11 +311,9 @@ def choose(model: VisionTransformer | ViTConfig, batch: int, device: torch.devic
     key, shape = cache_key(cfg, batch, device, precisions, attns, stem_auto=len(layouts) > 1)
 
     def decide() -> Choice:
-        if key in _MEMO:  # (a key without the stem part is shared by models with other stems or layouts)
-            memo = _MEMO[key]
-            return dataclasses.replace(memo, source="cache",
-                                       stem_layout=memo.stem_layout if len(layouts) > 1 else layouts[0])
-        found = cached_choice(read_cache(path).get(key), precisions, attns, shape, layouts)
+        # This process's answer, else the disk's; either is read by the same rule (cached_choice).
+        entry = _MEMO[key] if key in _MEMO else read_cache(path).get(key)
+        found = cached_choice(entry, precisions, attns, shape, layouts)
         if found is None:
             p, a, timings = precisions[0], attns[0], {}
             if len(precisions) * len(attns) > 1:
@@ -330,8 +328,10 @@ def choose(model: VisionTransformer | ViTConfig, batch: int, device: torch.devic
             found = Choice(p, a, "measured", timings, shape, layout)
             entry = {"precision": p, "attn_impl": a, "timings": found.timings,
                      "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
-            save_cache(path, key, {**entry, "stem_layout": layout} if len(layouts) > 1 else entry)
-        _MEMO[key] = found
+            if len(layouts) > 1:
+                entry["stem_layout"] = layout
+            save_cache(path, key, entry)
+        _MEMO[key] = entry
         return found
 
     if rt is None or not rt.distributed:
