@@ -194,7 +194,7 @@ def test_a_tiny_run_records_its_choice_in_env_json(monkeypatch, tmp_path):
     data = write_shapes(tmp_path / "shapes", ("h", "v", "d"), 10)  # colour images: the stem's layout is timed
     sets = {"data.name": str(data), "data.val_size": 6, "model.img_size": 16, "model.depth": 1, "model.embed_dim": 16,
             "model.num_heads": 2, "model.conv_stem": "[8,16]", "train.batch_size": 8, "train.epochs": 1,
-            "runtime.progress": False, "runtime.precision": "fp32"}
+            "runtime.progress": False, "runtime.precision": "fp32", "train.resolution_schedule": "null"}
     settings = load_run_config("cifar10", [f"{k}={v}" for k, v in sets.items()])
     run_training(settings, tmp_path / "run")
     env = json.loads((tmp_path / "run" / "env.json").read_text())

@@ -224,7 +224,7 @@ def test_training_gives_the_same_weights_whichever_storage(tmp_path):
         sets = [f"data.name={data}", f"data.storage={how}", f"data.cache_dir={tmp_path / 'decoded'}", "data.workers=2",
                 "model.preset=vit_micro_patch4_32", "model.img_size=16", "model.depth=1", "model.embed_dim=16",
                 "model.num_heads=2", "model.conv_stem=[]", "train.batch_size=8", "train.epochs=2", "runtime.progress=false",
-                "runtime.precision=fp32", "runtime.attn_impl=math"]
+                "runtime.precision=fp32", "runtime.attn_impl=math", "train.resolution_schedule=null"]
         results = run_training(load_run_config("cifar10", sets), tmp_path / how)
         weights[how] = latest_checkpoint(tmp_path / how)["model"]
         assert results["test"]["n"] == 9, how
@@ -241,7 +241,8 @@ def test_resume_refuses_a_folder_that_changed_size(tmp_path, monkeypatch):
     data = write_shapes(tmp_path / "shapes", ("h", "v", "d"), 30)
     sets = [f"data.name={data}", "model.preset=vit_micro_patch4_32", "model.img_size=16", "model.depth=1",
             "model.embed_dim=16", "model.num_heads=2", "model.conv_stem=[]", "train.batch_size=8", "train.epochs=3",
-            "runtime.progress=false", "runtime.precision=fp32", "runtime.attn_impl=math"]
+            "runtime.progress=false", "runtime.precision=fp32", "runtime.attn_impl=math",
+            "train.resolution_schedule=null"]
     real, calls = loop.train_step, []
 
     def dies(*a, **k):

@@ -41,7 +41,8 @@ def tiny(images: Path, **extra) -> list[str]:
     sets = {"data.name": str(images), "data.val_size": 4, "model.preset": "vit_micro_patch4_32",
             "model.img_size": 8, "model.depth": 1, "model.embed_dim": 16, "model.num_heads": 2,
             "train.batch_size": 8, "train.epochs": 1, "train.eval_batch_size": 8, "train.test_at_end": False,
-            "augment.crop_pad": 0, "runtime.progress": False, "runtime.precision": "fp32"}
+            "augment.crop_pad": 0, "runtime.progress": False, "runtime.precision": "fp32",
+            "train.resolution_schedule": "null"}  # the recipe's stages are 32-px sides; this model is 8 px
     sets.update(extra)
     return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
 

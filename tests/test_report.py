@@ -39,7 +39,8 @@ def run(tmp_path_factory) -> Path:
     sets = {"data.name": str(root), "model.preset": "vit_micro_patch4_32", "model.img_size": 16,
             "model.depth": 2, "model.embed_dim": 32, "model.num_heads": 2, "train.batch_size": 16,
             "train.epochs": 3, "optim.lr": 0.005, "augment.flip": False, "runtime.progress": False,
-            "runtime.precision": "fp32", "train.log_every": 2, "augment.crop_pad": 0}
+            "runtime.precision": "fp32", "train.log_every": 2, "augment.crop_pad": 0,
+            "train.resolution_schedule": "null"}
     out = tmp_path_factory.mktemp("runs") / "run"
     train(load_run_config("cifar10", [f"{k}={v}" for k, v in sets.items()]), out)
     return out

@@ -37,7 +37,8 @@ def tiny_sets(data: Path, **extra) -> list[str]:
     sets = {"data.name": str(data), "model.preset": "vit_micro_patch4_32", "model.img_size": 16,
             "model.depth": 2, "model.embed_dim": 32, "model.num_heads": 2, "train.batch_size": 16,
             "train.epochs": 6, "optim.lr": 0.005, "augment.flip": False, "runtime.progress": False,
-            "runtime.precision": "fp32", "train.log_every": 5}
+            "runtime.precision": "fp32", "train.log_every": 5,
+            "train.resolution_schedule": "null"}  # the recipe's stages are 32-px sides; this model is 16 px
     sets.update(extra)
     return [f"{k}={v}" for k, v in sets.items()]
 
