@@ -289,8 +289,40 @@ def test_budget_table_gives_the_probe_in_the_rows_precision_and_a_dash_for_older
             {**row, "variant": "seed"}]  # a row from before the probe
     budget.RESULTS.write_text(json.dumps({"rows": rows}))
     lines = [line for line in budget.render().splitlines() if line.startswith("| ") and "variant" not in line]
-    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[9:11]] for line in lines}
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[10:12]] for line in lines}
     assert cells == {"fast": ["250.5", "2026-11-27"], "plain": ["99", "-"], "seed": ["-", "-"]}
+
+
+def test_budget_plain_stays_issue_9s_recipe_while_the_shipped_cifar10_moves_on(budget):
+    from vitlab.engine.args import load_run_config
+    plain = load_run_config(*budget.VARIANTS["plain"])
+    # issue 9's `cifar10` (commit bdc7a3b): the Ti/4 preset as is, no stem, no resolution stages
+    assert (plain.model.preset, plain.model.conv_stem, plain.model.depth, plain.model.mlp_ratio) == \
+        ("vit_tiny_patch4_32", None, None, None)
+    assert (plain.optim.lr, plain.optim.weight_decay, plain.optim.warmup_epochs, plain.optim.label_smoothing) == \
+        (0.002, 0.05, 1, 0.1)
+    assert (plain.train.resolution_schedule, plain.train.epochs, plain.train.batch_size) == (None, 15, 256)
+    assert (plain.augment.crop_pad, plain.augment.flip, plain.data.name) == (4, True, "cifar10")
+    assert load_run_config(*budget.VARIANTS["cifar10"]).to_dict() == load_run_config("cifar10").to_dict()
+    for recipe, sets in budget.VARIANTS.values():  # every variant names a recipe and settings that exist
+        load_run_config(recipe, sets)
+
+
+def test_budget_rows_of_a_recipe_changed_in_place_are_told_apart_but_not_by_their_budget(budget):
+    def cfg(minutes: float, depth: int) -> dict:
+        return {"data": {"name": "cifar10"}, "model": {"preset": "vit_tiny_patch4_32", "depth": depth},
+                "train": {"time_budget": minutes, "seed": 0}}
+    assert budget.budget_settings(cfg(15, 2)) == budget.budget_settings(cfg(60, 2)) != budget.budget_settings(cfg(15, 3))
+    machine = {"cpu": "EPYC", "cpu_capability": "AVX512", "fast_bf16_cpu": True, "threads": 2, "torch": "2"}
+    row = {"variant": "cifar10", "test_top1": 0.8, "val_top1": 0.79, "images_seen": 10, "epochs_equivalent": 1.0,
+           "precision": "bf16", "test_images": 10000, "machine": machine}
+    rows = [{**row, "budget_min": m, "settings": budget.budget_settings(cfg(m, d))} for m, d in ((15, 2), (60, 2), (15, 3))]
+    budget.RESULTS.write_text(json.dumps({"rows": [*rows, {**row, "budget_min": 30, "variant": "fast"}]}))
+    lines = [line for line in budget.render().splitlines() if line.startswith("| ") and "variant" not in line]
+    shown = [(cells[1], cells[2], cells[3]) for cells in ([c.strip() for c in line.split("|")] for line in lines)]
+    d2, d3 = (budget.fingerprint(r) for r in (rows[0], rows[2]))
+    assert d2 != d3 and "-" not in (d2, d3)
+    assert sorted(shown) == sorted([("cifar10", d2, "15"), ("cifar10", d3, "15"), ("cifar10", d2, "60"), ("fast", "-", "30")])
 
 
 # ---- benchmarks/stage.py: a data root carried over in bundles ---------------------------------
