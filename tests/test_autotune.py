@@ -5,6 +5,7 @@ all ranks. The conv stem's input layout is timed only for a model that has a ste
 import json
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -152,6 +153,71 @@ def test_a_damaged_cache_file_is_measured_over(monkeypatch, own_cache, damage):
     assert json.loads(own_cache.read_text())[key]["attn_impl"] == "math"  # repaired
 
 
+def fake_wait(monkeypatch, seconds_per_call: float) -> None:
+    """runqueue_wait_s() as if this process's threads waited `seconds_per_call` between two readings."""
+    readings = iter(range(10**6))
+    monkeypatch.setattr(autotune, "runqueue_wait_s", lambda: next(readings) * seconds_per_call)
+
+
+def test_a_measurement_on_a_busy_cpu_serves_its_run_but_is_not_cached(monkeypatch, own_cache):
+    calls = []
+    monkeypatch.setattr(autotune, "measure", fake_measure({"fp32/sdpa": 2, "fp32/math": 1}, calls))
+    fake_wait(monkeypatch, 100.0)  # far more waiting than the (instant) fake measurement's wall time
+    busy = autotune.choose(CFG, 16, CPU, "fp32")
+    assert (busy.attn_impl, busy.source, busy.busy) == ("math", "measured", True) and busy.wait_share > 1
+    assert not own_cache.exists()  # nothing written
+    assert "held the CPU" in autotune.busy_note(busy.to_dict()) and "math" in autotune.busy_note(busy.to_dict())
+    monkeypatch.setattr(autotune, "_MEMO", {})  # the next process times again, on an idle machine now
+    fake_wait(monkeypatch, 0.0)
+    idle = autotune.choose(CFG, 16, CPU, "fp32")
+    assert (idle.source, idle.busy, idle.wait_share, len(calls)) == ("measured", False, 0.0, 2)
+    assert autotune.busy_note(idle.to_dict()) is None
+    entry, = json.loads(own_cache.read_text()).values()
+    assert (entry["attn_impl"], entry["wait_share"]) == ("math", 0.0)
+    monkeypatch.setattr(autotune, "_MEMO", {})
+    assert autotune.choose(CFG, 16, CPU, "fp32").source == "cache"
+    assert len(calls) == 2
+
+
+def test_an_entry_from_before_the_load_was_recorded_is_timed_again(monkeypatch, own_cache):
+    key = autotune.cache_key(CFG, 16, CPU, ["fp32"], ["sdpa", "math"])[0]
+    own_cache.parent.mkdir(parents=True)
+    own_cache.write_text(json.dumps({key: {"precision": "fp32", "attn_impl": "sdpa", "timings": {}}}))
+    monkeypatch.setattr(autotune, "measure", fake_measure({"fp32/sdpa": 2, "fp32/math": 1}, []))
+    fake_wait(monkeypatch, 0.0)
+    assert autotune.choose(CFG, 16, CPU, "fp32").source == "measured"
+    assert json.loads(own_cache.read_text())[key]["wait_share"] == 0.0
+
+
+@pytest.mark.skipif(autotune.runqueue_wait_s() is None or not hasattr(os, "sched_setaffinity"),
+                    reason="needs Linux's per-thread schedstat and CPU affinity")
+def test_the_run_queue_wait_sees_a_competitor_for_the_same_cpu():
+    import subprocess
+
+    def spin_share(seconds: float) -> float:
+        wait0, t0 = autotune.runqueue_wait_s(), time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            pass
+        return (autotune.runqueue_wait_s() - wait0) / (time.perf_counter() - t0)
+
+    mine = os.sched_getaffinity(0)
+    cpu = min(mine)
+    os.sched_setaffinity(0, {cpu})  # this process's threads and a spinning child on one CPU
+    try:
+        alone = spin_share(0.3)
+        child = subprocess.Popen([sys.executable, "-c", "import os, time\nos.sched_setaffinity(0, {%d})\n"
+                                  "t = time.time()\nwhile time.time() - t < 5: pass" % cpu])
+        try:
+            time.sleep(0.3)  # the child is up and spinning
+            shared = spin_share(0.6)
+        finally:
+            child.kill()
+            child.wait()
+    finally:
+        os.sched_setaffinity(0, mine)
+    assert shared > 0.3 and shared > alone + 0.2, (alone, shared)  # one CPU shared by two: ~0.5
+
+
 def test_an_unwritable_cache_dir_only_skips_saving(monkeypatch, tmp_path):
     (tmp_path / "a_file").write_text("")
     monkeypatch.setenv("VITLAB_CACHE", str(tmp_path / "a_file" / "sub"))  # cannot be created
@@ -205,6 +271,20 @@ def test_a_tiny_run_records_its_choice_in_env_json(monkeypatch, tmp_path):
     assert record["timings"] == {"fp32/sdpa": 2e3, "fp32/math": 1e3, "stem/channels_last": 3e3, "stem/contiguous": 1e3}
     assert env["precision"] == "fp32"
     assert seen and not any(seen)  # training, validation and the final test all used the chosen layout
+
+
+def test_a_run_timed_on_a_busy_cpu_says_so_and_records_the_wait(monkeypatch, tmp_path, own_cache, capsys):
+    monkeypatch.setattr(autotune, "measure", fake_measure({"fp32/sdpa": 2, "fp32/math": 1}, []))
+    fake_wait(monkeypatch, 100.0)
+    data = write_shapes(tmp_path / "shapes", ("h", "v", "d"), 10)
+    sets = {"data.name": str(data), "data.val_size": 6, "model.img_size": 16, "model.depth": 1, "model.embed_dim": 16,
+            "model.num_heads": 2, "model.conv_stem": "[]", "train.batch_size": 8, "train.epochs": 1,
+            "runtime.progress": False, "runtime.precision": "fp32", "train.resolution_schedule": "null"}
+    run_training(load_run_config("cifar10", [f"{k}={v}" for k, v in sets.items()]), tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "env.json").read_text())["autotune"]
+    assert (record["attn_impl"], record["source"]) == ("math", "measured") and record["wait_share"] > 1
+    assert "autotune timed its candidates while other processes held the CPU" in capsys.readouterr().out
+    assert not own_cache.exists()
 
 
 # ---- two ranks: rank 0 decides ---------------------------------------------------------------
@@ -313,7 +393,7 @@ def test_the_stem_layout_is_cached_under_the_stem_shapes(monkeypatch, own_cache)
     # they answer a run with an explicit layout, but one with an auto layout measures
     old = autotune.cache_key(STEM_CFG, 16, CPU, ["fp32"], ["sdpa", "math"])[0]
     assert old != autotune.cache_key(STEM_CFG, 16, CPU, ["fp32"], ["sdpa", "math"], stem_auto=True)[0]
-    own_cache.write_text(json.dumps({old: {"precision": "fp32", "attn_impl": "math"}}))
+    own_cache.write_text(json.dumps({old: {"precision": "fp32", "attn_impl": "math", "wait_share": 0.0}}))
     monkeypatch.setattr(autotune, "_MEMO", {})
     choice = autotune.choose(STEM_CFG, 16, CPU, "fp32", stem_layout="contiguous")
     assert (choice.attn_impl, choice.stem_layout, choice.source) == ("math", "contiguous", "cache")

@@ -297,7 +297,8 @@ def format_table(r: dict[str, Any]) -> str:
              f"({r['machine']['cpu']}, {r['machine']['threads']} threads)",
              f"autotune ({c['source']}): {c['precision']}, attention {c['attn_impl']}"
              + (f", stem input {c['stem_layout']}" if s.get("conv_stem") and c.get("stem_layout") else "")
-             + (f"  [{timings}]" if timings else ""),
+             + (f"  [{timings}]" if timings else "")
+             + (f"\n  {note}" if (note := autotune.busy_note(c)) else ""),
              f"matmul peak: {r['peak_gflops']:.1f} GFLOP/s in {r['precision']}", "",
              f"{'':16}{'params':>8}{'train':>10}{'GFLOP/s':>9}{'% peak':>8}{'infer':>10}{'GFLOP/s':>9}"
              f"{'% peak':>8}{'batch-1':>10}",

@@ -341,7 +341,7 @@ def run_training(settings: RunConfig, out: Path, resume: bool = False) -> dict[s
         if len(train_loader) < settings.train.accum_steps:
             raise ConfigError(f"an epoch has {len(train_loader)} micro-batches, fewer than train.accum_steps="
                               f"{settings.train.accum_steps}")
-        from .engine.autotune import tune_run  # auto kernel/precision timed here; a resumed run keeps its own
+        from .engine.autotune import busy_note, tune_run  # auto kernel/precision timed here; a resumed run keeps its own
         rt = tune_run(model, settings.runtime, rt, micro, out, found[1] if found else None)
         trainer = Trainer(model, settings, rt, len(train_loader) // settings.train.accum_steps)
         trainer.train_images = len(train_set)
@@ -360,6 +360,8 @@ def run_training(settings: RunConfig, out: Path, resume: bool = False) -> dict[s
                     f"val images, {length}, batch {settings.train.batch_size}, {rt.device} {rt.precision}"
                     + (f", {rt.world_size} ranks" if rt.distributed else "")
                     + (f", from step {pos.step}" if found else ""))
+        if note := busy_note(rt.choice):
+            logger.info(note)
         try:
             pos = fit(trainer, train_loader, val_loader, num_classes, out, logger, model.config.to_dict(), pos)
         finally:
