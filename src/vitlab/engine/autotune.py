@@ -14,8 +14,8 @@ an AMX Xeon; benchmarks/stem_layout.py). A 1-channel image is both layouts at on
 An explicit setting always wins (runtime.precision / runtime.attn_impl / runtime.stem_layout other than auto); only
 what is auto is measured. The answer is cached per process and on disk (a JSON file in the user
 cache dir), keyed by the machine (CPU model and capability, GPU, torch, threads) and the shape. A
-measurement taken while other processes kept this one's threads waiting for a CPU (BUSY_WAIT_SHARE) is
-used by its run but not written to disk, so the next run times again.
+measurement taken while other processes kept this one's threads waiting for a CPU (BUSY_WAIT_SHARE) serves
+its run but is not cached, so the next run times again.
 Under torchrun rank 0 measures (or reads the cache) and broadcasts, so every rank computes alike.
 """
 from __future__ import annotations
@@ -56,11 +56,11 @@ STEM_BUDGET_S, STEM_MAX_ROUNDS = 1.0, 12
 
 BUSY_WAIT_SHARE = 0.2
 """A measurement during which this process's threads spent more than this share of their time runnable
-but waiting for a CPU (taken by other processes) is not cached on disk. Timed beside two training runs
+but waiting for a CPU (taken by other processes) is not cached. Timed beside two training runs
 (session 23, 2-core EPYC), the cifar10 recipe's block ran 4x slower in bf16 than in fp32, where it runs 2x
-faster on the idle machine; that cached entry sent two later runs to fp32 and half their speed."""
+faster on the idle machine; that cached entry sent the next runs to fp32, at ~0.4x their speed."""
 
-_MEMO: dict[str, dict[str, Any]] = {}  # this process's answers, by cache key, as written to disk
+_MEMO: dict[str, dict[str, Any]] = {}  # this process's answers, by cache key, as written to disk (none timed busy)
 
 
 @dataclass(frozen=True)
@@ -72,14 +72,14 @@ class Choice:
     timings: dict[str, float] = field(default_factory=dict, compare=False)  # "fp32/sdpa" -> median ms
     shape: dict[str, int] = field(default_factory=dict, compare=False)  # what was timed
     stem_layout: str = STEM_LAYOUTS[0]  # timings "stem/channels_last" etc. where it was measured
-    wait_share: float | None = field(default=None, compare=False)  # see wait_share(); None: not known
+    wait_share: float | None = field(default=None, compare=False)  # while timing (wait_share()); None: not known
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @property
     def busy(self) -> bool:
-        """Timed while other processes held the CPU (BUSY_WAIT_SHARE): not cached on disk."""
+        """Timed while its threads waited for a CPU (BUSY_WAIT_SHARE): not cached, in this process or on disk."""
         return self.wait_share is not None and self.wait_share > BUSY_WAIT_SHARE
 
 
@@ -152,30 +152,37 @@ def cache_key(cfg: ViTConfig, batch: int, device: torch.device, precisions: list
 
 
 # ---- measuring ------------------------------------------------------------------------------
-def runqueue_wait_s() -> float | None:
-    """Seconds this process's threads have spent runnable but waiting for a CPU, summed over its
-    threads (Linux: /proc/self/task/*/schedstat, second field, in ns); None where that is not reported."""
+def runqueue_waits() -> dict[str, int] | None:
+    """Nanoseconds each of this process's threads has spent runnable but waiting for a CPU, by thread
+    id (Linux: /proc/self/task/TID/schedstat, second field). It also counts time held back by a CPU quota.
+    None where the kernel does not report it."""
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
         return None
-    total, found = 0, False
+    waits = {}
     for tid in tasks:
         try:
-            total += int((Path("/proc/self/task") / tid / "schedstat").read_text().split()[1])
-            found = True
+            waits[tid] = int((Path("/proc/self/task") / tid / "schedstat").read_text().split()[1])
         except (OSError, IndexError, ValueError):  # a thread that just ended; no schedstat in this kernel
             continue
-    return total / 1e9 if found else None
+    return waits or None
 
 
-def wait_share(wait_start: float | None, wall_start: float) -> float | None:
-    """The share of the time since (wait_start, wall_start) that this process's torch threads spent
-    waiting for a CPU: ~0 on an idle machine, ~0.5 with a competitor per core. None where unknown."""
-    wait_now, wall = runqueue_wait_s(), time.perf_counter() - wall_start
-    if wait_start is None or wait_now is None or wall <= 0:
+def wait_share(start: dict[str, int] | None, wall_start: float, device: torch.device) -> float | None:
+    """The share of the time since `wall_start` that this process's torch threads spent waiting for a
+    CPU, from runqueue_waits() then (`start`) and now: ~0 on an idle machine (0.005 measured on the 2-core
+    EPYC), ~0.5 with one competitor per core. None where it cannot say: not a CPU device, no schedstat,
+    a thread that ended meanwhile (its wait left the sum), or more torch threads than CPUs to run them
+    (they would wait for each other)."""
+    end, wall = runqueue_waits(), time.perf_counter() - wall_start
+    threads = torch.get_num_threads()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type != "cpu" or start is None or end is None or wall <= 0 or threads > cpus \
+            or any(tid not in end for tid in start):
         return None
-    return round(max(0.0, wait_now - wait_start) / (wall * torch.get_num_threads()), 3)
+    waited_ns = sum(ns - start.get(tid, 0) for tid, ns in end.items())  # a thread started meanwhile: all of it
+    return round(max(0, waited_ns) / 1e9 / (wall * threads), 3)
 
 
 def trial_seconds(block: nn.Module, x: torch.Tensor, precision: str) -> float:
@@ -289,12 +296,15 @@ def cached_choice(entry: Any, precisions: list[str], attns: list[str], shape: di
     was timed: with a single layout that one is given)."""
     if not isinstance(entry, dict) or "wait_share" not in entry:  # from before the load was recorded: time again
         return None
+    share = entry["wait_share"]
+    share = share if isinstance(share, (int, float)) and not isinstance(share, bool) else None
+    if share is not None and share > BUSY_WAIT_SHARE:  # timed on a busy CPU (not written so by vitlab): time again
+        return None
     p, a, t = entry.get("precision"), entry.get("attn_impl"), entry.get("timings")
     layout = entry.get("stem_layout") if len(layouts) > 1 else layouts[0]
     if p not in precisions or a not in attns or layout not in layouts:
         return None
     timings = {k: v for k, v in t.items() if isinstance(v, (int, float))} if isinstance(t, dict) else {}
-    share = entry["wait_share"] if isinstance(entry["wait_share"], (int, float)) else None
     return Choice(p, a, "cache", timings, shape, layout, share)
 
 
@@ -357,7 +367,7 @@ def choose(model: VisionTransformer | ViTConfig, batch: int, device: torch.devic
         entry = _MEMO[key] if key in _MEMO else read_cache(path).get(key)
         found = cached_choice(entry, precisions, attns, shape, layouts)
         if found is None:
-            wait_start, wall_start = runqueue_wait_s(), time.perf_counter()
+            waits_start, wall_start = runqueue_waits(), time.perf_counter()
             p, a, timings = precisions[0], attns[0], {}
             if len(precisions) * len(attns) > 1:
                 seconds = measure(cfg, shape, device, precisions, attns)
@@ -368,13 +378,14 @@ def choose(model: VisionTransformer | ViTConfig, batch: int, device: torch.devic
                 stem_seconds = measure_stem(cfg, shape["stem_trial_batch"], device, p)
                 layout = fastest(stem_seconds, STEM_LAYOUTS[0], STEM_MARGIN)
                 timings.update({f"stem/{k}": round(v * 1e3, 3) for k, v in stem_seconds.items()})
-            found = Choice(p, a, "measured", timings, shape, layout, wait_share(wait_start, wall_start))
+            found = Choice(p, a, "measured", timings, shape, layout, wait_share(waits_start, wall_start, device))
             entry = {"precision": p, "attn_impl": a, "timings": found.timings,
                      "measured": time.strftime("%Y-%m-%d %H:%M:%S"), "wait_share": found.wait_share}
             if len(layouts) > 1:
                 entry["stem_layout"] = layout
-            if not found.busy:
-                save_cache(path, key, entry)
+            if found.busy:  # serves this run only: the next choose() times again
+                return found
+            save_cache(path, key, entry)
         _MEMO[key] = entry
         return found
 
@@ -403,10 +414,11 @@ def busy_note(choice: dict[str, Any] | None) -> str | None:
     share = (choice or {}).get("wait_share")
     if not isinstance(share, (int, float)) or share <= BUSY_WAIT_SHARE:
         return None
-    return (f"autotune timed its candidates while other processes held the CPU (its threads waited for one "
-            f"{100 * share:.0f}% of the time), so its pick ({choice.get('precision')}, attention "
-            f"{choice.get('attn_impl')}) may not be this machine's fastest; it is not cached, and the next run "
-            f"times again. runtime.precision / runtime.attn_impl / runtime.stem_layout choose without timing")
+    return (f"autotune timed its candidates while other processes held the CPU (or a CPU quota held it back: "
+            f"its threads waited for a CPU {100 * share:.0f}% of the time), so its pick "
+            f"({choice.get('precision')}, attention {choice.get('attn_impl')}) may not be this machine's fastest; "
+            f"it is not cached, and the next run times again. runtime.precision / runtime.attn_impl / "
+            f"runtime.stem_layout choose without timing")
 
 
 def tune_run(model: VisionTransformer, runtime_args: Any, rt: Runtime, batch: int, run_dir: Path,
