@@ -215,6 +215,9 @@ def test_the_wait_share_is_the_waiting_per_thread_and_second_and_busy_above_the_
         assert autotune.wait_share(start, 10.0, device) is None
     busy = {share: autotune.Choice("fp32", "sdpa", "measured", wait_share=share).busy for share in (0.15, 0.2, 0.25, None)}
     assert busy == {0.15: False, 0.2: False, 0.25: True, None: False}
+    # one rule for the Choice, the cache and the log line: a boolean is not a share
+    assert [autotune.is_busy(s) for s in (0.25, 1, True, "0.5", None)] == [True, True, False, False, False]
+    assert autotune.busy_note({"wait_share": True}) is None and autotune.busy_note({"wait_share": 1}) is not None
 
 
 @pytest.mark.skipif(REAL_WAITS() is None or not hasattr(os, "sched_setaffinity"),

@@ -63,6 +63,12 @@ faster on the idle machine; that cached entry sent the next runs to fp32, at ~0.
 _MEMO: dict[str, dict[str, Any]] = {}  # this process's answers, by cache key, as written to disk (none timed busy)
 
 
+def is_busy(share: Any) -> bool:
+    """Whether a recorded wait share (wait_share()) says the timing ran on a busy CPU: a number (not a
+    boolean) above BUSY_WAIT_SHARE. Unknown (None, or anything else) is trusted, as before the load was recorded."""
+    return isinstance(share, (int, float)) and not isinstance(share, bool) and share > BUSY_WAIT_SHARE
+
+
 @dataclass(frozen=True)
 class Choice:
     """The precision, attention kernel and stem input layout a run uses, and how they were chosen."""
@@ -80,7 +86,7 @@ class Choice:
     @property
     def busy(self) -> bool:
         """Timed while its threads waited for a CPU (BUSY_WAIT_SHARE): not cached, in this process or on disk."""
-        return self.wait_share is not None and self.wait_share > BUSY_WAIT_SHARE
+        return is_busy(self.wait_share)
 
 
 
@@ -298,7 +304,7 @@ def cached_choice(entry: Any, precisions: list[str], attns: list[str], shape: di
         return None
     share = entry["wait_share"]
     share = share if isinstance(share, (int, float)) and not isinstance(share, bool) else None
-    if share is not None and share > BUSY_WAIT_SHARE:  # timed on a busy CPU (not written so by vitlab): time again
+    if is_busy(share):  # timed on a busy CPU (not written so by vitlab): time again
         return None
     p, a, t = entry.get("precision"), entry.get("attn_impl"), entry.get("timings")
     layout = entry.get("stem_layout") if len(layouts) > 1 else layouts[0]
@@ -383,7 +389,7 @@ def choose(model: VisionTransformer | ViTConfig, batch: int, device: torch.devic
                      "measured": time.strftime("%Y-%m-%d %H:%M:%S"), "wait_share": found.wait_share}
             if len(layouts) > 1:
                 entry["stem_layout"] = layout
-            if found.busy:  # serves this run only: the next choose() times again
+            if found.busy:  # serves this run only: kept nowhere, so the next choose() times again
                 return found
             save_cache(path, key, entry)
         _MEMO[key] = entry
@@ -412,7 +418,7 @@ def recorded(run_dir: Path, name: str, allowed: tuple[str, ...]) -> str | None:
 def busy_note(choice: dict[str, Any] | None) -> str | None:
     """A line for a run's log when its choice (Choice.to_dict()) was timed on a busy CPU; else None."""
     share = (choice or {}).get("wait_share")
-    if not isinstance(share, (int, float)) or share <= BUSY_WAIT_SHARE:
+    if not is_busy(share):
         return None
     return (f"autotune timed its candidates while other processes held the CPU (or a CPU quota held it back: "
             f"its threads waited for a CPU {100 * share:.0f}% of the time), so its pick "
