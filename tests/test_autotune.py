@@ -467,3 +467,13 @@ def test_a_resumed_run_keeps_its_stem_layout(monkeypatch, tmp_path, env, expecte
     rt = autotune.tune_run(model, runtime_args(), Runtime(CPU, "fp32"), 16, tmp_path, {"precision": "bf16"})
     assert (rt.choice["stem_layout"], rt.choice["source"]) == (expected, "resumed")
     assert model.patch_embed.channels_last == (expected == "channels_last")
+
+
+def test_apply_choice_gives_the_model_the_recorded_kernel_and_layout():
+    model = VisionTransformer(STEM_CFG)
+    assert autotune.apply_choice(model, {"attn_impl": "math", "stem_layout": "contiguous"}) is model
+    assert {b.attn.impl for b in model.blocks} == {"math"} and model.patch_embed.channels_last is False
+    autotune.apply_choice(model, None, "sdpa")  # nothing recorded: the setting's kernel, the default layout
+    assert {b.attn.impl for b in model.blocks} == {"sdpa"} and model.patch_embed.channels_last is True
+    with pytest.raises(ConfigError, match="nchw"):
+        autotune.apply_choice(model, {"attn_impl": "math", "stem_layout": "nchw"})

@@ -198,9 +198,7 @@ def matmul_peak_gflops(precision: str, device: torch.device, seconds: float = 0.
 # ---- the benchmark ---------------------------------------------------------------------------
 def tuned_model(cfg: ViTConfig, choice: autotune.Choice) -> VisionTransformer:
     """vitlab's model with the attention kernel and stem layout that autotune chose."""
-    model = VisionTransformer(cfg, attn_impl=choice.attn_impl)
-    model.set_stem_layout(choice.stem_layout)
-    return model
+    return autotune.apply_choice(VisionTransformer(cfg), choice.to_dict())
 
 
 def run_bench(cfg: ViTConfig, batch: int, device: torch.device | str = "cpu", precision: str = "auto",

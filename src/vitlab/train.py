@@ -37,7 +37,7 @@ from .engine.runtime import (Runtime, barrier, describe_machine, dist_env, on_ma
                              resolve_precision, setup_runtime)
 from .errors import ConfigError, DataError, DatasetNotFoundError, ModelFileError, RunDirError, VitlabError
 from .evaluate import evaluate, save_confusion_png
-from .model import STEM_LAYOUTS, VisionTransformer
+from .model import VisionTransformer
 from .util import atomic_write_text
 from .weights.modeldir import check_shapes, load_state_into, save_model
 from .weights.pretrained import forget as forget_pretrained, read_pretrained
@@ -417,9 +417,8 @@ def finish(out: Path, settings: RunConfig, rt: Runtime, pos: Position, wall_s: f
         model_cfg = ViTConfig.from_dict(best["model_config"])
     except (ConfigError, TypeError) as e:
         raise ModelFileError(f"checkpoint {best_path} holds an invalid model config ({e})") from None
-    attn_impl = (rt.choice or {}).get("attn_impl", settings.runtime.attn_impl)  # the kernel it trained with
-    model = VisionTransformer(model_cfg, attn_impl=attn_impl)
-    model.set_stem_layout((rt.choice or {}).get("stem_layout", STEM_LAYOUTS[0]))
+    from .engine.autotune import apply_choice
+    model = apply_choice(VisionTransformer(model_cfg), rt.choice, settings.runtime.attn_impl)  # as it trained
     use_ema = best["best"]["weights"] == "ema" and best["ema"] is not None
     weights = best["ema"]["module"] if use_ema else best["model"]
     check_weights_fit(weights, model, best_path)

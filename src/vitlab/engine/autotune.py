@@ -427,6 +427,17 @@ def busy_note(choice: dict[str, Any] | None) -> str | None:
             f"runtime.stem_layout choose without timing")
 
 
+def apply_choice(model: VisionTransformer, choice: dict[str, Any] | None,
+                 attn_impl: str = "auto") -> VisionTransformer:
+    """Give `model` the attention kernel and stem input layout that `choice` (Choice.to_dict(), as a
+    Runtime and a run's env.json hold it) names: the one place they are applied, for training, the final
+    evaluation and `vitlab bench`. `attn_impl` where the choice names no kernel. Returns `model`."""
+    choice = choice or {}
+    model.set_attn_impl(choice.get("attn_impl", attn_impl))
+    model.set_stem_layout(choice.get("stem_layout", STEM_LAYOUTS[0]))
+    return model
+
+
 def tune_run(model: VisionTransformer, runtime_args: Any, rt: Runtime, batch: int, run_dir: Path,
              state: dict[str, Any] | None = None) -> Runtime:
     """Choose for a training run: the model gets the kernel and stem layout, the returned Runtime the
@@ -451,10 +462,9 @@ def tune_run(model: VisionTransformer, runtime_args: Any, rt: Runtime, batch: in
         choice = dataclasses.replace(choice, attn_impl="auto")
     if resumed and choice.source == "explicit":
         choice = dataclasses.replace(choice, source="resumed")
-    model.set_attn_impl(choice.attn_impl)
-    model.set_stem_layout(choice.stem_layout)
+    apply_choice(model, choice.to_dict())
     return dataclasses.replace(rt, precision=choice.precision, choice=choice.to_dict())
 
 
-__all__ = ["Choice", "choose", "tune_run", "busy_note", "cache_dir", "measure", "measure_stem", "trial_seconds",
-           "precision_candidates"]
+__all__ = ["Choice", "choose", "tune_run", "apply_choice", "busy_note", "cache_dir", "measure", "measure_stem",
+           "trial_seconds", "precision_candidates"]
