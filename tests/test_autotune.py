@@ -161,8 +161,6 @@ def test_a_damaged_cache_file_is_measured_over(monkeypatch, own_cache, damage):
     assert json.loads(own_cache.read_text())[key]["attn_impl"] == "math"  # repaired
 
 
-
-
 def test_a_measurement_on_a_busy_cpu_serves_its_run_but_is_not_cached(monkeypatch, own_cache):
     calls = []
     monkeypatch.setattr(autotune, "measure", fake_measure({"fp32/sdpa": 2, "fp32/math": 1}, calls))

@@ -63,10 +63,16 @@ faster on the idle machine; that cached entry sent the next runs to fp32, at ~0.
 _MEMO: dict[str, dict[str, Any]] = {}  # this process's answers, by cache key, as written to disk (none timed busy)
 
 
+def recorded_share(value: Any) -> float | None:
+    """A wait share (wait_share()) as read back from a record: a number (not a boolean), else None (unknown)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def is_busy(share: Any) -> bool:
-    """Whether a recorded wait share (wait_share()) says the timing ran on a busy CPU: a number (not a
-    boolean) above BUSY_WAIT_SHARE. Unknown (None, or anything else) is trusted, as before the load was recorded."""
-    return isinstance(share, (int, float)) and not isinstance(share, bool) and share > BUSY_WAIT_SHARE
+    """Whether a recorded wait share says the timing ran on a busy CPU: above BUSY_WAIT_SHARE. Unknown
+    (recorded_share() None) is trusted, as before the load was recorded."""
+    share = recorded_share(share)
+    return share is not None and share > BUSY_WAIT_SHARE
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,6 @@ class Choice:
     def busy(self) -> bool:
         """Timed while its threads waited for a CPU (BUSY_WAIT_SHARE): not cached, in this process or on disk."""
         return is_busy(self.wait_share)
-
 
 
 
@@ -302,8 +307,7 @@ def cached_choice(entry: Any, precisions: list[str], attns: list[str], shape: di
     was timed: with a single layout that one is given)."""
     if not isinstance(entry, dict) or "wait_share" not in entry:  # from before the load was recorded: time again
         return None
-    share = entry["wait_share"]
-    share = share if isinstance(share, (int, float)) and not isinstance(share, bool) else None
+    share = recorded_share(entry["wait_share"])
     if is_busy(share):  # timed on a busy CPU (not written so by vitlab): time again
         return None
     p, a, t = entry.get("precision"), entry.get("attn_impl"), entry.get("timings")
@@ -462,8 +466,9 @@ def tune_run(model: VisionTransformer, runtime_args: Any, rt: Runtime, batch: in
         choice = dataclasses.replace(choice, attn_impl="auto")
     if resumed and choice.source == "explicit":
         choice = dataclasses.replace(choice, source="resumed")
-    apply_choice(model, choice.to_dict())
-    return dataclasses.replace(rt, precision=choice.precision, choice=choice.to_dict())
+    record = choice.to_dict()
+    apply_choice(model, record)
+    return dataclasses.replace(rt, precision=choice.precision, choice=record)
 
 
 __all__ = ["Choice", "choose", "tune_run", "apply_choice", "busy_note", "cache_dir", "measure", "measure_stem",
