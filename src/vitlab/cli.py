@@ -396,10 +396,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Training and inference images/s, GFLOP/s, share of matmul peak: vitlab vs timm vs the seed model."""
     from pathlib import Path
 
-    import torch
-
     from .bench import SEED_PATH, bench_config, default_batch, format_table, run_bench
-    from .engine.runtime import MAX_THREADS, resolve_device
+    from .engine.runtime import MAX_THREADS, fit_threads, resolve_device
     cfg = bench_config(args.preset, args.set)
     off = args.seed_vit == "none"  # its ViT-B-sized shapes can take minutes a round on a CPU
     if args.seed_vit and not off and not Path(args.seed_vit).is_file():
@@ -407,7 +405,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.threads is not None:
         if not 1 <= args.threads <= MAX_THREADS:
             raise ConfigError(f"--threads {args.threads} must be in [1, {MAX_THREADS}]")
-        torch.set_num_threads(args.threads)
+        fit_threads(args.threads)
     batch = default_batch(cfg) if args.batch is None else args.batch
     result = run_bench(cfg, batch, resolve_device(args.device), args.precision, args.attn,
                        rounds=args.rounds, steps=args.steps, warmup=args.warmup,
@@ -464,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     saved_format = warnings.formatwarning
     warnings.formatwarning = one_line_warning
     try:
+        from .engine.runtime import fit_threads
+        fit_threads()  # no more torch threads than this process can keep busy (a container's CPU quota)
         return args.func(args)
     except VitlabError as e:
         print(f"{prefix}: error: {e}".replace("\n", " "), file=sys.stderr)

@@ -44,7 +44,9 @@ import numpy as np
 import torch
 
 from .data.augment import EvalTransform
+from .engine.runtime import fit_threads
 from .errors import ConfigError
+from .limits import usable_cpus
 from .predict import INFERENCE_PRECISIONS, check_precision, inference_precision, onnx_precision_message
 from .serve_io import ApiError, Metrics, decode_upload
 
@@ -302,7 +304,7 @@ def create_app(model, settings: ServeSettings, backend: str = "torch", source: s
             metrics.request(path if path in ENDPOINTS else "other", status, time.perf_counter() - start)
 
     admitted = [0]  # image requests being received, decoded, waiting or computed
-    decoding = asyncio.Semaphore(os.cpu_count() or 1)
+    decoding = asyncio.Semaphore(usable_cpus())
 
     @contextlib.contextmanager
     def admission():
@@ -425,8 +427,7 @@ def serve(path: str, settings: ServeSettings) -> None:
         import uvicorn
     except ImportError:
         raise ConfigError("vitlab serve needs its extra: pip install 'vitlab[serve]'") from None
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    fit_threads(settings.threads)
     if settings.precision != "fp32" and Path(path).suffix == ".onnx":  # before the model is loaded
         raise ConfigError(onnx_precision_message(settings.precision, path))
     model, backend = load_served_model(path, settings.threads)

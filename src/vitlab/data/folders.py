@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, ImageError, ImageTooLargeError
+from ..limits import usable_cpus
 from ..util import printable
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -313,7 +314,7 @@ def _probe_or_error(args: tuple[str, int, int]) -> None | ImageError:
 
 
 def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
+    return min(4, usable_cpus())
 
 
 def _map(fn, files: list[Path], size: int, channels: int, workers: int | None) -> list:

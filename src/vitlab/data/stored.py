@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError, ImageError
+from ..limits import available_memory
 from ..util import cache_root, printable
 from . import folders
 
@@ -48,41 +49,6 @@ MEMORY_FRACTION = 0.25  # auto: in memory when the decoded split needs at most t
 
 def default_cache_dir() -> Path:
     return cache_root() / "decoded"
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        text = Path(path).read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None  # "max" (no limit) and junk: None
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations: Linux MemAvailable, lowered to what this
-    process's cgroup (a container's limit, v2 or v1) still allows; None if unknown."""
-    free = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    free = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if free is None:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            pass
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        limit, used = _read_int(limit_file), _read_int(usage_file)
-        if limit is not None and used is not None and limit < 1 << 60:
-            room = max(0, limit - used)
-            free = room if free is None else min(free, room)
-            break
-    return free
 
 
 def choose_storage(storage: str, n: int, shape: tuple[int, int, int]) -> str:

@@ -11,6 +11,7 @@ from functools import lru_cache
 import torch
 
 from ..errors import ConfigError
+from ..limits import usable_cpus
 
 
 def fast_bf16_available(device_type: str) -> bool:
@@ -157,6 +158,22 @@ def set_cudnn_attention(enabled: bool) -> None:
     torch.backends.cuda.enable_cudnn_sdp(enabled)
 
 
+def fit_threads(threads: int | None = None, local_world: int = 1) -> int:
+    """Set torch's CPU threads and return the count: `threads` when given, else the CPUs this
+    process can keep busy (limits.usable_cpus: its affinity and a container's CPU quota) shared by
+    the `local_world` processes torchrun starts on this machine. One process alone keeps torch's own
+    count (a thread per physical core) unless that is more than it can keep busy."""
+    if threads:
+        n = threads
+    elif local_world > 1:
+        n = max(1, usable_cpus() // local_world)
+    else:
+        n = min(torch.get_num_threads(), usable_cpus())
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    return n
+
+
 def setup_runtime(device: str = "auto", precision: str = "auto", threads: int | None = None,
                   cudnn_attention: bool = False) -> Runtime:
     """Read torchrun's environment, start the process group (NCCL on GPUs, gloo on CPU) and pick
@@ -169,11 +186,7 @@ def setup_runtime(device: str = "auto", precision: str = "auto", threads: int | 
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         set_cudnn_attention(cudnn_attention)
-    if threads:
-        torch.set_num_threads(threads)
-    elif world > 1 and dev.type == "cpu":  # ranks on one machine share its cores
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    fit_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", world)) if dev.type == "cpu" else 1)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Runtime(dev, prec, rank, world, local)

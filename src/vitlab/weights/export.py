@@ -38,6 +38,7 @@ import torch
 
 from ..config import ViTConfig
 from ..errors import ConfigError, ModelFileError, VitlabError
+from ..limits import affinity_cpus, usable_cpus
 from ..model import VisionTransformer
 
 FORMATS = ("onnx", "torchscript")
@@ -109,6 +110,8 @@ def ort_session(path: str | os.PathLike, threads: int | None = None):
     """An onnxruntime CPU session for `path` (one clear error where onnxruntime cannot run it)."""
     ort = _need("onnxruntime")
     opts = ort.SessionOptions()
+    if not threads and usable_cpus() < affinity_cpus():  # a container's CPU quota: onnxruntime would not see it
+        threads = usable_cpus()
     if threads:
         opts.intra_op_num_threads = threads
     try:
