@@ -104,7 +104,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait for its answer (504)")
     p.add_argument("--cors", nargs="+", default=[], metavar="ORIGIN", help="origins allowed to call the API from "
                    "a browser page (default: none)")
-    p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's choice, at most the "
+                   "CPUs a container's quota allows)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="predictions in fp32 (the model's own answers) or under bf16 autocast (PyTorch models; "
                    "faster on a CPU with bf16 units); attention maps stay fp32")
@@ -158,7 +159,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="auto: timed by autotune, as `vitlab train` does")
     p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "math"], help="vitlab's attention kernel")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, at most the CPUs "
+                   "a container's quota allows)")
     p.add_argument("--rounds", type=int, default=5, help="rounds of turns; each figure is the median")
     p.add_argument("--steps", type=int, default=3, help="steps per model per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")

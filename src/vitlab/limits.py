@@ -13,8 +13,11 @@ turns in one process; 2-core AMD EPYC with AVX-512-BF16, cgroup v1), img/s:
     1.5             251.0       335.8
     2.0             257.8       418.2
 
-so the threads that pay are the quota rounded to the nearest whole CPU (usable_cpus()).
-Limits anywhere on the cgroup's path to its hierarchy's root apply, so the lowest one counts.
+so the threads that pay are the quota rounded to the nearest whole CPU (usable_cpus()): the crossover
+lies between 1.2 and 1.5 CPUs on this 2-core machine (at 1.2 the two tie within noise); rounding to the
+nearest is the simplest rule that puts it there, not a measurement on larger machines.
+Limits anywhere on the cgroup's path apply, so the lowest one counts, up to the top of the hierarchy as
+this process sees it (its mount point: inside a cgroup namespace, limits set above it are not visible).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from pathlib import Path
 
 PROC_CGROUP = "/proc/self/cgroup"
 PROC_MOUNTINFO = "/proc/self/mountinfo"
+PROC_MEMINFO = "/proc/meminfo"
 
 
 def _read(path: Path) -> str | None:
@@ -37,7 +41,7 @@ def _read_int(path: str | Path) -> int | None:
     text = _read(Path(path))
     if text is None:
         return None
-    return int(text) if re.fullmatch(r"-?\d+", text) else None  # "max" (no limit) and junk: None
+    return int(text) if re.fullmatch(r"-?[0-9]+", text) else None  # "max" (no limit) and junk: None
 
 
 def _unescape(field: str) -> str:
@@ -49,7 +53,8 @@ def cgroup_dirs(controller: str, proc_cgroup: str | Path = PROC_CGROUP,
                 mountinfo: str | Path = PROC_MOUNTINFO) -> list[Path]:
     """This process's cgroup folders for `controller` ("cpu", "memory"), its own first, then each
     parent up to the hierarchy's mount point. cgroup v1 where the controller has a hierarchy of its
-    own, else the v2 hierarchy. [] where neither can be read (not Linux, no cgroup mounted)."""
+    own, else the v2 hierarchy. [] where neither can be read (not Linux, no cgroup mounted) or no
+    mount shows the process's cgroup."""
     groups = _read(Path(proc_cgroup))
     mounts = _read(Path(mountinfo))
     if groups is None or mounts is None:
@@ -66,6 +71,7 @@ def cgroup_dirs(controller: str, proc_cgroup: str | Path = PROC_CGROUP,
     for version in ("v1", "v2"):
         if version not in paths:
             continue
+        shown = []  # (root, mount point) of each mount of this hierarchy that shows the process's cgroup
         for line in mounts.splitlines():
             fields = line.split()
             if "-" not in fields[4:]:
@@ -76,20 +82,15 @@ def cgroup_dirs(controller: str, proc_cgroup: str | Path = PROC_CGROUP,
             fstype, options = fields[sep + 1], fields[sep + 3].split(",")
             if (version == "v1" and fstype == "cgroup" and controller in options) or \
                     (version == "v2" and fstype == "cgroup2"):
-                return _path_dirs(paths[version], _unescape(fields[3]), Path(_unescape(fields[4])))
-    return []
-
-
-def _path_dirs(path: str, root: str, mount: Path) -> list[Path]:
-    """The folders of cgroup `path` under a hierarchy mounted at `mount` that shows it from `root`
-    (a container sees its own cgroup as "/"), innermost first."""
-    root = root.rstrip("/")
-    if root and (path == root or path.startswith(root + "/")):
-        path = path[len(root):]
-    elif root:  # a path outside what this mount shows: only the mount point itself can be read
-        path = ""
-    parts = [p for p in path.split("/") if p and p not in (".", "..")]
-    return [mount.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)]
+                root = _unescape(fields[3]).rstrip("/")
+                inside = paths[version][len(root):].split("/")
+                if (paths[version] == root or paths[version].startswith(root + "/")) and ".." not in inside:
+                    shown.append((root, Path(_unescape(fields[4]))))
+        if shown:  # the mount closest to the process's own cgroup
+            root, mount = max(shown, key=lambda m: len(m[0]))
+            parts = [p for p in paths[version][len(root):].split("/") if p and p != "."]
+            return [mount.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)]
+    return []  # no mount shows this process's cgroup: unknown, not someone else's limits
 
 
 def cpu_quota(proc_cgroup: str | Path = PROC_CGROUP, mountinfo: str | Path = PROC_MOUNTINFO) -> float | None:
@@ -101,7 +102,7 @@ def cpu_quota(proc_cgroup: str | Path = PROC_CGROUP, mountinfo: str | Path = PRO
         v2 = _read(folder / "cpu.max")  # "max 100000" or "150000 100000"
         if v2 is not None:
             fields = v2.split()
-            if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
+            if len(fields) == 2 and all(re.fullmatch(r"[0-9]+", f) for f in fields):  # not isdigit(): "²"
                 quota, period = int(fields[0]), int(fields[1])
         else:
             quota, period = _read_int(folder / "cpu.cfs_quota_us"), _read_int(folder / "cpu.cfs_period_us")
@@ -128,13 +129,14 @@ def usable_cpus(proc_cgroup: str | Path = PROC_CGROUP, mountinfo: str | Path = P
     return cpus
 
 
-def available_memory(proc_cgroup: str | Path = PROC_CGROUP, mountinfo: str | Path = PROC_MOUNTINFO) -> int | None:
+def available_memory(proc_cgroup: str | Path = PROC_CGROUP, mountinfo: str | Path = PROC_MOUNTINFO,
+                     meminfo: str | Path = PROC_MEMINFO) -> int | None:
     """Bytes of memory available to new allocations: Linux MemAvailable, lowered to what this
     process's cgroup (a container's limit, v2 or v1, the tightest along its path) still allows;
     None if unknown."""
     free = None
     try:
-        with open("/proc/meminfo") as f:
+        with open(meminfo) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     free = int(line.split()[1]) * 1024

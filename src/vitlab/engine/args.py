@@ -319,7 +319,8 @@ class RuntimeArgs:
     compile: bool = False
     """torch.compile the model (pays off on long GPU runs; costs a minute of warm-up on CPU)."""
     threads: int | None = None
-    """CPU threads for torch (default: torch's choice)."""
+    """CPU threads for torch. null: torch's choice, at most the CPUs a container's CPU quota allows, shared by
+    torchrun's ranks on one machine (engine.runtime.fit_threads)."""
     attn_impl: str = "auto"
     """Attention kernel: auto, sdpa, math."""
     stem_layout: str = "auto"

@@ -161,8 +161,9 @@ def set_cudnn_attention(enabled: bool) -> None:
 def fit_threads(threads: int | None = None, local_world: int = 1) -> int:
     """Set torch's CPU threads and return the count: `threads` when given, else the CPUs this
     process can keep busy (limits.usable_cpus: its affinity and a container's CPU quota) shared by
-    the `local_world` processes torchrun starts on this machine. One process alone keeps torch's own
-    count (a thread per physical core) unless that is more than it can keep busy."""
+    the `local_world` processes torchrun starts on this machine (over torchrun's OMP_NUM_THREADS=1,
+    as before). One process alone keeps torch's own count (a thread per physical core, or the
+    OMP_NUM_THREADS it was given) unless that is more than it can keep busy."""
     if threads:
         n = threads
     elif local_world > 1:
@@ -186,7 +187,8 @@ def setup_runtime(device: str = "auto", precision: str = "auto", threads: int | 
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         set_cudnn_attention(cudnn_attention)
-    fit_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", world)) if dev.type == "cpu" else 1)
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if world > 1 and dev.type == "cpu" else 1
+    fit_threads(threads, ranks_here)  # ranks on one machine share its CPUs
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Runtime(dev, prec, rank, world, local)

@@ -111,7 +111,7 @@ def ort_session(path: str | os.PathLike, threads: int | None = None):
     ort = _need("onnxruntime")
     opts = ort.SessionOptions()
     if not threads and usable_cpus() < affinity_cpus():  # a container's CPU quota: onnxruntime would not see it
-        threads = usable_cpus()
+        threads = min(usable_cpus(), torch.get_num_threads())  # nor more than one per physical core, its default
     if threads:
         opts.intra_op_num_threads = threads
     try:
