@@ -94,6 +94,30 @@ def test_any_idx_folder_by_path(tmp_path):
     assert train.std == pytest.approx((raw.std(ddof=1),), abs=1e-4)
 
 
+FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def test_an_idx_folder_names_its_classes_in_classes_txt(tmp_path):
+    folder = tmp_path / "fashion"
+    write_mnist_like(folder, gz=False)
+    (folder / "classes.txt").write_text("\n".join(f"  {name}" for name in FASHION) + "\n\n", encoding="utf-8")
+    for split in ("train", "val", "test"):
+        assert load_dataset(folder, split, val_size=10).classes == FASHION  # stripped, trailing blank lines dropped
+    for text, match in (("\n".join(FASHION[:9]), "9 lines for the 10 classes"),
+                        ("\n".join(FASHION[:4] + [""] + FASHION[5:]), "an empty line"),
+                        ("\n".join(FASHION[:9] + ["Bag"]), "given twice: \\['Bag'\\]"),
+                        ("\n".join(FASHION[:9] + ["Ankle\x1b[31mboot"]), "control characters in 'Ankle\\\\x1b")):
+        (folder / "classes.txt").write_text(text)
+        with pytest.raises(DataError, match=match):
+            load_dataset(folder, "train", val_size=10)
+    (folder / "classes.txt").write_bytes(b"\xff\xfe" + b"x\n" * 10)
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_dataset(folder, "test")
+    (folder / "classes.txt").write_bytes(b"x" * (2**20 + 1))
+    with pytest.raises(DataError, match="over the 1,048,576-byte limit"):
+        load_dataset(folder, "test")
+
+
 def write_numberedidx_bytes(folder, n_train, n_test):
     """IDX files whose image i carries its number i in its first two pixels (every image unique);
     the label of training image i is a function of i, so a pair torn apart shows."""

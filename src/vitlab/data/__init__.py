@@ -25,6 +25,8 @@ from . import folders, stored
 from .sources import DATASETS, get_source, read_idx_pair, verify
 
 SPLITS = ("train", "val", "test")
+IDX_CLASSES_FILE = "classes.txt"  # optional, in a folder of IDX files: one class name per line, label order
+IDX_CLASSES_MAX_BYTES = 1 << 20
 SPLIT_SEED = 0  # the validation split never depends on the training seed
 
 
@@ -93,6 +95,31 @@ def _idx_folder_files(folder: Path) -> dict[str, tuple[Path, Path]] | None:
     return found or None
 
 
+def _idx_classes(folder: Path, n: int) -> list[str]:
+    """Names of the n classes of a folder of IDX files: its classes.txt (one name per line, in label
+    order), else "0" .. "n-1". A file that does not name exactly n distinct classes is an error."""
+    path = folder / IDX_CLASSES_FILE
+    if not path.is_file():
+        return [str(i) for i in range(n)]
+    if path.stat().st_size > IDX_CLASSES_MAX_BYTES:
+        raise DataError(f"{path} is {path.stat().st_size:,} bytes, over the {IDX_CLASSES_MAX_BYTES:,}-byte limit "
+                        f"for a list of class names")
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    while names and not names[-1]:
+        names.pop()
+    dupes = sorted({x for x in names if names.count(x) > 1})
+    unprintable = [x for x in names if not x.isprintable()]  # names are printed, plotted and served
+    if len(names) != n or not all(names) or dupes or unprintable:
+        why = (f"{len(names)} lines for the {n} classes that the labels (0..{n - 1}) have" if len(names) != n
+               else "an empty line" if not all(names) else f"names given twice: {dupes[:5]}" if dupes
+               else f"control characters in {ascii(unprintable[0])}")
+        raise DataError(f"{path}: {why}; it needs one distinct class name per line, in label order")
+    return names
+
+
 def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     x = torch.from_numpy(np.array(images[:10000])).float().div_(255)  # a fixed subset is plenty
     return tuple(round(v, 4) for v in x.mean((0, 2, 3)).tolist()), tuple(round(v, 4) for v in x.std((0, 2, 3)).tolist())
@@ -148,7 +175,7 @@ def _load_idx_folder(path: Path, files: dict, split: str, val_size) -> ImageSet:
     if "train" not in files:
         raise DataError(f"{path} has no train-*-images-idx3-ubyte / train-*-labels-idx1-ubyte pair")
     train_images, train_labels = read_idx_pair(*files["train"])
-    classes = [str(i) for i in range(int(train_labels.max()) + 1)]
+    classes = _idx_classes(path, int(train_labels.max()) + 1)
     mean, std = _channel_stats(train_images)
     if split == "test":
         if "test" not in files:
