@@ -142,3 +142,11 @@ def test_a_single_process_ignores_a_stray_local_world_size(monkeypatch, restore_
     monkeypatch.setattr(runtime, "usable_cpus", lambda: 4)
     runtime.setup_runtime("cpu", "fp32")
     assert torch.get_num_threads() == 2
+
+
+def test_every_command_starts_within_the_usable_cpus(monkeypatch, restore_threads, capsys):
+    from vitlab import cli
+    torch.set_num_threads(2)
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 1)
+    assert cli.main(["models", "vit_tiny_patch16_224"]) == 0
+    assert torch.get_num_threads() == 1
