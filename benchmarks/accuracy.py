@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -138,8 +137,9 @@ def append(record: dict, path: Path | None = None, key: str = "runs") -> None:
 
 
 def cores() -> int:
-    """CPUs this process may run on (the affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """CPUs this process can keep busy: its affinity, and a container's CPU quota (vitlab.limits)."""
+    from vitlab.limits import usable_cpus
+    return usable_cpus()
 
 
 def threads_per_run(parallel: int, n_cores: int) -> int | None:
