@@ -287,6 +287,18 @@ def test_attention_command(trained, tmp_path, capsys):
     assert not (out / "bad").exists()  # bad settings write nothing
 
 
+def test_class_index_takes_a_name_or_an_index():
+    from vitlab.attention import class_index
+    from vitlab.config import ViTConfig
+    from vitlab.errors import ConfigError
+    cfg = ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=3,
+                    class_names=("cat", "2", "bird"))
+    assert [class_index(cfg, c) for c in ("cat", "bird", "2", "0")] == [0, 2, 1, 0]  # a name first, then an index
+    for bad in ("3", "-1", "dog", ""):
+        with pytest.raises(ConfigError, match="neither a class name nor an index in \\[0, 3\\)"):
+            class_index(cfg, bad)
+
+
 def test_output_names_are_safe_unique_and_never_replace(tmp_path):
     from vitlab.attention import output_paths
     from vitlab.errors import ConfigError

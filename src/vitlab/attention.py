@@ -310,6 +310,59 @@ def explain_files(model: VisionTransformer, paths: list, method: str = "rollout"
     return rows, failed
 
 
+def class_index(cfg, cls: str) -> int:
+    """The class that `cls` names: a class name of the model, else an index in [0, num_classes)."""
+    from .util import printable
+    names = list(cfg.class_names or [str(i) for i in range(cfg.num_classes)])
+    if cls in names:
+        return names.index(cls)
+    if cls.lstrip("-").isdigit() and 0 <= int(cls) < cfg.num_classes:
+        return int(cls)
+    raise ConfigError(f"class {printable(cls)!r} (--class) is neither a class name nor an index in [0, {cfg.num_classes}); "
+                      f"classes: {', '.join(map(printable, names[:10]))}" + (" ..." if len(names) > 10 else ""))
+
+
+def write_explanations(model: VisionTransformer, files: list, out, method: str = "rollout", *,
+                       target: int | None = None, batch_size: int = 16, fmt: str = "png", alpha: float = 0.5,
+                       **options) -> tuple[list[dict], list[tuple]]:
+    """Explain image `files` a batch at a time (memory stays bounded) and write one PNG (the image, the
+    map over it, the predicted class) or .npy map per image into `out`, created when the first is ready,
+    under output_paths()' names (nothing in `out` is ever replaced). A file named twice is explained once.
+    Returns ([{"file", "out", "label", "index", "prob", "explained"}] in file order, [(file, problem)])."""
+    from pathlib import Path
+
+    from .util import printable
+    out = Path(out)
+    cfg = model.config
+    names = list(cfg.class_names or [str(i) for i in range(cfg.num_classes)])
+    files = list(dict.fromkeys(files))
+    targets = output_paths(files, out, method, fmt)
+    what = {"raw": f"raw attention, layer {options.get('layer', -1)}, "
+                   + (f"head {options['head']}" if options.get("head") is not None else "mean of heads"),
+            "rollout": f"rollout ({options.get('head_fusion', 'mean')} of heads, discard "
+                       f"{options.get('discard_ratio', 0.0):g})"}
+    index, failed = [], []
+    for start in range(0, len(files), batch_size):
+        rows, bad = explain_files(model, files[start:start + batch_size], method, target=target,
+                                  batch_size=batch_size, **options)
+        failed += bad
+        if rows:
+            out.mkdir(parents=True, exist_ok=True)
+        for row in rows:
+            top = int(row["probs"].argmax())
+            explained = top if target is None else target
+            dest = targets[row["file"]]
+            if fmt == "png":
+                how = what.get(method) or f"gradient x attention for {printable(names[explained])}"
+                title = f"{printable(row['file'].name)}: {printable(names[top])} ({row['probs'][top]:.1%})\n{how}"
+                save_figure(dest, row["image"], row["map"], title, alpha)
+            else:
+                np.save(dest, row["map"].astype(np.float32))
+            index.append({"file": str(row["file"]), "out": dest.name, "label": names[top], "index": top,
+                          "prob": float(row["probs"][top]), "explained": explained if method == "gradient" else None})
+    return index, failed
+
+
 def output_paths(files: list, out, method: str, fmt: str, index: str = "attention.json") -> dict:
     """{file: out/<stem>.<method>.<fmt>}: names from the file names, made safe and unique. Raises
     ConfigError, before anything is written, if any of them (or `index`) exists already: nothing in

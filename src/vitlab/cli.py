@@ -281,12 +281,10 @@ def cmd_attention(args: argparse.Namespace) -> int:
     Exit status 3 (not 0) when some files were skipped, each named on stderr; 2 when none could be."""
     from pathlib import Path
 
-    import numpy as np
-
-    from .attention import explain_files, output_paths, save_figure
-    from .predict import collect_files
+    from .attention import class_index, write_explanations
     from .engine.runtime import resolve_device
-    from .util import atomic_write_text, printable
+    from .predict import collect_files
+    from .util import atomic_write_text
     from .weights.modeldir import load_model
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be >= 1")
@@ -297,51 +295,21 @@ def cmd_attention(args: argparse.Namespace) -> int:
     cfg = model.config
     if cfg.num_classes == 0:
         raise ConfigError(f"{model_dir} has no classifier head (num_classes=0): nothing to explain")
-    names = list(cfg.class_names or [str(i) for i in range(cfg.num_classes)])
     target = None
     if args.cls is not None:
         if args.method != "gradient":
             raise ConfigError(f"--class explains one class with --method gradient; {args.method} maps do not "
                               f"depend on the class")
-        if args.cls in names:
-            target = names.index(args.cls)
-        elif args.cls.lstrip("-").isdigit() and 0 <= int(args.cls) < cfg.num_classes:
-            target = int(args.cls)
-        else:
-            raise ConfigError(f"--class {printable(args.cls)!r} is neither a class name nor an index in "
-                              f"[0, {cfg.num_classes}); classes: {', '.join(map(printable, names[:10]))}"
-                              + (" ..." if len(names) > 10 else ""))
+        target = class_index(cfg, args.cls)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
     model.to(resolve_device(args.device))
     options = dict(layer=args.layer, head=args.head, head_fusion=args.head_fusion, discard_ratio=args.discard_ratio)
     files, failed = collect_files(args.paths)
-    files = list(dict.fromkeys(files))  # a file named twice (alone and in its folder) is explained once
-    targets = output_paths(files, out, args.method, args.format)
-    index = []
-    for start in range(0, len(files), args.batch_size):  # a batch at a time: memory stays bounded
-        rows, bad = explain_files(model, files[start:start + args.batch_size], args.method, target=target,
-                                  batch_size=args.batch_size, **options)
-        failed += bad
-        if rows:
-            out.mkdir(parents=True, exist_ok=True)
-        for row in rows:
-            top = int(row["probs"].argmax())
-            explained = top if target is None else target
-            what = {"raw": f"raw attention, layer {args.layer}, " + (f"head {args.head}" if args.head is not None
-                                                                     else "mean of heads"),
-                    "rollout": f"rollout ({args.head_fusion} of heads, discard {args.discard_ratio:g})",
-                    "gradient": f"gradient x attention for {printable(names[explained])}"}[args.method]
-            dest = targets[row["file"]]
-            if args.format == "png":
-                title = f"{printable(row['file'].name)}: {printable(names[top])} ({row['probs'][top]:.1%})\n{what}"
-                save_figure(dest, row["image"], row["map"], title, args.alpha)
-            else:
-                np.save(dest, row["map"].astype(np.float32))
-            index.append({"file": str(row["file"]), "out": dest.name, "label": names[top], "index": top,
-                          "prob": float(row["probs"][top]),
-                          "explained": explained if args.method == "gradient" else None})
+    index, unreadable = write_explanations(model, files, out, args.method, target=target, batch_size=args.batch_size,
+                                           fmt=args.format, alpha=args.alpha, **options)
+    failed += unreadable
     if not index:
         raise _nothing_done("explain", failed)
     meta = {"model": str(model_dir), "method": args.method, **options, "pool": cfg.pool, "images": index}
