@@ -202,14 +202,19 @@ def test_the_wait_share_is_the_waiting_per_thread_and_second_and_busy_above_the_
     monkeypatch.setattr(autotune, "runqueue_waits", lambda: now)
     monkeypatch.setattr(autotune.time, "perf_counter", lambda: 11.0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(autotune, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(autotune, "affinity_cpus", lambda: 2)
+    monkeypatch.setattr(autotune, "cpu_quota", lambda: None)
     assert autotune.wait_share({"1": 0, "2": 0}, 10.0, CPU) == 0.25  # 0.5 s waited over 1 s x 2 threads
-    for start, now, device, cpus in (({"1": 0, "9": 0}, {"1": 1}, CPU, 2),  # thread 9 ended: its wait is gone
-                                     ({"1": 0}, {"1": 1}, torch.device("cuda"), 2),
-                                     ({"1": 0}, {"1": 1}, CPU, 1),  # 2 threads on 1 CPU (or quota) wait for each other
-                                     (None, {"1": 1}, CPU, 2)):
+    monkeypatch.setattr(autotune, "cpu_quota", lambda: 2.0)
+    assert autotune.wait_share({"1": 0, "2": 0}, 10.0, CPU) == 0.25  # a quota of 2 CPUs holds 2 threads
+    for start, now, device, cpus, quota in (({"1": 0, "9": 0}, {"1": 1}, CPU, 2, None),  # thread 9 ended
+                                            ({"1": 0}, {"1": 1}, torch.device("cuda"), 2, None),
+                                            ({"1": 0}, {"1": 1}, CPU, 1, None),  # 2 threads on 1 CPU wait for each other
+                                            ({"1": 0}, {"1": 1}, CPU, 2, 1.5),  # or for the quota's next period
+                                            (None, {"1": 1}, CPU, 2, None)):
         monkeypatch.setattr(autotune, "runqueue_waits", lambda now=now: now)
-        monkeypatch.setattr(autotune, "usable_cpus", lambda cpus=cpus: cpus)
+        monkeypatch.setattr(autotune, "affinity_cpus", lambda cpus=cpus: cpus)
+        monkeypatch.setattr(autotune, "cpu_quota", lambda quota=quota: quota)
         assert autotune.wait_share(start, 10.0, device) is None
     busy = {share: autotune.Choice("fp32", "sdpa", "measured", wait_share=share).busy for share in (0.15, 0.2, 0.25, None)}
     assert busy == {0.15: False, 0.2: False, 0.25: True, None: False}

@@ -313,7 +313,7 @@ def explain_files(model: VisionTransformer, paths: list, method: str = "rollout"
 def class_index(cfg, cls: str) -> int:
     """The class that `cls` names: a class name of the model, else an index in [0, num_classes)."""
     from .util import printable
-    names = list(cfg.class_names or [str(i) for i in range(cfg.num_classes)])
+    names = cfg.label_names
     if cls in names:
         return names.index(cls)
     if cls.lstrip("-").isdigit() and 0 <= int(cls) < cfg.num_classes:
@@ -334,7 +334,7 @@ def write_explanations(model: VisionTransformer, files: list, out, method: str =
     from .util import printable
     out = Path(out)
     cfg = model.config
-    names = list(cfg.class_names or [str(i) for i in range(cfg.num_classes)])
+    names = cfg.label_names
     files = list(dict.fromkeys(files))
     targets = output_paths(files, out, method, fmt)
     what = {"raw": f"raw attention, layer {options.get('layer', -1)}, "

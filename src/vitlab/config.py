@@ -155,6 +155,11 @@ class ViTConfig:
         return self.patch_size // math.prod(self.stem_strides)
 
     @property
+    def label_names(self) -> list[str]:
+        """The name of each output class: class_names, else "0" .. "num_classes-1"."""
+        return list(self.class_names or [str(i) for i in range(self.num_classes)])
+
+    @property
     def num_patches(self) -> int:
         return self.grid_size**2
 

@@ -127,7 +127,7 @@ def predict_decoded(model: VisionTransformer | OnnxModel, ok: list[tuple[Path, n
                     batch_size: int = 64, precision: str = "fp32") -> list[dict]:
     """Rows as `predict` gives them, for images already decoded by `decode_files` for this model."""
     cfg = model.config
-    names = list(cfg.class_names or [str(i) for i in range(cfg.num_classes)])
+    names = cfg.label_names
     k = min(topk, cfg.num_classes)
     transform = EvalTransform(cfg)
     device = torch.device("cpu")  # an exported model (weights.export.OnnxModel) takes CPU tensors

@@ -227,7 +227,7 @@ def describe(model, backend: str, settings: ServeSettings, source: str) -> dict[
     cfg = model.config
     return {"model": cfg.name or os.path.basename(os.path.normpath(source)), "backend": backend,
             "precision": settings.precision,
-            "classes": list(cfg.class_names or [str(i) for i in range(cfg.num_classes)]),
+            "classes": cfg.label_names,
             "preprocessing": {"img_size": cfg.img_size, "channels": cfg.in_chans, "mean": list(cfg.mean),
                               "std": list(cfg.std), "resize": "centre square, bicubic, to img_size"},
             "config": cfg.to_dict(),

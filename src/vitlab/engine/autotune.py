@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..config import ViTConfig
-from ..limits import cpu_quota, usable_cpus
+from ..limits import affinity_cpus, cpu_quota
 from ..model import ATTN_IMPLS, STEM_LAYOUTS, PatchEmbed, VisionTransformer, pick_attn_impl
 from ..util import atomic_write_text
 from ..util import cache_root as cache_dir  # one rule for every vitlab cache
@@ -186,12 +186,12 @@ def wait_share(start: dict[str, int] | None, wall_start: float, device: torch.de
     CPU, from runqueue_waits() then (`start`) and now: ~0 on an idle machine (0.005 measured on the 2-core
     EPYC), ~0.5 with one competitor per core. None where it cannot say: not a CPU device, no schedstat,
     a thread that ended meanwhile (its wait left the sum), or more torch threads than CPUs to run them
-    (limits.usable_cpus) or than a CPU quota allows (1.5 CPUs for 2 threads): they would wait for each
+    (its affinity) or than a CPU quota allows (1.5 CPUs for 2 threads): they would wait for each
     other, or for the quota's next period, and read as busy on an idle machine."""
     end, wall = runqueue_waits(), time.perf_counter() - wall_start
     threads = torch.get_num_threads()
-    quota = cpu_quota()
-    if device.type != "cpu" or start is None or end is None or wall <= 0 or threads > usable_cpus() \
+    quota = cpu_quota()  # unrounded: it also covers usable_cpus()' rounded quota
+    if device.type != "cpu" or start is None or end is None or wall <= 0 or threads > affinity_cpus() \
             or (quota is not None and threads > quota) or any(tid not in end for tid in start):
         return None
     waited_ns = sum(ns - start.get(tid, 0) for tid, ns in end.items())  # a thread started meanwhile: all of it

@@ -110,8 +110,9 @@ def ort_session(path: str | os.PathLike, threads: int | None = None):
     """An onnxruntime CPU session for `path` (one clear error where onnxruntime cannot run it)."""
     ort = _need("onnxruntime")
     opts = ort.SessionOptions()
-    if not threads and usable_cpus() < affinity_cpus():  # a container's CPU quota: onnxruntime would not see it
-        threads = min(usable_cpus(), torch.get_num_threads())  # nor more than one per physical core, its default
+    usable = usable_cpus()
+    if not threads and usable < affinity_cpus():  # a container's CPU quota: onnxruntime would not see it
+        threads = min(usable, torch.get_num_threads())  # nor more than one per physical core, its default
     if threads:
         opts.intra_op_num_threads = threads
     try:
