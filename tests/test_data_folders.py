@@ -29,6 +29,25 @@ def test_single_tree_gets_a_seeded_stratified_split(tmp_path):
     assert (again.images == parts["val"].images).all()
 
 
+def test_validation_folds_of_folders(tmp_path):
+    """A single tree keeps its test split on every fold; train/ alone is carved per fold; a folder
+    with its own val/ has nothing to carve, so a fold other than 0 is an error, not silently fold 0."""
+    root = make_folder(tmp_path / "pets", per_class=20)
+    f0, f1 = ({s: load_dataset(root, s, image_size=16, val_fold=f) for s in ("train", "val", "test")} for f in (0, 1))
+    assert (f0["test"].images == f1["test"].images).all()
+    assert [len(f1[s]) for s in ("train", "val", "test")] == [48, 6, 6] and f1["val"].label_counts() == [2, 2, 2]
+    pixels = lambda d: {bytes(x.numpy()) for x in d.images}  # noqa: E731 (random images: all distinct)
+    assert not pixels(f0["val"]) & pixels(f1["val"]) and not pixels(f1["val"]) & pixels(f1["train"])
+    assert pixels(f0["train"]) | pixels(f0["val"]) == pixels(f1["train"]) | pixels(f1["val"])
+    make_folder(tmp_path / "d" / "train", per_class=10)
+    tr0, va0, va1 = (load_dataset(tmp_path / "d", s, image_size=8, val_fold=f) for s, f in (("train", 0), ("val", 0), ("val", 1)))
+    assert len(va1) == len(va0) == 3 and not pixels(va0) & pixels(va1) and pixels(va1) <= pixels(tr0)
+    make_folder(tmp_path / "d" / "val", per_class=2)
+    assert len(load_dataset(tmp_path / "d", "val", image_size=8)) == 6
+    with pytest.raises(DataError, match="own val/ folder"):
+        load_dataset(tmp_path / "d", "val", image_size=8, val_fold=1)
+
+
 def test_split_subfolders_and_greyscale(tmp_path):
     make_folder(tmp_path / "d" / "train", per_class=10, mode="L")
     make_folder(tmp_path / "d" / "test", per_class=3, mode="L")

@@ -81,6 +81,34 @@ def test_split_is_deterministic_stratified_and_disjoint():
         stratified_split(labels, 280)
 
 
+def test_validation_folds_are_disjoint_stratified_and_fold_0_is_the_default_split():
+    labels = np.repeat(np.arange(7), [10, 20, 30, 40, 50, 60, 70])
+    train0, val0 = stratified_split(labels, 28)
+    assert np.array_equal(stratified_split(labels, 28, fold=0)[1], val0)
+    folds = [stratified_split(labels, 28, fold=f) for f in range(10)]  # class 0: 10 images, 1 a fold
+    for tr, va in folds:
+        assert np.bincount(labels[va]).tolist() == [1, 2, 3, 4, 5, 6, 7]
+        assert len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == len(labels)
+    vals = np.concatenate([va for _, va in folds])
+    assert len(np.unique(vals)) == len(vals) == 280  # disjoint, and together every image
+    with pytest.raises(DataError, match="fold 10 must be between 0 and 9"):
+        stratified_split(labels, 28, fold=10)
+    with pytest.raises(DataError, match="fold -1"):
+        stratified_split(labels, 28, fold=-1)
+
+
+@shared
+def test_a_validation_fold_of_a_named_dataset():
+    """Fold 1 of MNIST's 5,000 val images is another 5,000, disjoint from fold 0's; each is carved
+    out of train, which holds the other 55,000."""
+    val0, val1 = (load_dataset("mnist", "val", data_dir=SHARED_DATA, val_fold=f) for f in (0, 1))
+    train1 = load_dataset("mnist", "train", data_dir=SHARED_DATA, val_fold=1)
+    assert len(val0) == len(val1) == 5000 and val0.label_counts() == val1.label_counts()
+    seen = _image_label_pairs(val0.images.numpy(), val0.labels)
+    assert not seen.keys() & _image_label_pairs(val1.images.numpy(), val1.labels).keys()
+    assert_partition_of_the_training_set("mnist", train1, val1)
+
+
 # ---- a fake data root in the official formats --------------------------------------------------
 def test_any_idx_folder_by_path(tmp_path):
     write_mnist_like(tmp_path / "fashion", gz=False)

@@ -82,6 +82,7 @@ def run_copy(finished_run, tmp_path) -> Path:
 BAD_SETS = [
     ("optim.lr=nan", "optim.lr"), ("optim.lr=inf", "optim.lr"), ("optim.warmup_epochs=nan", "warmup_epochs"),
     ("data.val_size=nan", "data.val_size"), ("data.val_size=2.5", "data.val_size"),
+    ("data.val_fold=-1", "data.val_fold"), ("data.val_fold=99", "fold 99 must be between 0 and"),
     ("augment.mixup_alpha=nan", "mixup_alpha"), ("augment.mixup_alpha=inf", "mixup_alpha"),
     ("augment.mix_prob=nan", "mix_prob"), ("optim.beta1=2", "optim.beta1"), ("optim.beta2=nan", "optim.beta2"),
     ("optim.clip_grad=nan", "clip_grad"), ("optim.min_lr=1", "optim.min_lr"), ("optim.lr=1e999", "optim.lr"),

@@ -72,6 +72,24 @@ def test_tiny_run_learns_and_writes_everything(shapes, tmp_path):
     assert len(list((run / "checkpoints").glob("ckpt-*.pt"))) <= 2  # keep_last
 
 
+def test_a_run_on_another_validation_fold_selects_and_records_on_that_fold(shapes, tmp_path, monkeypatch):
+    """data.val_fold=1 holds out another val split, for training and selection; the model directory
+    records it, so a later `vitlab eval --split val` reads the same images the run selected on."""
+    import vitlab.train as train_module
+    from vitlab.data import load_dataset
+    from vitlab.weights.modeldir import recorded_dataset
+    loaded = []
+    monkeypatch.setattr(train_module, "load_dataset", lambda name, split, **kw: loaded.append((split, kw["val_fold"]))
+                        or load_dataset(name, split, **kw))
+    train(load_run_config("cifar10", tiny_sets(shapes, **{"train.epochs": 1, "data.val_fold": 1})), tmp_path / "run")
+    assert {"train", "val"} <= {split for split, _ in loaded} and {fold for _, fold in loaded} == {1}
+    model = vitlab.load_model(tmp_path / "run" / "model")
+    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["extra"]["dataset"]["val_fold"] == 1
+    val = recorded_dataset(tmp_path / "run" / "model", model, "val")
+    want, fold0 = (load_dataset(shapes, "val", image_size=16, val_fold=f) for f in (1, 0))
+    assert torch.equal(val.images, want.images) and not torch.equal(val.images, fold0.images)
+
+
 def test_kill_and_resume_ends_with_the_same_weights(shapes, tmp_path):
     # with issue 9's work reductions on, whose random draws (token subsets, skipped samples) and
     # resolution stages must repeat after a resume too

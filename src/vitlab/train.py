@@ -172,7 +172,7 @@ def load_split(settings: RunConfig, split: str, model_cfg: ViTConfig, rt: Runtim
     """A split of the run's dataset; named datasets are fetched when missing and allowed. Image
     folders are decoded straight at the model's size and channels."""
     data = settings.data
-    kw: dict[str, Any] = dict(data_dir=data.data_dir, val_size=data.val_size, image_size=model_cfg.img_size,
+    kw: dict[str, Any] = dict(data_dir=data.data_dir, val_size=data.val_size, val_fold=data.val_fold, image_size=model_cfg.img_size,
                               channels=model_cfg.in_chans, storage=data.storage, cache_dir=data.cache_dir,
                               workers=data.workers)
     if rt is not None and rt.distributed and data.storage == "cache" and data.name not in DATASETS:
@@ -448,7 +448,7 @@ def finish(out: Path, settings: RunConfig, rt: Runtime, pos: Position, wall_s: f
     def write_outputs() -> None:
         save_model(model, out / "model", extra={
             "dataset": {"name": settings.data.name, "data_dir": settings.data.data_dir,
-                        "val_size": settings.data.val_size},
+                        "val_size": settings.data.val_size, "val_fold": settings.data.val_fold},
             "val_top1": best["best"]["val_top1"], "test_top1": results.get("test", {}).get("top1"),
             "selected": best["best"], "vitlab": __version__})
         atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")

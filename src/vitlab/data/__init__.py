@@ -53,9 +53,13 @@ class ImageSet:
         return ImageSet(images, self.labels[idx], self.classes, self.name, self.split, self.mean, self.std)
 
 
-def stratified_split(labels: np.ndarray, n_val: int, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: np.ndarray, n_val: int, seed: int = SPLIT_SEED, fold: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, val indices): each class gives its share of `n_val` (largest remainder),
-    chosen by a seeded permutation; both sorted. Stable across platforms and numpy versions."""
+    chosen by a seeded permutation; both sorted. Stable across platforms and numpy versions.
+
+    `fold` f holds out the f-th such share of each class's permutation instead of the first, so
+    folds 0, 1, ... are disjoint validation splits of one size (k-fold cross-validation: a choice
+    that one split of a few thousand images cannot resolve can be averaged over several)."""
     labels = np.asarray(labels)
     if not 0 < n_val < len(labels):
         raise DataError(f"validation size {n_val} must be between 1 and {len(labels) - 1} (the training set has "
@@ -65,8 +69,13 @@ def stratified_split(labels: np.ndarray, n_val: int, seed: int = SPLIT_SEED) -> 
     take = np.floor(exact).astype(int)
     order = np.argsort(-(exact - take), kind="stable")
     take[order[: n_val - take.sum()]] += 1
+    folds = int(min(n // k for n, k in zip(counts, take) if k))  # disjoint shares every class can give
+    if not 0 <= fold < folds:
+        raise DataError(f"validation fold {fold} must be between 0 and {folds - 1}: {n_val} validation images "
+                        f"of {len(labels)} make {folds} disjoint folds")
     rng = np.random.Generator(np.random.PCG64(seed))
-    val = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)])
+    val = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[fold * k:(fold + 1) * k]
+                          for c, k in zip(classes, take)])
     mask = np.zeros(len(labels), dtype=bool)
     mask[val] = True
     return np.flatnonzero(~mask), np.flatnonzero(mask)
@@ -77,8 +86,8 @@ def _check_split(split: str) -> None:
         raise DataError(f"split {split!r} must be one of {SPLITS}")
 
 
-def _carve(images: np.ndarray, labels: np.ndarray, split: str, n_val: int) -> tuple[np.ndarray, np.ndarray]:
-    train_idx, val_idx = stratified_split(labels, n_val)
+def _carve(images: np.ndarray, labels: np.ndarray, split: str, n_val: int, fold: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    train_idx, val_idx = stratified_split(labels, n_val, fold=fold)
     idx = train_idx if split == "train" else val_idx
     return images[idx], labels[idx]
 
@@ -129,12 +138,13 @@ def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, 
 def load_dataset(name: str | os.PathLike, split: str = "train", data_dir: str | os.PathLike | None = None,
                  val_size: int | float | None = None, image_size: int = 224, channels: int = 3,
                  strict: bool = False, storage: str = "auto", cache_dir: str | os.PathLike | None = None,
-                 workers: int | None = None) -> ImageSet:
+                 workers: int | None = None, val_fold: int = 0) -> ImageSet:
     """A dataset split.
 
     `name` is a known dataset (`vitlab data list`) or a path: a folder of IDX files, or an image
     folder `root/<class>/*` (optionally `root/{train,val,test}/<class>/*`). `val_size` is a count
-    or a fraction of the training set. Image folders are decoded at `image_size` with `channels`;
+    or a fraction of the training set, and `val_fold` which of the disjoint splits of that size is
+    held out (0: the default one; see stratified_split). Image folders are decoded at `image_size` with `channels`;
     unreadable files are skipped with a warning, or are an error when `strict`. How an image
     folder is held (`storage`: auto, memory, stream, cache; `cache_dir`; `workers` decoding
     processes) is described in vitlab.data.stored; everything else is held in memory.
@@ -146,15 +156,15 @@ def load_dataset(name: str | os.PathLike, split: str = "train", data_dir: str | 
         folder, layout = verify(source, data_dir)
         images, labels = layout.read(folder, "test" if split == "test" else "train")
         if split != "test":
-            images, labels = _carve(images, labels, split, _val_count(val_size, source.val_size, len(labels)))
+            images, labels = _carve(images, labels, split, _val_count(val_size, source.val_size, len(labels)), val_fold)
         return _imageset(images, labels, list(source.classes), source.name, split, source.mean, source.std)
     path = Path(name).expanduser()
     if not path.exists():
         raise DatasetNotFoundError(f"unknown dataset {key!r}: not one of {sorted(DATASETS)} and no such folder")
     idx = _idx_folder_files(path)
     if idx is not None:
-        return _load_idx_folder(path, idx, split, val_size)
-    return _load_image_folder(path, split, val_size, image_size, channels, strict, storage, cache_dir, workers)
+        return _load_idx_folder(path, idx, split, val_size, val_fold)
+    return _load_image_folder(path, split, val_size, image_size, channels, strict, storage, cache_dir, workers, val_fold)
 
 
 def _val_count(val_size: int | float | None, default: int | float, n: int) -> int:
@@ -172,7 +182,7 @@ def _imageset(images, labels, classes, name, split, mean, std) -> ImageSet:
     return ImageSet(torch.from_numpy(images), torch.from_numpy(labels), classes, name, split, tuple(mean), tuple(std))
 
 
-def _load_idx_folder(path: Path, files: dict, split: str, val_size) -> ImageSet:
+def _load_idx_folder(path: Path, files: dict, split: str, val_size, val_fold: int = 0) -> ImageSet:
     if "train" not in files:
         raise DataError(f"{path} has no train-*-images-idx3-ubyte / train-*-labels-idx1-ubyte pair")
     train_images, train_labels = read_idx_pair(*files["train"])
@@ -183,18 +193,23 @@ def _load_idx_folder(path: Path, files: dict, split: str, val_size) -> ImageSet:
             raise DataError(f"{path} has no t10k-*/test-* IDX pair for the test split")
         images, labels = read_idx_pair(*files["test"])
     else:
-        images, labels = _carve(train_images, train_labels, split, _val_count(val_size, 5000 if len(train_labels) > 25000 else 0.1, len(train_labels)))
+        images, labels = _carve(train_images, train_labels, split, _val_count(val_size, 5000 if len(train_labels) > 25000 else 0.1, len(train_labels)),
+                                val_fold)
     return _imageset(images, labels, classes, path.name, split, mean, std)
 
 
 def _load_image_folder(path: Path, split: str, val_size, image_size: int, channels: int, strict: bool,
-                       storage: str = "auto", cache_dir=None, workers: int | None = None) -> ImageSet:
+                       storage: str = "auto", cache_dir=None, workers: int | None = None,
+                       val_fold: int = 0) -> ImageSet:
     if folders.has_split_dirs(path):
+        if val_fold and (path / "val").is_dir():
+            raise DataError(f"validation fold {val_fold} asks to carve val from {path / 'train'}, but {path} has its "
+                            f"own val/ folder; use fold 0")
         scanned = path / "train"
         files, labels, classes = folders.scan(scanned, within=path)
         if split == "train" or (split == "val" and not (path / "val").is_dir()):
             if not (path / "val").is_dir():  # carve val from train
-                tr, va = stratified_split(np.array(labels), _val_count(val_size, 0.1, len(labels)))
+                tr, va = stratified_split(np.array(labels), _val_count(val_size, 0.1, len(labels)), fold=val_fold)
                 keep = tr if split == "train" else va
                 files, labels = [files[i] for i in keep], [labels[i] for i in keep]
         else:
@@ -210,7 +225,7 @@ def _load_image_folder(path: Path, split: str, val_size, image_size: int, channe
         all_labels = np.array(labels)
         n_hold = _val_count(val_size, 0.1, len(labels))
         rest, test = stratified_split(all_labels, n_hold, seed=SPLIT_SEED + 1)
-        train, val = stratified_split(all_labels[rest], n_hold, seed=SPLIT_SEED)
+        train, val = stratified_split(all_labels[rest], n_hold, seed=SPLIT_SEED, fold=val_fold)
         keep = {"train": rest[train], "val": rest[val], "test": test}[split]
         files, labels = [files[i] for i in keep], [labels[i] for i in keep]
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))

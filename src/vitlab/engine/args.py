@@ -51,6 +51,10 @@ class DataArgs:
     """Data root searched first (then $VITLAB_DATA, then ~/.cache/vitlab)."""
     val_size: float | None = None
     """Validation images carved from train: a count, or a fraction < 1 (default: 5000, or 10% for folders)."""
+    val_fold: int = 0
+    """Which validation split of that size to hold out: fold f takes the f-th disjoint share of each
+    class (0, the default split, through the number of whole folds minus 1). Runs on folds 0, 1, 2...
+    compare settings on several splits where one cannot resolve them (k-fold cross-validation)."""
     download: bool = True
     """Fetch a named dataset that is not on disk (official archives, checksum-verified)."""
     storage: str = "auto"
@@ -70,6 +74,8 @@ class DataArgs:
         from ..data.stored import STORAGES
         if self.storage not in STORAGES:
             problems.append(f"data.storage={self.storage!r} must be one of {STORAGES}")
+        if self.val_fold < 0:
+            problems.append(f"data.val_fold={self.val_fold} must be >= 0")
         if self.workers is not None and self.workers < 1:
             problems.append(f"data.workers={self.workers} must be >= 1 or null")
         if self.cache_dir is not None and not self.cache_dir.strip():

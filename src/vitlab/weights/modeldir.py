@@ -287,17 +287,18 @@ def load_model(path: str | os.PathLike, img_size: int | None = None, attn_impl: 
 
 def dataset_record(extra: dict[str, Any] | None) -> dict[str, Any]:
     """What a model directory's config.json `extra` says it was trained on (name, data_dir,
-    val_size); values of the wrong type are dropped (the file is untrusted)."""
+    val_size, val_fold); values of the wrong type are dropped (the file is untrusted)."""
     record = extra.get("dataset") if isinstance(extra, dict) else None
     return {k: v for k, v in (record.items() if isinstance(record, dict) else ())
             if (k in ("name", "data_dir") and isinstance(v, str))
-            or (k == "val_size" and isinstance(v, (int, float)) and not isinstance(v, bool))}
+            or (k == "val_size" and isinstance(v, (int, float)) and not isinstance(v, bool))
+            or (k == "val_fold" and isinstance(v, int) and not isinstance(v, bool) and v >= 0)}
 
 
 def recorded_dataset(model_dir: str | os.PathLike, model: VisionTransformer, split: str = "test",
                      data_dir: str | os.PathLike | None = None, name: str | None = None):
     """The `split` of the dataset a model directory records, decoded for `model` (an ImageSet), or
-    of dataset `name` when given (then the recorded data_dir and val_size do not apply). `data_dir`
+    of dataset `name` when given (then the recorded data_dir, val_size and val_fold do not apply). `data_dir`
     is searched first. Raises ConfigError (no record; classes that do not match the model's) and
     the data errors of vitlab.data.load_dataset."""
     from ..data import load_dataset
@@ -308,7 +309,7 @@ def recorded_dataset(model_dir: str | os.PathLike, model: VisionTransformer, spl
         raise ConfigError(f"{model_dir} does not record its dataset; give --data NAME_OR_FOLDER")
     cfg = model.config
     data = load_dataset(name, split, data_dir=data_dir or record.get("data_dir"), val_size=record.get("val_size"),
-                        image_size=cfg.img_size, channels=cfg.in_chans)
+                        val_fold=record.get("val_fold", 0), image_size=cfg.img_size, channels=cfg.in_chans)
     if cfg.class_names and list(cfg.class_names) != data.classes:
         raise ConfigError(f"{name} has classes {data.classes[:5]}... but the model predicts "
                           f"{list(cfg.class_names)[:5]}...")
