@@ -201,6 +201,25 @@ def test_eval_refuses_with_one_line(eval_setup, capsys, extra, message):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("fold", [True, -1, 1.5, "1", None, 10**30])
+def test_eval_of_a_model_with_a_malformed_validation_fold(eval_setup, capsys, fold):
+    """A recorded fold that is not a whole number >= 0 is refused in one line, not read as fold 0 (whose
+    images a model trained on another fold has partly trained on); a huge one is a data error."""
+    tmp_path, _ = eval_setup
+    cfg = tmp_path / "model" / "config.json"
+    doc = json.loads(cfg.read_text())
+    doc["extra"] = {"dataset": {"name": str(tmp_path / "digits"), "val_fold": fold}}
+    cfg.write_text(json.dumps(doc))
+    rc = main(["eval", str(tmp_path / "model"), "--split", "val", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert ("records the validation fold" in err and "config.json" in err) if fold != 10**30 else "fold 1000" in err
+    doc["extra"]["dataset"]["val_fold"] = 1  # a good one: fold 1 of the 40 training images' 10% is read
+    cfg.write_text(json.dumps(doc))
+    assert main(["eval", str(tmp_path / "model"), "--split", "val", "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 4
+
+
 def test_warnings_are_one_line_on_stderr(tmp_path):
     """A skipped file is a warning, printed as one line, not Python's file:line + source line."""
     from PIL import Image

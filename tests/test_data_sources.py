@@ -83,8 +83,11 @@ def test_split_is_deterministic_stratified_and_disjoint():
 
 def test_validation_folds_are_disjoint_stratified_and_fold_0_is_the_default_split():
     labels = np.repeat(np.arange(7), [10, 20, 30, 40, 50, 60, 70])
-    train0, val0 = stratified_split(labels, 28)
-    assert np.array_equal(stratified_split(labels, 28, fold=0)[1], val0)
+    train0, val0 = stratified_split(labels, 28, fold=0)
+    # fold 0 is the split every run had before folds existed (vitlab 92a379f's indices)
+    assert val0.tolist() == [4, 14, 28, 37, 48, 52, 61, 73, 80, 87, 104, 126, 128, 130, 141, 151, 157, 200, 202, 204,
+                             208, 213, 217, 224, 243, 262, 263, 275]
+    assert np.array_equal(stratified_split(labels, 28)[1], val0)
     folds = [stratified_split(labels, 28, fold=f) for f in range(10)]  # class 0: 10 images, 1 a fold
     for tr, va in folds:
         assert np.bincount(labels[va]).tolist() == [1, 2, 3, 4, 5, 6, 7]
@@ -95,6 +98,12 @@ def test_validation_folds_are_disjoint_stratified_and_fold_0_is_the_default_spli
         stratified_split(labels, 28, fold=10)
     with pytest.raises(DataError, match="fold -1"):
         stratified_split(labels, 28, fold=-1)
+    # a class too small for a share of its own caps nothing; rounding can leave fewer folds than 1 / fraction
+    small = np.repeat(np.arange(3), [100, 100, 2])
+    assert np.bincount(small[stratified_split(small, 20, fold=9)[1]], minlength=3).tolist() == [10, 10, 0]
+    uneven = np.repeat(np.arange(3), [39, 39, 38])
+    with pytest.raises(DataError, match="make 4 disjoint folds"):  # 23 of 116 (20%): shares 8, 8, 7
+        stratified_split(uneven, 23, fold=4)
 
 
 @shared
@@ -107,6 +116,10 @@ def test_a_validation_fold_of_a_named_dataset():
     seen = _image_label_pairs(val0.images.numpy(), val0.labels)
     assert not seen.keys() & _image_label_pairs(val1.images.numpy(), val1.labels).keys()
     assert_partition_of_the_training_set("mnist", train1, val1)
+    folder, layout = sources.verify(sources.get_source("mnist"), SHARED_DATA)
+    _, labels = layout.read(folder, "train")
+    val_idx = stratified_split(np.asarray(labels), 5000)[1].astype(np.int64)
+    assert hashlib.sha1(val_idx.tobytes()).hexdigest()[:16] == "5b37818a9bb897bf"  # vitlab 92a379f's fold 0
 
 
 # ---- a fake data root in the official formats --------------------------------------------------

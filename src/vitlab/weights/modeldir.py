@@ -285,14 +285,20 @@ def load_model(path: str | os.PathLike, img_size: int | None = None, attn_impl: 
     return model.eval()
 
 
-def dataset_record(extra: dict[str, Any] | None) -> dict[str, Any]:
+def dataset_record(extra: dict[str, Any] | None, source: str = "config.json") -> dict[str, Any]:
     """What a model directory's config.json `extra` says it was trained on (name, data_dir,
-    val_size, val_fold); values of the wrong type are dropped (the file is untrusted)."""
+    val_size, val_fold); values of the wrong type are dropped (the file is untrusted), but a bad
+    val_fold is a ConfigError."""
     record = extra.get("dataset") if isinstance(extra, dict) else None
-    return {k: v for k, v in (record.items() if isinstance(record, dict) else ())
+    record = record if isinstance(record, dict) else {}
+    fold = record.get("val_fold", 0)
+    if not (isinstance(fold, int) and not isinstance(fold, bool) and fold >= 0):
+        # not dropped: fold 0 in its place would count images the model trained on as validation
+        raise ConfigError(f"{source} records the validation fold as {fold!r:.40}, not a whole number >= 0; give "
+                          f"--data NAME_OR_FOLDER to evaluate on a dataset's default split")
+    return {k: v for k, v in record.items()
             if (k in ("name", "data_dir") and isinstance(v, str))
-            or (k == "val_size" and isinstance(v, (int, float)) and not isinstance(v, bool))
-            or (k == "val_fold" and isinstance(v, int) and not isinstance(v, bool) and v >= 0)}
+            or (k == "val_size" and isinstance(v, (int, float)) and not isinstance(v, bool)) or k == "val_fold"}
 
 
 def recorded_dataset(model_dir: str | os.PathLike, model: VisionTransformer, split: str = "test",
@@ -303,7 +309,7 @@ def recorded_dataset(model_dir: str | os.PathLike, model: VisionTransformer, spl
     the data errors of vitlab.data.load_dataset."""
     from ..data import load_dataset
     _, extra = read_config(model_dir)
-    record = {} if name else dataset_record(extra)
+    record = {} if name else dataset_record(extra, f"{Path(model_dir) / 'config.json'}")
     name = name or record.get("name")
     if not name:
         raise ConfigError(f"{model_dir} does not record its dataset; give --data NAME_OR_FOLDER")
