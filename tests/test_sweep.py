@@ -173,3 +173,40 @@ def test_the_shipped_specs_name_real_settings(sweep):
     run = subprocess.run([sys.executable, str(root.parent / "sweep.py"), str(specs[0]), "--dry-run"],
                          capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.count(" -m vitlab train ") >= len(sweep.load_spec(specs[0])["candidates"])
+
+
+def test_folds_pairs_runs_by_fold_and_seed_and_leaves_test_out(monkeypatch, tmp_path):
+    """benchmarks/folds.py: a candidate's runs on any fold (its settings, less data.val_fold), paired
+    with the reference's on the same fold and seed; other specs' runs only with --also; other
+    settings, unfinished runs and test top-1 play no part in the means."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import folds
+    spec = tmp_path / "cv.yaml"
+    spec.write_text("recipe: mnist\ncandidates:\n  a: []\n  b: [model.depth=4]\n")
+    want = {n: folds.candidate_settings(folds.load_spec(spec), n) for n in ("a", "b")}
+
+    def run(name, fold, seed, val, test=0.5, spec_name="cv.yaml", status="done", extra=None):
+        settings = json.loads(json.dumps(want[name]))
+        if fold:
+            settings.setdefault("data", {})["val_fold"] = fold
+        settings.update(extra or {})
+        return {"spec": f"benchmarks/sweeps/{spec_name}", "candidate": name, "seed": seed, "status": status,
+                "val_top1": val, "test_top1": test, "settings": settings}
+    runs = [run("a", 1, 1, 0.990), run("b", 1, 1, 0.993, test=0.1),
+            run("a", 2, 2, 0.992), run("b", 2, 2, 0.993),
+            run("a", 3, 3, 0.990),  # b has no fold-3 run: not paired
+            run("b", 2, 2, 0.999, status="stopped"),
+            run("b", 2, 2, 0.999, extra={"optim": {"lr": 0.5}}),  # other settings
+            run("a", 0, 0, 0.994, spec_name="old.yaml"), run("b", 0, 0, 0.990, spec_name="old.yaml")]
+    results = tmp_path / "sweep.json"
+    results.write_text(json.dumps({"runs": runs}))
+    script = Path(folds.__file__)
+    out = subprocess.run([sys.executable, str(script), str(spec), "--only", "a,b", "--results", str(results)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [r.split(" | ")[:2] for r in rows[:-1]] == [["| 1", "1"], ["| 2", "2"], ["| 3", "3"]]
+    assert "| mean of 2 |  | 99.100 ± 0.141 | 99.300 ± 0.000 | +0.200 ± 0.141 |" in out.stdout  # +0.3, +0.1
+    again = subprocess.run([sys.executable, str(script), str(spec), "--only", "a,b", "--results", str(results),
+                            "--also", "old.yaml"], capture_output=True, text=True)
+    assert "| 0 | 0 | 99.40 | 99.00 | -0.40 |" in again.stdout and "mean of 3 |" in again.stdout

@@ -1,0 +1,105 @@
+"""Cross-validated comparison of a sweep's candidates: their runs on validation folds, paired by fold.
+
+    python benchmarks/folds.py benchmarks/sweeps/mnist-15ep-r4.yaml --only base,p4fr_d4
+
+One validation split of a few thousand images cannot rank settings whose accuracies differ by a few
+of its images, however many seeds run on it: every run is judged on the same images. Runs on other
+folds (`--set data.val_fold=F`, vitlab.data.stratified_split) are judged on other held-out images.
+This script finds every finished run in benchmarks/results/sweep.json whose settings are a
+candidate's (the spec's recipe, its common settings and the candidate's overrides) on any fold,
+recorded by this spec (or one named with --also), and prints one row per fold and seed: each
+candidate's val top-1 and its difference from the first candidate's (the reference), then the mean
+and sample std over the rows that every candidate ran (a paired comparison). Test top-1 is printed
+beside, never part of the comparison.
+
+    python benchmarks/folds.py benchmarks/sweeps/mnist-15ep-r4.yaml --only base,p4fr_d4 \
+        --also benchmarks/sweeps/mnist-15ep-r3.yaml      # round 3's pair on fold 0 counts too
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import settings_of  # noqa: E402
+from sweep import RESULTS, load_spec  # noqa: E402
+
+
+def candidate_settings(spec: dict, name: str) -> dict:
+    """settings_of() a run of candidate `name` would record, less data.val_fold."""
+    from vitlab.engine.args import load_run_config
+    sets = list(spec.get("common") or []) + list(spec["candidates"][name] or [])
+    return strip_fold(settings_of(json.loads(json.dumps(load_run_config(spec["recipe"], sets).to_dict()))))
+
+
+def strip_fold(settings: dict) -> dict:
+    data = {k: v for k, v in (settings.get("data") or {}).items() if k != "val_fold"}
+    return {**{k: v for k, v in settings.items() if k != "data"}, **({"data": data} if data else {})}
+
+
+def fold_of(settings: dict) -> int:
+    return int((settings.get("data") or {}).get("val_fold", 0))
+
+
+def by_fold(runs: list[dict], want: dict, specs: set[str]) -> dict[tuple[int, int], list[dict]]:
+    """{(fold, seed): [runs]} of the finished runs with settings `want` (any fold) from `specs`."""
+    out: dict[tuple[int, int], list[dict]] = {}
+    for r in runs:
+        if (r.get("status") == "done" and r.get("settings") is not None and Path(r.get("spec", "")).name in specs
+                and strip_fold(r["settings"]) == want):
+            out.setdefault((fold_of(r["settings"]), r["seed"]), []).append(r)
+    return out
+
+
+def table(names: list[str], found: dict[str, dict[tuple[int, int], list[dict]]]) -> str:
+    """One row per (fold, seed); the mean and sample std over the rows that every candidate ran."""
+    mean = lambda rs, k: statistics.fmean(100 * r[k] for r in rs)  # noqa: E731
+    ref = names[0]
+    head = ["fold", "seed"] + [f"{n} val %" for n in names] + [f"{n} - {ref}" for n in names[1:]] + \
+           [f"{n} test %" for n in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    vals: dict[str, list[float]] = {n: [] for n in names}
+    for key in sorted(set().union(*(found[n] for n in names))):
+        have = {n: found[n].get(key, []) for n in names}
+        cells = [str(key[0]), str(key[1])] + [f"{mean(have[n], 'val_top1'):.2f}" if have[n] else "-" for n in names]
+        complete = all(have.values())
+        cells += [f"{mean(have[n], 'val_top1') - mean(have[ref], 'val_top1'):+.2f}" if complete else "-"
+                  for n in names[1:]]
+        cells += [f"{mean(have[n], 'test_top1'):.2f}" if have[n] else "-" for n in names]
+        lines.append("| " + " | ".join(cells) + " |")
+        for n in names if complete else ():
+            vals[n].append(mean(have[n], "val_top1"))
+    sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else float("nan")  # noqa: E731
+    k = len(vals[ref])
+    if not k:
+        return "\n".join(lines + ["(no fold that every candidate ran)"])
+    diffs = {n: [a - b for a, b in zip(vals[n], vals[ref])] for n in names[1:]}
+    cells = [f"mean of {k}", ""] + [f"{statistics.fmean(vals[n]):.3f} ± {sd(vals[n]):.3f}" for n in names]
+    cells += [f"{statistics.fmean(diffs[n]):+.3f} ± {sd(diffs[n]):.3f}" for n in names[1:]] + [""] * len(names)
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("spec", type=Path)
+    ap.add_argument("--only", required=True, help="comma-separated candidates; the first is the reference")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--also", action="append", default=[], metavar="SPEC",
+                    help="count runs that another spec recorded with the same settings too (e.g. an earlier round's fold 0)")
+    args = ap.parse_args()
+    spec = load_spec(args.spec)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(spec["candidates"]))
+    if unknown or len(names) < 2:
+        raise SystemExit(f"--only {args.only!r}: give two or more of the spec's candidates {sorted(spec['candidates'])}")
+    runs = json.loads(args.results.read_text())["runs"]
+    specs = {args.spec.name} | {Path(a).name for a in args.also}
+    found = {n: by_fold(runs, candidate_settings(spec, n), specs) for n in names}
+    print(table(names, found))
+
+
+if __name__ == "__main__":
+    main()
