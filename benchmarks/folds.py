@@ -5,9 +5,9 @@
 One validation split of a few thousand images cannot rank settings whose accuracies differ by a few
 of its images, however many seeds run on it: every run is judged on the same images. Runs on other
 folds (`--set data.val_fold=F`, vitlab.data.stratified_split) are judged on other held-out images.
-This script finds every finished run in benchmarks/results/sweep.json whose settings are a
-candidate's (the spec's recipe, its common settings and the candidate's overrides) on any fold,
-recorded by this spec (or one named with --also), and prints one row per fold and seed: each
+This script finds every finished run of the named candidates in benchmarks/results/sweep.json, on
+any fold, recorded by this spec (or one named with --also: its candidates of the same names, with
+the same settings), and prints one row per fold and seed: each
 candidate's val top-1 and its difference from the first candidate's (the reference), then the mean
 and sample std over the rows that every candidate ran (a paired comparison). Test top-1 is printed
 beside, never part of the comparison.
@@ -24,15 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import settings_of  # noqa: E402
 from sweep import RESULTS, load_spec  # noqa: E402
-
-
-def candidate_settings(spec: dict, name: str) -> dict:
-    """settings_of() a run of candidate `name` would record, less data.val_fold."""
-    from vitlab.engine.args import load_run_config
-    sets = list(spec.get("common") or []) + list(spec["candidates"][name] or [])
-    return strip_fold(settings_of(json.loads(json.dumps(load_run_config(spec["recipe"], sets).to_dict()))))
 
 
 def strip_fold(settings: dict) -> dict:
@@ -44,13 +36,20 @@ def fold_of(settings: dict) -> int:
     return int((settings.get("data") or {}).get("val_fold", 0))
 
 
-def by_fold(runs: list[dict], want: dict, specs: set[str]) -> dict[tuple[int, int], list[dict]]:
-    """{(fold, seed): [runs]} of the finished runs with settings `want` (any fold) from `specs`."""
+def by_fold(runs: list[dict], name: str, specs: set[str]) -> dict[tuple[int, int], list[dict]]:
+    """{(fold, seed): [runs]} of candidate `name`'s finished runs recorded by `specs`. They must share
+    their settings but the fold: a recipe changed between them would make the name mean two things."""
     out: dict[tuple[int, int], list[dict]] = {}
+    kinds: list[dict] = []
     for r in runs:
-        if (r.get("status") == "done" and r.get("settings") is not None and Path(r.get("spec", "")).name in specs
-                and strip_fold(r["settings"]) == want):
-            out.setdefault((fold_of(r["settings"]), r["seed"]), []).append(r)
+        if r.get("status") == "done" and r.get("candidate") == name and Path(r.get("spec", "")).name in specs:
+            settings = strip_fold(r.get("settings") or {})
+            if settings not in kinds:
+                kinds.append(settings)
+            out.setdefault((fold_of(r.get("settings") or {}), r["seed"]), []).append(r)
+    if len(kinds) > 1:
+        raise SystemExit(f"candidate {name!r}'s runs in {sorted(specs)} have {len(kinds)} different settings "
+                         f"(did the recipe change between them?); compare them with one spec at a time")
     return out
 
 
@@ -97,7 +96,7 @@ def main() -> None:
         raise SystemExit(f"--only {args.only!r}: give two or more of the spec's candidates {sorted(spec['candidates'])}")
     runs = json.loads(args.results.read_text())["runs"]
     specs = {args.spec.name} | {Path(a).name for a in args.also}
-    found = {n: by_fold(runs, candidate_settings(spec, n), specs) for n in names}
+    found = {n: by_fold(runs, n, specs) for n in names}
     print(table(names, found))
 
 

@@ -176,37 +176,34 @@ def test_the_shipped_specs_name_real_settings(sweep):
 
 
 def test_folds_pairs_runs_by_fold_and_seed_and_leaves_test_out(monkeypatch, tmp_path):
-    """benchmarks/folds.py: a candidate's runs on any fold (its settings, less data.val_fold), paired
-    with the reference's on the same fold and seed; other specs' runs only with --also; other
-    settings, unfinished runs and test top-1 play no part in the means."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import folds
+    """benchmarks/folds.py: a candidate's runs on any fold, paired with the reference's on the same
+    fold and seed; other specs' runs only with --also; unfinished runs, other candidates and test
+    top-1 play no part in the means; a name whose runs differ in settings is refused."""
     spec = tmp_path / "cv.yaml"
     spec.write_text("recipe: mnist\ncandidates:\n  a: []\n  b: [model.depth=4]\n")
-    want = {n: folds.candidate_settings(folds.load_spec(spec), n) for n in ("a", "b")}
 
-    def run(name, fold, seed, val, test=0.5, spec_name="cv.yaml", status="done", extra=None):
-        settings = json.loads(json.dumps(want[name]))
-        if fold:
-            settings.setdefault("data", {})["val_fold"] = fold
-        settings.update(extra or {})
+    def run(name, fold, seed, val, test=0.5, spec_name="cv.yaml", status="done", lr=0.001):
+        settings = {"model": {"depth": 4} if name == "b" else {}, "optim": {"lr": lr},
+                    **({"data": {"val_fold": fold}} if fold else {})}
         return {"spec": f"benchmarks/sweeps/{spec_name}", "candidate": name, "seed": seed, "status": status,
                 "val_top1": val, "test_top1": test, "settings": settings}
     runs = [run("a", 1, 1, 0.990), run("b", 1, 1, 0.993, test=0.1),
             run("a", 2, 2, 0.992), run("b", 2, 2, 0.993),
             run("a", 3, 3, 0.990),  # b has no fold-3 run: not paired
-            run("b", 2, 2, 0.999, status="stopped"),
-            run("b", 2, 2, 0.999, extra={"optim": {"lr": 0.5}}),  # other settings
-            run("a", 0, 0, 0.994, spec_name="old.yaml"), run("b", 0, 0, 0.990, spec_name="old.yaml")]
+            run("b", 2, 2, 0.999, status="stopped"), run("c", 2, 2, 0.999),
+            run("a", 0, 0, 0.994, spec_name="old.yaml"), run("b", 0, 0, 0.990, spec_name="old.yaml"),
+            run("b", 0, 0, 0.999, spec_name="older.yaml", lr=0.5)]  # the same name, other settings
     results = tmp_path / "sweep.json"
     results.write_text(json.dumps({"runs": runs}))
-    script = Path(folds.__file__)
-    out = subprocess.run([sys.executable, str(script), str(spec), "--only", "a,b", "--results", str(results)],
-                         capture_output=True, text=True)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "folds.py"
+    folds = lambda *extra: subprocess.run([sys.executable, str(script), str(spec), "--only", "a,b", "--results",  # noqa: E731
+                                           str(results), *extra], capture_output=True, text=True)
+    out = folds()
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ")][1:]
     assert [r.split(" | ")[:2] for r in rows[:-1]] == [["| 1", "1"], ["| 2", "2"], ["| 3", "3"]]
     assert "| mean of 2 |  | 99.100 ± 0.141 | 99.300 ± 0.000 | +0.200 ± 0.141 |" in out.stdout  # +0.3, +0.1
-    again = subprocess.run([sys.executable, str(script), str(spec), "--only", "a,b", "--results", str(results),
-                            "--also", "old.yaml"], capture_output=True, text=True)
+    again = folds("--also", "old.yaml")
     assert "| 0 | 0 | 99.40 | 99.00 | -0.40 |" in again.stdout and "mean of 3 |" in again.stdout
+    mixed = folds("--also", "old.yaml", "--also", "older.yaml")
+    assert mixed.returncode != 0 and "'b'" in mixed.stderr and "2 different settings" in mixed.stderr
