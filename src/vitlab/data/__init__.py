@@ -193,8 +193,8 @@ def _load_idx_folder(path: Path, files: dict, split: str, val_size, val_fold: in
             raise DataError(f"{path} has no t10k-*/test-* IDX pair for the test split")
         images, labels = read_idx_pair(*files["test"])
     else:
-        images, labels = _carve(train_images, train_labels, split, _val_count(val_size, 5000 if len(train_labels) > 25000 else 0.1, len(train_labels)),
-                                val_fold)
+        n_val = _val_count(val_size, 5000 if len(train_labels) > 25000 else 0.1, len(train_labels))
+        images, labels = _carve(train_images, train_labels, split, n_val, val_fold)
     return _imageset(images, labels, classes, path.name, split, mean, std)
 
 

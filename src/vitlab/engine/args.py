@@ -50,7 +50,8 @@ class DataArgs:
     data_dir: str | None = None
     """Data root searched first (then $VITLAB_DATA, then ~/.cache/vitlab)."""
     val_size: float | None = None
-    """Validation images carved from train: a count, or a fraction < 1 (default: 5000, or 10% for folders)."""
+    """Validation images carved from train: a count, or a fraction < 1 (default: 5000 for MNIST, CIFAR and IDX
+    folders of over 25,000 training images, else 10%)."""
     val_fold: int = 0
     """Which validation split of that size to hold out: fold f takes the f-th disjoint share of each
     class (0, the default split, through the number of whole folds minus 1). Runs on folds 0, 1, 2...
