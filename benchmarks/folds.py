@@ -7,7 +7,7 @@ of its images, however many seeds run on it: every run is judged on the same ima
 folds (`--set data.val_fold=F`, vitlab.data.stratified_split) are judged on other held-out images.
 This script finds every finished run of the named candidates in benchmarks/results/sweep.json, on
 any fold, recorded by this spec (or one named with --also: its candidates of the same names, with
-the same settings), and prints one row per fold and seed: each
+the same settings), and prints one row per spec, fold and seed: each
 candidate's val top-1 and its difference from the first candidate's (the reference), then the mean
 and sample std over the rows that every candidate ran (a paired comparison). Test top-1 is printed
 beside, never part of the comparison.
@@ -36,34 +36,37 @@ def fold_of(settings: dict) -> int:
     return int((settings.get("data") or {}).get("val_fold", 0))
 
 
-def by_fold(runs: list[dict], name: str, specs: set[str]) -> dict[tuple[int, int], list[dict]]:
-    """{(fold, seed): [runs]} of candidate `name`'s finished runs recorded by `specs`. They must share
-    their settings but the fold: a recipe changed between them would make the name mean two things."""
-    out: dict[tuple[int, int], list[dict]] = {}
+def by_fold(runs: list[dict], name: str, specs: set[str]) -> dict[tuple[str, int, int], list[dict]]:
+    """{(spec, fold, seed): [runs]} of candidate `name`'s finished runs recorded by `specs`. They must
+    share their settings but the fold: a recipe changed between them would make the name mean two things."""
+    out: dict[tuple[str, int, int], list[dict]] = {}
     kinds: list[dict] = []
     for r in runs:
-        if r.get("status") == "done" and r.get("candidate") == name and Path(r.get("spec", "")).name in specs:
+        spec = Path(r.get("spec", "")).name
+        if r.get("status") == "done" and r.get("candidate") == name and spec in specs:
             settings = strip_fold(r.get("settings") or {})
             if settings not in kinds:
                 kinds.append(settings)
-            out.setdefault((fold_of(r.get("settings") or {}), r["seed"]), []).append(r)
+            out.setdefault((spec, fold_of(r.get("settings") or {}), r["seed"]), []).append(r)
     if len(kinds) > 1:
         raise SystemExit(f"candidate {name!r}'s runs in {sorted(specs)} have {len(kinds)} different settings "
                          f"(did the recipe change between them?); compare them with one spec at a time")
     return out
 
 
-def table(names: list[str], found: dict[str, dict[tuple[int, int], list[dict]]]) -> str:
-    """One row per (fold, seed); the mean and sample std over the rows that every candidate ran."""
+def table(names: list[str], found: dict[str, dict[tuple[str, int, int], list[dict]]]) -> str:
+    """One row per (spec, fold, seed): runs pair only with runs of the same spec (a later spec's extra
+    seeds of one candidate do not join an earlier round's pair); the mean and sample std over the rows
+    that every candidate ran."""
     mean = lambda rs, k: statistics.fmean(100 * r[k] for r in rs)  # noqa: E731
     ref = names[0]
-    head = ["fold", "seed"] + [f"{n} val %" for n in names] + [f"{n} - {ref}" for n in names[1:]] + \
+    head = ["spec", "fold", "seed"] + [f"{n} val %" for n in names] + [f"{n} - {ref}" for n in names[1:]] + \
            [f"{n} test %" for n in names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     vals: dict[str, list[float]] = {n: [] for n in names}
     for key in sorted(set().union(*(found[n] for n in names))):
         have = {n: found[n].get(key, []) for n in names}
-        cells = [str(key[0]), str(key[1])] + [f"{mean(have[n], 'val_top1'):.2f}" if have[n] else "-" for n in names]
+        cells = [key[0], str(key[1]), str(key[2])] + [f"{mean(have[n], 'val_top1'):.2f}" if have[n] else "-" for n in names]
         complete = all(have.values())
         cells += [f"{mean(have[n], 'val_top1') - mean(have[ref], 'val_top1'):+.2f}" if complete else "-"
                   for n in names[1:]]
@@ -76,7 +79,7 @@ def table(names: list[str], found: dict[str, dict[tuple[int, int], list[dict]]])
     if not k:
         return "\n".join(lines + ["(no fold that every candidate ran)"])
     diffs = {n: [a - b for a, b in zip(vals[n], vals[ref])] for n in names[1:]}
-    cells = [f"mean of {k}", ""] + [f"{statistics.fmean(vals[n]):.3f} ± {sd(vals[n]):.3f}" for n in names]
+    cells = [f"mean of {k}", "", ""] + [f"{statistics.fmean(vals[n]):.3f} ± {sd(vals[n]):.3f}" for n in names]
     cells += [f"{statistics.fmean(diffs[n]):+.3f} ± {sd(diffs[n]):.3f}" for n in names[1:]] + [""] * len(names)
     return "\n".join(lines + ["| " + " | ".join(cells) + " |"])
 

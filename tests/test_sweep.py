@@ -192,6 +192,7 @@ def test_folds_pairs_runs_by_fold_and_seed_and_leaves_test_out(monkeypatch, tmp_
             run("a", 3, 3, 0.990),  # b has no fold-3 run: not paired
             run("b", 2, 2, 0.999, status="stopped"), run("c", 2, 2, 0.999),
             run("a", 0, 0, 0.994, spec_name="old.yaml"), run("b", 0, 0, 0.990, spec_name="old.yaml"),
+            run("b", 0, 0, 0.950),  # fold 0 again in this spec: its own row, not averaged into old.yaml's pair
             run("b", 0, 0, 0.999, spec_name="older.yaml", lr=0.5)]  # the same name, other settings
     results = tmp_path / "sweep.json"
     results.write_text(json.dumps({"runs": runs}))
@@ -201,9 +202,10 @@ def test_folds_pairs_runs_by_fold_and_seed_and_leaves_test_out(monkeypatch, tmp_
     out = folds()
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ")][1:]
-    assert [r.split(" | ")[:2] for r in rows[:-1]] == [["| 1", "1"], ["| 2", "2"], ["| 3", "3"]]
-    assert "| mean of 2 |  | 99.100 ± 0.141 | 99.300 ± 0.000 | +0.200 ± 0.141 |" in out.stdout  # +0.3, +0.1
+    assert [r.split(" | ")[1:3] for r in rows[:-1]] == [["0", "0"], ["1", "1"], ["2", "2"], ["3", "3"]]
+    assert "| mean of 2 |  |  | 99.100 ± 0.141 | 99.300 ± 0.000 | +0.200 ± 0.141 |" in out.stdout  # +0.3, +0.1
     again = folds("--also", "old.yaml")
-    assert "| 0 | 0 | 99.40 | 99.00 | -0.40 |" in again.stdout and "mean of 3 |" in again.stdout
+    assert "| old.yaml | 0 | 0 | 99.40 | 99.00 | -0.40 |" in again.stdout and "mean of 3 |" in again.stdout
+    assert "| cv.yaml | 0 | 0 | - | 95.00 | - |" in again.stdout
     mixed = folds("--also", "old.yaml", "--also", "older.yaml")
     assert mixed.returncode != 0 and "'b'" in mixed.stderr and "2 different settings" in mixed.stderr
