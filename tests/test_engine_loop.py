@@ -294,5 +294,11 @@ def test_short_run_reaches_peak_lr_and_fits_its_ema(tmp_path, capsys):
     assert lrs[1] == pytest.approx(0.003, rel=1e-9) and max(lrs) == lrs[1]  # peak at step 2: 10% of the run
     assert lrs[-1] < 0.003 * 0.01                                        # and decayed by the end
     assert all(1 / (1 - r["ema_decay"]) <= 0.1 * total + 1e-9 for r in steps)
+    for epoch in (1, 2):  # "batch_acc" is each step's own batch of 4; "acc" its running mean, restarted each epoch
+        accs = [r["batch_acc"] for r in steps if r["epoch"] == epoch]
+        assert all(a * 4 == round(a * 4) for a in accs)
+        assert [r["acc"] for r in steps if r["epoch"] == epoch] == pytest.approx(
+            [sum(accs[:k + 1]) / (k + 1) for k in range(len(accs))], abs=1e-12)
+    assert len({r["batch_acc"] for r in steps}) > 1
     out = capsys.readouterr().out
     assert "warmup 2 steps, not 60" in out and "EMA decay 0.58333, not 0.999" in out

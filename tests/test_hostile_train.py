@@ -17,7 +17,7 @@ from PIL import Image
 from vitlab.cli import main
 from vitlab.engine.args import RunConfig, _field_docs, load_run_config
 from vitlab.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from vitlab.engine.log import RunLogger, plot_curves, read_metrics
+from vitlab.engine.log import RunLogger, plot_curves, read_metrics, train_accuracy_series
 from vitlab.engine.rundir import RunLock
 from vitlab.errors import ModelFileError
 
@@ -308,6 +308,14 @@ def test_torn_metrics_line_is_skipped_with_a_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [5, 9, 10]
+
+
+def test_the_train_accuracy_curve_is_the_batch_one_and_an_old_runs_running_mean_is_named_so():
+    new = [{"kind": "step", "step": 1, "acc": 0.5, "batch_acc": 0.5}, {"kind": "step", "step": 2, "acc": 0.75,
+                                                                          "batch_acc": 1.0}]
+    assert train_accuracy_series(new)[1:] == ("batch_acc", "train batch (step)")
+    old = [{k: v for k, v in r.items() if k != "batch_acc"} for r in new]  # written before session 27
+    assert train_accuracy_series(old)[1:] == ("acc", "train, mean over the epoch so far")
 
 
 # ---- the settings documentation -------------------------------------------------------------

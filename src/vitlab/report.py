@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .data.augment import EvalTransform, to_float, to_model_input
-from .engine.log import curve_figure, read_metrics
+from .engine.log import curve_figure, read_metrics, train_accuracy_series
 from .engine.runtime import setup_runtime
 from .errors import ConfigError, RunDirError, VitlabError
 from .evaluate import reliability_bins, save_confusion_png
@@ -250,7 +250,7 @@ def draw_curves(records: list[dict[str, Any]]) -> dict[str, bytes]:
     specs = {
         "loss": ("loss", [(steps, "loss", "train (logged steps)"), (epochs, "train_loss", "train (epoch mean)"),
                           (epochs, "val_loss", "val"), (epochs, "val_ema_loss", "val (EMA)")]),
-        "accuracy": ("accuracy", [(steps, "acc", "train batch"), (epochs, "train_acc", "train (epoch mean)"),
+        "accuracy": ("accuracy", [train_accuracy_series(steps), (epochs, "train_acc", "train (epoch mean)"),
                                   (epochs, "val_top1", "val top-1"), (epochs, "val_ema_top1", "val top-1 (EMA)")]),
         "lr": ("learning rate", [(steps, "lr", "lr")]),
     }

@@ -366,8 +366,10 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int, pos: Position, logger:
         logger.update(left_s=trainer.left_s(), loss=f"{m['loss']:.3f}", acc=f"{correct / seen:.3f}",
                       img_s=f"{rate:.0f}")
         if pos.step % cfg.train.log_every == 0:
+            # "loss" and "batch_acc" are this step's batch; "acc" is the mean over the epoch so far (the bar's).
             logger.write({"kind": "step", "epoch": epoch + 1, "step": pos.step, "loss": m["loss"],
-                          "acc": correct / seen, "lr": m["lr"], "grad_norm": m["grad_norm"], "images_per_s": rate,
+                          "batch_acc": m["correct"] / m["n"], "acc": correct / seen, "lr": m["lr"],
+                          "grad_norm": m["grad_norm"], "images_per_s": rate,
                           "p": m["p"], **({"train_s": trainer.train_s} if trainer.budget_s is not None else {}),
                           **({"img_size": m["img_size"]} if m["img_size"] is not None else {}),
                           **({"ema_decay": m["ema_decay"]} if m["ema_decay"] is not None else {})})
