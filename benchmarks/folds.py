@@ -14,6 +14,14 @@ beside, never part of the comparison.
 
     python benchmarks/folds.py benchmarks/sweeps/mnist-15ep-r4.yaml --only base,p4fr_d4 \
         --also benchmarks/sweeps/mnist-15ep-r3.yaml      # round 3's pair on fold 0 counts too
+
+A recipe's runs from an earlier round can be the reference, so that a new candidate need not run it
+again: with --ref-from SPEC, the reference (the first of --only) is every finished run SPEC recorded
+with exactly the settings the reference has now (fold and seed aside), whatever its candidate name
+there, paired with this spec's runs of the same fold and seed.
+
+    python benchmarks/folds.py benchmarks/sweeps/mnist-15ep-r5.yaml --only base,d5 \
+        --ref-from benchmarks/sweeps/mnist-15ep-r4.yaml  # the recipe ran there as p4fr_d4
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import settings_of  # noqa: E402
 from sweep import RESULTS, load_spec  # noqa: E402
 
 
@@ -51,6 +60,25 @@ def by_fold(runs: list[dict], name: str, specs: set[str]) -> dict[tuple[str, int
     if len(kinds) > 1:
         raise SystemExit(f"candidate {name!r}'s runs in {sorted(specs)} have {len(kinds)} different settings "
                          f"(did the recipe change between them?); compare them with one spec at a time")
+    return out
+
+
+def resolved(spec: dict, name: str) -> dict:
+    """The settings a run of the spec's candidate `name` records (fold and seed aside), as vitlab
+    resolves them now (benchmarks/accuracy.py settings_of)."""
+    from vitlab.engine.args import load_run_config
+    sets = list(spec.get("common") or []) + list(spec["candidates"][name] or [])
+    return strip_fold(settings_of(json.loads(json.dumps(load_run_config(spec["recipe"], sets).to_dict()))))
+
+
+def runs_like(runs: list[dict], settings: dict, spec_name: str, as_spec: str) -> dict[tuple[str, int, int], list[dict]]:
+    """{(as_spec, fold, seed): [runs]} of the finished runs `spec_name` recorded with `settings`
+    (fold aside), whichever candidate they ran as."""
+    out: dict[tuple[str, int, int], list[dict]] = {}
+    for r in runs:
+        if (r.get("status") == "done" and Path(r.get("spec", "")).name == spec_name
+                and strip_fold(r.get("settings") or {}) == settings):
+            out.setdefault((as_spec, fold_of(r.get("settings") or {}), r["seed"]), []).append(r)
     return out
 
 
@@ -91,6 +119,9 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--also", action="append", default=[], metavar="SPEC",
                     help="count runs that another spec recorded with the same settings too (e.g. an earlier round's fold 0)")
+    ap.add_argument("--ref-from", type=Path, metavar="SPEC",
+                    help="the reference's runs are those SPEC recorded with its settings (under any name), "
+                         "paired with this spec's by fold and seed")
     args = ap.parse_args()
     spec = load_spec(args.spec)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -100,6 +131,11 @@ def main() -> None:
     runs = json.loads(args.results.read_text())["runs"]
     specs = {args.spec.name} | {Path(a).name for a in args.also}
     found = {n: by_fold(runs, n, specs) for n in names}
+    if args.ref_from:
+        found[names[0]] = runs_like(runs, resolved(spec, names[0]), args.ref_from.name, args.spec.name)
+        if not found[names[0]]:
+            raise SystemExit(f"--ref-from {args.ref_from}: no finished run has {names[0]!r}'s settings "
+                             f"{json.dumps(resolved(spec, names[0]))}")
     print(table(names, found))
 
 

@@ -97,7 +97,9 @@ def main() -> None:
     ap.add_argument("--deadline-min", type=float, default=None, help="stop whatever still runs after this long")
     ap.add_argument("--out-root", default="runs/sweep")
     ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--set", action="append", default=[], help="extra --set for every run (after the spec's)")
+    ap.add_argument("--set", action="append", default=[],
+                    help="extra --set for every run (after the spec's); {seed} in it becomes the run's seed, "
+                         "e.g. data.val_fold={seed} runs each seed on its own validation fold")
     ap.add_argument("--dry-run", action="store_true", help="print the commands of phase 1 and stop")
     ap.add_argument("--only", help="comma-separated candidates: part of a round (e.g. what fits one CPU session); "
                                    "no fixed jobs and no phase 2, which needs the whole round's seed-0 results")
@@ -120,10 +122,15 @@ def main() -> None:
         if unknown or not names:
             raise SystemExit(f"--only {args.only!r}: unknown candidates {unknown}; the spec has {sorted(candidates)}")
         candidates, select = {n: candidates[n] for n in names}, {}
-    queue = [Job(k, spec["recipe"], seed, common + list(v or []) + args.set, 1 if seed == 0 else 2)
+
+    def extra(seed: int) -> list[str]:
+        """--set for a run of `seed`: {seed} in a value becomes the seed."""
+        return [s.replace("{seed}", str(seed)) for s in args.set]
+
+    queue = [Job(k, spec["recipe"], seed, common + list(v or []) + extra(seed), 1 if seed == 0 else 2)
              for seed in seeds for k, v in candidates.items()]
     for j in ([] if args.only else spec.get("jobs") or []):
-        queue += [Job(j["recipe"], j["recipe"], int(s), list(j.get("sets") or []) + args.set, 0)
+        queue += [Job(j["recipe"], j["recipe"], int(s), list(j.get("sets") or []) + extra(int(s)), 0)
                   for s in j.get("seeds", [0])]
     queue.sort(key=lambda j: j.phase == 1)  # fixed jobs (the longest, whole recipes) start first
     threads = threads_per_run(args.parallel, cores())
@@ -175,7 +182,7 @@ def main() -> None:
         best = sorted(pool, key=lambda k: -seed0[k])[:select.get("top", 1)]
         print(f"selected {best} (val top-1 {[round(seed0[k], 4) for k in best]}, of {len(pool)} finished)"
               if best else "selected nothing: no selectable candidate gave a val top-1", flush=True)
-        queue[:0] = [Job(k, spec["recipe"], int(s), common + list(spec["candidates"][k] or []) + args.set, 2)
+        queue[:0] = [Job(k, spec["recipe"], int(s), common + list(spec["candidates"][k] or []) + extra(int(s)), 2)
                      for k in best for s in select["seeds"]]
 
     while queue or running:

@@ -143,6 +143,8 @@ def test_only_runs_part_of_a_round_without_fixed_jobs_or_phase_two(sweep, monkey
         run_sweep(sweep, monkeypatch, tmp_path, spec, "--only", "a,z")
     more = run_sweep(sweep, monkeypatch, tmp_path, spec, "--only", "c", "--seeds", "2,1")[2:]
     assert sorted((r["candidate"], r["seed"], r["phase"]) for r in more) == [("c", 1, 2), ("c", 2, 2)]
+    folds = run_sweep(sweep, monkeypatch, tmp_path, spec, "--only", "a", "--seeds", "3,4", "--set", "k=f{seed}")[4:]
+    assert sorted((r["seed"], r["sets"]) for r in folds) == [(3, ["fake.val=0.5", "k=f3"]), (4, ["fake.val=0.5", "k=f4"])]
     for bad, message in ((["--seeds", "1"], "--seeds needs --only"), (["--only", "a", "--seeds", "x"], "'x'")):
         with pytest.raises(SystemExit, match=re.escape(message)):
             run_sweep(sweep, monkeypatch, tmp_path, spec, *bad)
@@ -209,3 +211,35 @@ def test_folds_pairs_runs_by_fold_and_seed_and_leaves_test_out(monkeypatch, tmp_
     assert "| cv.yaml | 0 | 0 | - | 95.00 | - |" in again.stdout
     mixed = folds("--also", "old.yaml", "--also", "older.yaml")
     assert mixed.returncode != 0 and "'b'" in mixed.stderr and "2 different settings" in mixed.stderr
+
+
+def test_folds_ref_from_takes_the_recipes_runs_of_another_spec_by_settings_not_name(monkeypatch, tmp_path):
+    """--ref-from: the reference is every run the other spec recorded with the reference's settings
+    as they resolve now, under any name; runs with other settings there are not."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from accuracy import recipe_settings
+    spec = tmp_path / "r5.yaml"
+    spec.write_text("recipe: mnist\ncandidates:\n  base: []\n  d5: [model.depth=5]\n")
+    recipe = recipe_settings("mnist")
+
+    def run(name, fold, val, spec_name, settings=recipe):
+        data = {**settings.get("data", {}), **({"val_fold": fold} if fold else {})}
+        return {"spec": f"benchmarks/sweeps/{spec_name}", "candidate": name, "seed": fold, "status": "done",
+                "val_top1": val, "test_top1": 0.5, "settings": {**settings, "data": data}}
+    deeper = {**recipe, "model": {**recipe["model"], "depth": 5}}
+    runs = [run("old_name", 1, 0.990, "r4.yaml"), run("old_name", 2, 0.994, "r4.yaml"),
+            run("other", 1, 0.900, "r4.yaml", settings={**recipe, "optim": {"lr": 0.5}}),  # not the recipe
+            run("old_name", 3, 0.900, "r3.yaml"),                                            # not the named spec
+            run("d5", 1, 0.993, "r5.yaml", deeper), run("d5", 2, 0.993, "r5.yaml", deeper)]
+    results = tmp_path / "sweep.json"
+    results.write_text(json.dumps({"runs": runs}))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "folds.py"
+    out = subprocess.run([sys.executable, str(script), str(spec), "--only", "base,d5", "--results", str(results),
+                          "--ref-from", "r4.yaml"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "| r5.yaml | 1 | 1 | 99.00 | 99.30 | +0.30 |" in out.stdout
+    assert "| r5.yaml | 2 | 2 | 99.40 | 99.30 | -0.10 |" in out.stdout
+    assert "| mean of 2 |  |  | 99.200 ± 0.283 | 99.300 ± 0.000 | +0.100 ± 0.283 |" in out.stdout
+    none = subprocess.run([sys.executable, str(script), str(spec), "--only", "base,d5", "--results", str(results),
+                           "--ref-from", "r9.yaml"], capture_output=True, text=True)
+    assert none.returncode != 0 and "no finished run has 'base'" in none.stderr
