@@ -20,7 +20,7 @@ again: with --ref-from SPEC, the reference (the first of --only) is every finish
 with exactly the settings the reference has now (fold and seed aside), whatever its candidate name
 there, paired with this spec's runs of the same fold and seed.
 
-    python benchmarks/folds.py benchmarks/sweeps/mnist-15ep-r5.yaml --only base,d5 \
+    python benchmarks/folds.py benchmarks/sweeps/mnist-15ep-r5.yaml --only p4fr_d4,d5 \
         --ref-from benchmarks/sweeps/mnist-15ep-r4.yaml  # the recipe ran there as p4fr_d4
 """
 from __future__ import annotations
