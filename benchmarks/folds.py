@@ -21,7 +21,7 @@ with exactly the settings the reference has now (fold and seed aside), whatever 
 there, paired with this spec's runs of the same fold and seed.
 
     python benchmarks/folds.py benchmarks/sweeps/mnist-15ep-r5.yaml --only p4fr_d4,d5 \
-        --ref-from benchmarks/sweeps/mnist-15ep-r4.yaml  # the recipe ran there as p4fr_d4
+        --ref-from benchmarks/sweeps/mnist-15ep-r4.yaml --seed-is-fold  # the recipe ran there as p4fr_d4
 """
 from __future__ import annotations
 
@@ -108,7 +108,8 @@ def table(names: list[str], found: dict[str, dict[tuple[str, int, int], list[dic
         return "\n".join(lines + ["(no fold that every candidate ran)"])
     diffs = {n: [a - b for a, b in zip(vals[n], vals[ref])] for n in names[1:]}
     cells = [f"mean of {k}", "", ""] + [f"{statistics.fmean(vals[n]):.3f} ± {sd(vals[n]):.3f}" for n in names]
-    cells += [f"{statistics.fmean(diffs[n]):+.3f} ± {sd(diffs[n]):.3f}" for n in names[1:]] + [""] * len(names)
+    cells += [f"{round(statistics.fmean(diffs[n]), 9) + 0.0:+.3f} ± {sd(diffs[n]):.3f}" for n in names[1:]]  # no -0.000
+    cells += [""] * len(names)
     return "\n".join(lines + ["| " + " | ".join(cells) + " |"])
 
 
@@ -122,6 +123,9 @@ def main() -> None:
     ap.add_argument("--ref-from", type=Path, metavar="SPEC",
                     help="the reference's runs are those SPEC recorded with its settings (under any name), "
                          "paired with this spec's by fold and seed")
+    ap.add_argument("--seed-is-fold", action="store_true",
+                    help="only the rows whose seed is their fold (the rounds' one run per fold), leaving out "
+                         "extra seeds on a fold, which are judged on the same val images")
     args = ap.parse_args()
     spec = load_spec(args.spec)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -136,6 +140,8 @@ def main() -> None:
         if not found[names[0]]:
             raise SystemExit(f"--ref-from {args.ref_from}: no finished run has {names[0]!r}'s settings "
                              f"{json.dumps(resolved(spec, names[0]))}")
+    if args.seed_is_fold:
+        found = {n: {k: v for k, v in rows.items() if k[1] == k[2]} for n, rows in found.items()}
     print(table(names, found))
 
 

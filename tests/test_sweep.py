@@ -240,6 +240,15 @@ def test_folds_ref_from_takes_the_recipes_runs_of_another_spec_by_settings_not_n
     assert "| r5.yaml | 1 | 1 | 99.00 | 99.30 | +0.30 |" in out.stdout
     assert "| r5.yaml | 2 | 2 | 99.40 | 99.30 | -0.10 |" in out.stdout
     assert "| mean of 2 |  |  | 99.200 ± 0.283 | 99.300 ± 0.000 | +0.100 ± 0.283 |" in out.stdout
+    runs.append(run("old_name", 0, 0.990, "r4.yaml") | {"seed": 1})  # a second seed on fold 0 ...
+    runs.append(run("d5", 0, 0.999, "r5.yaml", deeper) | {"seed": 1})
+    results.write_text(json.dumps({"runs": runs}))
+    folds = lambda *extra: subprocess.run([sys.executable, str(script), str(spec), "--only", "base,d5",  # noqa: E731
+                                           "--results", str(results), "--ref-from", "r4.yaml", *extra],
+                                          capture_output=True, text=True)
+    assert "| r5.yaml | 0 | 1 | 99.00 | 99.90 | +0.90 |" in folds().stdout and "mean of 3" in folds().stdout
+    only = folds("--seed-is-fold").stdout  # ... is left out with --seed-is-fold
+    assert "| r5.yaml | 0 | 1 |" not in only and "| mean of 2 |  |  | 99.200 ± 0.283 |" in only
     none = subprocess.run([sys.executable, str(script), str(spec), "--only", "base,d5", "--results", str(results),
                            "--ref-from", "r9.yaml"], capture_output=True, text=True)
     assert none.returncode != 0 and "no finished run has 'base'" in none.stderr
