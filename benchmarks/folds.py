@@ -17,8 +17,10 @@ beside, never part of the comparison.
 
 A recipe's runs from an earlier round can be the reference, so that a new candidate need not run it
 again: with --ref-from SPEC, the reference (the first of --only) is every finished run SPEC recorded
-with exactly the settings the reference has now (fold and seed aside), whatever its candidate name
-there, paired with this spec's runs of the same fold and seed.
+with the settings the reference has now, whatever its candidate name there, paired with this spec's
+runs of the same fold and seed. "Settings" are those a record keeps (benchmarks/accuracy.py
+settings_of: not the fold, the seed, runtime.* such as the precision, or the machine); the table's
+rows do not say where each run ran, so compare runs of one machine and precision.
 
     python benchmarks/folds.py benchmarks/sweeps/mnist-15ep-r5.yaml --only p4fr_d4,d5 \
         --ref-from benchmarks/sweeps/mnist-15ep-r4.yaml --seed-is-fold  # the recipe ran there as p4fr_d4
@@ -96,7 +98,7 @@ def table(names: list[str], found: dict[str, dict[tuple[str, int, int], list[dic
         have = {n: found[n].get(key, []) for n in names}
         cells = [key[0], str(key[1]), str(key[2])] + [f"{mean(have[n], 'val_top1'):.2f}" if have[n] else "-" for n in names]
         complete = all(have.values())
-        cells += [f"{mean(have[n], 'val_top1') - mean(have[ref], 'val_top1'):+.2f}" if complete else "-"
+        cells += [f"{round(mean(have[n], 'val_top1') - mean(have[ref], 'val_top1'), 9) + 0.0:+.2f}" if complete else "-"
                   for n in names[1:]]
         cells += [f"{mean(have[n], 'test_top1'):.2f}" if have[n] else "-" for n in names]
         lines.append("| " + " | ".join(cells) + " |")
@@ -134,7 +136,9 @@ def main() -> None:
         raise SystemExit(f"--only {args.only!r}: give two or more of the spec's candidates {sorted(spec['candidates'])}")
     runs = json.loads(args.results.read_text())["runs"]
     specs = {args.spec.name} | {Path(a).name for a in args.also}
-    found = {n: by_fold(runs, n, specs) for n in names}
+    if args.ref_from and args.also:
+        raise SystemExit("--ref-from and --also: give one (the reference's runs come from --ref-from's spec alone)")
+    found = {n: by_fold(runs, n, specs) for n in (names[1:] if args.ref_from else names)}
     if args.ref_from:
         found[names[0]] = runs_like(runs, resolved(spec, names[0]), args.ref_from.name, args.spec.name)
         if not found[names[0]]:

@@ -313,9 +313,11 @@ def test_torn_metrics_line_is_skipped_with_a_warning(tmp_path):
 def test_the_train_accuracy_curve_is_the_batch_one_and_an_old_runs_running_mean_is_named_so():
     new = [{"kind": "step", "step": 1, "acc": 0.5, "batch_acc": 0.5}, {"kind": "step", "step": 2, "acc": 0.75,
                                                                           "batch_acc": 1.0}]
-    assert train_accuracy_series(new)[1:] == ("batch_acc", "train batch (step)")
+    assert [s[1:] for s in train_accuracy_series(new)] == [("batch_acc", "train batch (step)")]
     old = [{k: v for k, v in r.items() if k != "batch_acc"} for r in new]  # written before session 27
-    assert train_accuracy_series(old)[1:] == ("acc", "train, mean over the epoch so far")
+    assert [s[1:] for s in train_accuracy_series(old)] == [("acc", "train, mean over the epoch so far")]
+    mixed = train_accuracy_series(old[:1] + new[1:])  # a run resumed across the change: both, neither lost
+    assert [([r["step"] for r in rows], key) for rows, key, _ in mixed] == [([2], "batch_acc"), ([1], "acc")]
 
 
 # ---- the settings documentation -------------------------------------------------------------

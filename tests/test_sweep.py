@@ -63,13 +63,14 @@ def test_phase_two_reruns_the_best_validation_candidate_not_the_best_test_one(sw
                            "c": ["fake.val=0.95"]},                 # best on val, but not selectable
             "select": {"from": ["a", "b"], "seeds": [1, 2]},
             "jobs": [{"recipe": "mnist", "seeds": [0, 1]}]}
-    runs = run_sweep(sweep, monkeypatch, tmp_path, spec, "--parallel", "2")
+    runs = run_sweep(sweep, monkeypatch, tmp_path, spec, "--parallel", "2", "--set", "k=s{seed}")
     assert len(runs) == 3 + 2 + 2 and all(r["status"] == "done" for r in runs)
     phase2 = [r for r in runs if r["phase"] == 2]
     assert {(r["candidate"], r["seed"]) for r in phase2} == {("b", 1), ("b", 2)}
-    assert all(r["sets"] == ["train.epochs=2", "fake.val=0.8", "fake.test=0.2"] for r in phase2)
+    assert all(r["sets"] == ["train.epochs=2", "fake.val=0.8", "fake.test=0.2", f"k=s{r['seed']}"] for r in phase2)
     fixed = [r for r in runs if r["phase"] == 0]
     assert {(r["recipe"], r["seed"]) for r in fixed} == {("mnist", 0), ("mnist", 1)}
+    assert all(r["sets"] == [f"k=s{r['seed']}"] for r in fixed)  # {seed}: each run's own
     assert all("train.epochs=2" not in r["sets"] for r in fixed)  # `common` is for candidates only
     b0 = next(r for r in runs if r["candidate"] == "b" and r["seed"] == 0)
     assert (b0["val_top1"], b0["test_top1"], b0["curve"], b0["gpu"]) == (0.8, 0.2, [0.4, 0.8], "Fake GPU")
@@ -229,7 +230,7 @@ def test_folds_ref_from_takes_the_recipes_runs_of_another_spec_by_settings_not_n
     deeper = {**recipe, "model": {**recipe["model"], "depth": 5}}
     runs = [run("old_name", 1, 0.990, "r4.yaml"), run("old_name", 2, 0.994, "r4.yaml"),
             run("other", 1, 0.900, "r4.yaml", settings={**recipe, "optim": {"lr": 0.5}}),  # not the recipe
-            run("old_name", 3, 0.900, "r3.yaml"),                                            # not the named spec
+            run("old_name", 1, 0.900, "r3.yaml"),                                            # not the named spec
             run("d5", 1, 0.993, "r5.yaml", deeper), run("d5", 2, 0.993, "r5.yaml", deeper)]
     results = tmp_path / "sweep.json"
     results.write_text(json.dumps({"runs": runs}))
@@ -247,6 +248,8 @@ def test_folds_ref_from_takes_the_recipes_runs_of_another_spec_by_settings_not_n
                                            "--results", str(results), "--ref-from", "r4.yaml", *extra],
                                           capture_output=True, text=True)
     assert "| r5.yaml | 0 | 1 | 99.00 | 99.90 | +0.90 |" in folds().stdout and "mean of 3" in folds().stdout
+    both = folds("--also", "r3.yaml")  # the reference would come from two places: refused, not half-paired
+    assert both.returncode != 0 and "--ref-from and --also" in both.stderr
     only = folds("--seed-is-fold").stdout  # ... is left out with --seed-is-fold
     assert "| r5.yaml | 0 | 1 |" not in only and "| mean of 2 |  |  | 99.200 ± 0.283 |" in only
     none = subprocess.run([sys.executable, str(script), str(spec), "--only", "base,d5", "--results", str(results),

@@ -250,7 +250,7 @@ def draw_curves(records: list[dict[str, Any]]) -> dict[str, bytes]:
     specs = {
         "loss": ("loss", [(steps, "loss", "train (logged steps)"), (epochs, "train_loss", "train (epoch mean)"),
                           (epochs, "val_loss", "val"), (epochs, "val_ema_loss", "val (EMA)")]),
-        "accuracy": ("accuracy", [train_accuracy_series(steps), (epochs, "train_acc", "train (epoch mean)"),
+        "accuracy": ("accuracy", [*train_accuracy_series(steps), (epochs, "train_acc", "train (epoch mean)"),
                                   (epochs, "val_top1", "val top-1"), (epochs, "val_ema_top1", "val top-1 (EMA)")]),
         "lr": ("learning rate", [(steps, "lr", "lr")]),
     }

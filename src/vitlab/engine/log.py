@@ -128,7 +128,7 @@ def plot_curves(run_dir: Path) -> list[Path]:
     out = []
     specs = [
         ("loss.png", "loss", [(steps, "loss", "train (step)"), (epochs, "val_loss", "val")]),
-        ("accuracy.png", "accuracy", [train_accuracy_series(steps), (epochs, "val_top1", "val top-1"),
+        ("accuracy.png", "accuracy", [*train_accuracy_series(steps), (epochs, "val_top1", "val top-1"),
                                       (epochs, "val_ema_top1", "val top-1 (EMA)")]),
         ("lr.png", "learning rate", [(steps, "lr", "lr")]),
     ]
@@ -141,13 +141,15 @@ def plot_curves(run_dir: Path) -> list[Path]:
     return out
 
 
-def train_accuracy_series(steps: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str, str]:
-    """The step records' training-accuracy curve (records, key, label): each step's own batch
-    ("batch_acc"). Runs written before that key existed logged only "acc", the mean over the epoch
-    so far, which restarts at each epoch; it is drawn under that name, so its jumps read as what they are."""
-    if any("batch_acc" in r for r in steps):
-        return steps, "batch_acc", "train batch (step)"
-    return steps, "acc", "train, mean over the epoch so far"
+def train_accuracy_series(steps: list[dict[str, Any]]) -> list[tuple[list[dict[str, Any]], str, str]]:
+    """The step records' training-accuracy curves (records, key, label): each step's own batch
+    ("batch_acc"). Records written before that key existed hold only "acc", the mean over the epoch
+    so far, which restarts at each epoch; they are drawn as a second curve under that name, so that
+    its jumps read as what they are (a run resumed across the change has both)."""
+    new = [r for r in steps if "batch_acc" in r]
+    old = [r for r in steps if "batch_acc" not in r]
+    return ([(new, "batch_acc", "train batch (step)")] if new else []) + \
+        ([(old, "acc", "train, mean over the epoch so far")] if old else [])
 
 
 def curve_figure(plt, ylabel: str, series: list[tuple[list[dict[str, Any]], str, str]],

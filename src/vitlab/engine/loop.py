@@ -366,7 +366,8 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int, pos: Position, logger:
         logger.update(left_s=trainer.left_s(), loss=f"{m['loss']:.3f}", acc=f"{correct / seen:.3f}",
                       img_s=f"{rate:.0f}")
         if pos.step % cfg.train.log_every == 0:
-            # "loss" and "batch_acc" are this step's batch; "acc" is the mean over the epoch so far (the bar's).
+            # "loss" and "batch_acc" are this step's batch; "acc" the mean over this epoch's steps so far (the bar's;
+            # after a mid-epoch resume, since the resume).
             logger.write({"kind": "step", "epoch": epoch + 1, "step": pos.step, "loss": m["loss"],
                           "batch_acc": m["correct"] / m["n"], "acc": correct / seen, "lr": m["lr"],
                           "grad_norm": m["grad_norm"], "images_per_s": rate,
