@@ -74,10 +74,11 @@ def settings_of(cfg: dict) -> dict:
     return out
 
 
-def recipe_settings(recipe: str) -> dict:
-    """settings_of() for the recipe as it ships now, seed aside: what a run must have had to count as one."""
+def recipe_settings(recipe: str, sets: list[str] | None = None) -> dict:
+    """settings_of() for the recipe as it ships now (with `sets`, --set overrides, on top), seed aside:
+    what a run must have had to count as one."""
     from vitlab.engine.args import load_run_config
-    return settings_of(json.loads(json.dumps(load_run_config(recipe, []).to_dict())))
+    return settings_of(json.loads(json.dumps(load_run_config(recipe, list(sets or [])).to_dict())))
 
 
 def from_sweep(recipe: str, sweep_results: Path) -> list[dict]:

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import settings_of  # noqa: E402
+from accuracy import recipe_settings  # noqa: E402
 from sweep import RESULTS, load_spec  # noqa: E402
 
 
@@ -47,18 +47,29 @@ def fold_of(settings: dict) -> int:
     return int((settings.get("data") or {}).get("val_fold", 0))
 
 
+def spec_rows(runs: list[dict], keep, as_spec: str | None = None) -> dict[tuple[str, int, int], list[dict]]:
+    """{(spec, fold, seed): [runs]} of the finished runs that `keep(run)` accepts; the spec is the one
+    that recorded each run, or `as_spec` for all."""
+    out: dict[tuple[str, int, int], list[dict]] = {}
+    for r in runs:
+        if r.get("status") == "done" and keep(r):
+            key = (as_spec or spec_name(r), fold_of(r.get("settings") or {}), r["seed"])
+            out.setdefault(key, []).append(r)
+    return out
+
+
+def spec_name(run: dict) -> str:
+    return Path(run.get("spec", "")).name
+
+
 def by_fold(runs: list[dict], name: str, specs: set[str]) -> dict[tuple[str, int, int], list[dict]]:
     """{(spec, fold, seed): [runs]} of candidate `name`'s finished runs recorded by `specs`. They must
     share their settings but the fold: a recipe changed between them would make the name mean two things."""
-    out: dict[tuple[str, int, int], list[dict]] = {}
+    out = spec_rows(runs, lambda r: r.get("candidate") == name and spec_name(r) in specs)
     kinds: list[dict] = []
-    for r in runs:
-        spec = Path(r.get("spec", "")).name
-        if r.get("status") == "done" and r.get("candidate") == name and spec in specs:
-            settings = strip_fold(r.get("settings") or {})
-            if settings not in kinds:
-                kinds.append(settings)
-            out.setdefault((spec, fold_of(r.get("settings") or {}), r["seed"]), []).append(r)
+    for r in (r for rows in out.values() for r in rows):
+        if (settings := strip_fold(r.get("settings") or {})) not in kinds:
+            kinds.append(settings)
     if len(kinds) > 1:
         raise SystemExit(f"candidate {name!r}'s runs in {sorted(specs)} have {len(kinds)} different settings "
                          f"(did the recipe change between them?); compare them with one spec at a time")
@@ -67,21 +78,21 @@ def by_fold(runs: list[dict], name: str, specs: set[str]) -> dict[tuple[str, int
 
 def resolved(spec: dict, name: str) -> dict:
     """The settings a run of the spec's candidate `name` records (fold and seed aside), as vitlab
-    resolves them now (benchmarks/accuracy.py settings_of)."""
-    from vitlab.engine.args import load_run_config
+    resolves them now."""
     sets = list(spec.get("common") or []) + list(spec["candidates"][name] or [])
-    return strip_fold(settings_of(json.loads(json.dumps(load_run_config(spec["recipe"], sets).to_dict()))))
+    return strip_fold(recipe_settings(spec["recipe"], sets))
 
 
-def runs_like(runs: list[dict], settings: dict, spec_name: str, as_spec: str) -> dict[tuple[str, int, int], list[dict]]:
-    """{(as_spec, fold, seed): [runs]} of the finished runs `spec_name` recorded with `settings`
+def runs_like(runs: list[dict], settings: dict, spec: str, as_spec: str) -> dict[tuple[str, int, int], list[dict]]:
+    """{(as_spec, fold, seed): [runs]} of the finished runs `spec` recorded with `settings`
     (fold aside), whichever candidate they ran as."""
-    out: dict[tuple[str, int, int], list[dict]] = {}
-    for r in runs:
-        if (r.get("status") == "done" and Path(r.get("spec", "")).name == spec_name
-                and strip_fold(r.get("settings") or {}) == settings):
-            out.setdefault((as_spec, fold_of(r.get("settings") or {}), r["seed"]), []).append(r)
-    return out
+    return spec_rows(runs, lambda r: spec_name(r) == spec and strip_fold(r.get("settings") or {}) == settings,
+                     as_spec)
+
+
+def signed(x: float, digits: int) -> str:
+    """x with its sign, "+0.00" rather than "-0.00" for a float-noise zero."""
+    return f"{round(x, 9) + 0.0:+.{digits}f}"
 
 
 def table(names: list[str], found: dict[str, dict[tuple[str, int, int], list[dict]]]) -> str:
@@ -98,7 +109,7 @@ def table(names: list[str], found: dict[str, dict[tuple[str, int, int], list[dic
         have = {n: found[n].get(key, []) for n in names}
         cells = [key[0], str(key[1]), str(key[2])] + [f"{mean(have[n], 'val_top1'):.2f}" if have[n] else "-" for n in names]
         complete = all(have.values())
-        cells += [f"{round(mean(have[n], 'val_top1') - mean(have[ref], 'val_top1'), 9) + 0.0:+.2f}" if complete else "-"
+        cells += [signed(mean(have[n], 'val_top1') - mean(have[ref], 'val_top1'), 2) if complete else "-"
                   for n in names[1:]]
         cells += [f"{mean(have[n], 'test_top1'):.2f}" if have[n] else "-" for n in names]
         lines.append("| " + " | ".join(cells) + " |")
@@ -110,8 +121,7 @@ def table(names: list[str], found: dict[str, dict[tuple[str, int, int], list[dic
         return "\n".join(lines + ["(no fold that every candidate ran)"])
     diffs = {n: [a - b for a, b in zip(vals[n], vals[ref])] for n in names[1:]}
     cells = [f"mean of {k}", "", ""] + [f"{statistics.fmean(vals[n]):.3f} ± {sd(vals[n]):.3f}" for n in names]
-    cells += [f"{round(statistics.fmean(diffs[n]), 9) + 0.0:+.3f} ± {sd(diffs[n]):.3f}" for n in names[1:]]  # no -0.000
-    cells += [""] * len(names)
+    cells += [f"{signed(statistics.fmean(diffs[n]), 3)} ± {sd(diffs[n]):.3f}" for n in names[1:]] + [""] * len(names)
     return "\n".join(lines + ["| " + " | ".join(cells) + " |"])
 
 
@@ -140,10 +150,11 @@ def main() -> None:
         raise SystemExit("--ref-from and --also: give one (the reference's runs come from --ref-from's spec alone)")
     found = {n: by_fold(runs, n, specs) for n in (names[1:] if args.ref_from else names)}
     if args.ref_from:
-        found[names[0]] = runs_like(runs, resolved(spec, names[0]), args.ref_from.name, args.spec.name)
+        want = resolved(spec, names[0])
+        found[names[0]] = runs_like(runs, want, args.ref_from.name, args.spec.name)
         if not found[names[0]]:
             raise SystemExit(f"--ref-from {args.ref_from}: no finished run has {names[0]!r}'s settings "
-                             f"{json.dumps(resolved(spec, names[0]))}")
+                             f"{json.dumps(want)}")
     if args.seed_is_fold:
         found = {n: {k: v for k, v in rows.items() if k[1] == k[2]} for n, rows in found.items()}
     print(table(names, found))
