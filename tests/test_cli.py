@@ -71,6 +71,15 @@ def test_each_subcommand_help_lists_its_options(name, capsys):
     assert shown - {"--help"} == set(OPTIONS[name])
 
 
+def test_resume_help_names_every_setting_a_resume_may_change():
+    from vitlab.train import RESUMABLE_KEYS, RESUMABLE_SECTIONS
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    help_text = next(a.help for a in train._actions if a.dest == "resume")
+    listed = help_text.split("may change only", 1)[1]
+    named = {w.strip(",)") for w in listed.split() if "." in w}
+    assert named == set(RESUMABLE_KEYS) | {f"{s}.*" for s in RESUMABLE_SECTIONS}
+
+
 def test_unknown_or_missing_subcommand_is_a_usage_error(capsys):
     assert exit_code(["frobnicate"]) == 2
     out, err = capsys.readouterr()

@@ -42,7 +42,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="override one setting, e.g. --set train.epochs=3 --set optim.lr=1e-3 (repeatable)")
     p.add_argument("--out", help="run directory (default runs/RECIPE-TIMESTAMP)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped "
-                   "(its config.yaml must match its checkpoint; only runtime.* may be --set)")
+                   "(its config.yaml must match its checkpoint; --set may change only runtime.*, data.data_dir, "
+                   "data.download, data.storage, data.cache_dir, data.workers, train.log_every, train.keep_last, "
+                   "train.test_at_end and train.eval_batch_size)")
     p.add_argument("--help-recipe", action="store_true", help="list every setting with its default and meaning")
 
 

@@ -133,7 +133,7 @@ def check_resolution_schedule(settings: RunConfig, model_cfg: ViTConfig) -> None
 
 def resume_settings(run_dir: Path, sets: list[str] | None = None) -> RunConfig:
     """A run's saved settings (RUN/config.yaml) with `--set` overrides, which may change only how
-    the run executes (runtime.*)."""
+    the run executes: runtime.* and RESUMABLE_KEYS."""
     run_dir = Path(run_dir)
     path = run_dir / "config.yaml"
     if not path.is_file():

@@ -94,7 +94,8 @@ class ModelArgs:
     preset: str = "vit_tiny_patch4_32"
     """Preset name (`vitlab models`) or variant ("S/16", "Ti/4@32")."""
     pretrained: str | None = None
-    """vitlab model directory to start from (fine-tuning); its head is replaced when classes differ."""
+    """Weights to start from (fine-tuning): a vitlab model directory, a Hugging Face ViT directory, or a timm
+    or torchvision weights file; its head is replaced when classes differ."""
     img_size: int | None = None
     """Input side in pixels (image folders are decoded at this size; position embeddings resampled)."""
     patch_size: int | None = None
