@@ -20,7 +20,7 @@ from vitlab.engine.log import RunLogger, mmss
 from vitlab.engine.optim import MAX_WARMUP_FRACTION, budget_lr_factor, lr_factor
 from vitlab.engine.runtime import Runtime
 from vitlab.errors import ConfigError
-from vitlab.train import resolve, run_training
+from vitlab.train import rescaled_schedule, resolve, run_training
 
 TRAIN_IMAGES = 48  # 3 classes x 24 images: 12 for validation, 12 for test; 12 steps of batch 4 an epoch
 
@@ -258,5 +258,20 @@ def test_resolution_schedule_must_fit_the_model(data):
                                           r"not 12"):
         resolve(_settings(data, **{"train.resolution_schedule": "8:0.5,12:0.5"}))
     assert math.isclose(sum(f for _, f in parse_resolution_schedule("8:0.1,12:0.2,16:0.7")), 1.0)
+    # the refusal offers the same stages rescaled to this model, and that schedule is accepted
+    with pytest.raises(ConfigError) as err:
+        resolve(_settings(data, **{"train.resolution_schedule": "6:0.3,9:0.3,12:0.4"}))
+    assert "e.g. --set train.resolution_schedule=8:0.3,12:0.3,16:0.4 (the same stages rescaled)" in str(err.value)
+    assert str(err.value).endswith("--set train.resolution_schedule=null for full size throughout")
+    resolve(_settings(data, **{"train.resolution_schedule": "8:0.3,12:0.3,16:0.4"}))
+
+
+def test_a_schedule_rescaled_to_another_model():
+    stages = parse_resolution_schedule("16:0.25,24:0.25,32:0.5")  # the cifar10 recipe's
+    assert rescaled_schedule(stages, 64, 4) == "32:0.25,48:0.25,64:0.5"
+    assert rescaled_schedule(stages, 224, 16) == "112:0.25,176:0.25,224:0.5"  # 168 rounds to 11 patches
+    assert rescaled_schedule(stages, 8, 4) == "4:0.25,8:0.25,8:0.5"  # 6 px rounds (half up) to 8
+    assert rescaled_schedule(parse_resolution_schedule("4:0.5,64:0.5"), 16, 4) is None  # 1 px rounds to 0
+    assert rescaled_schedule(parse_resolution_schedule("24:0.5,16:0.5"), 32, 4) is None  # out of order
     with pytest.raises(ConfigError, match=r"sizes \[4096\] exceed the model's img_size=16"):
         resolve(_settings(data, **{"train.resolution_schedule": "4096:0.5,16:0.5"}))

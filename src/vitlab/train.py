@@ -12,6 +12,7 @@ writes a run directory (engine/rundir.py).
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 import warnings
@@ -113,22 +114,39 @@ def resolve(settings: RunConfig) -> ViTConfig:
 
 def check_resolution_schedule(settings: RunConfig, model_cfg: ViTConfig) -> None:
     """train.resolution_schedule against the model: every side a multiple of the patch size, the
-    last one the model's own (the run ends at the size it is evaluated and exported at)."""
+    last one the model's own (the run ends at the size it is evaluated and exported at). A schedule
+    that does not fit is refused with the same schedule rescaled to this model as the way out."""
     if not settings.train.resolution_schedule:
         return
-    sizes = [size for size, _ in settings.train.resolution_stages]
+    stages = settings.train.resolution_stages
+    sizes = [size for size, _ in stages]
     key = f"train.resolution_schedule={settings.train.resolution_schedule!r}"
     odd = [size for size in sizes if size % model_cfg.patch_size]
-    if odd:
-        raise ConfigError(f"{key}: sizes {odd} are not multiples of the model's patch_size={model_cfg.patch_size} "
-                          f"(model.patch_size)")
     big = [size for size in sizes if size > model_cfg.img_size]
-    if big:
-        raise ConfigError(f"{key}: sizes {big} exceed the model's img_size={model_cfg.img_size} (model.img_size); "
-                          f"progressive resizing trains smaller first, then at full size")
-    if sizes[-1] != model_cfg.img_size:
-        raise ConfigError(f"{key}: the last stage must be the model's full size, img_size={model_cfg.img_size} "
-                          f"(model.img_size), not {sizes[-1]}")
+    if odd:
+        problem = (f"sizes {odd} are not multiples of the model's patch_size={model_cfg.patch_size} "
+                   f"(model.patch_size)")
+    elif big:
+        problem = (f"sizes {big} exceed the model's img_size={model_cfg.img_size} (model.img_size); "
+                   f"progressive resizing trains smaller first, then at full size")
+    elif sizes[-1] != model_cfg.img_size:
+        problem = f"the last stage must be the model's full size, img_size={model_cfg.img_size} (model.img_size), not {sizes[-1]}"
+    else:
+        return
+    fitted = rescaled_schedule(stages, model_cfg.img_size, model_cfg.patch_size)
+    way_out = f"e.g. --set train.resolution_schedule={fitted} (the same stages rescaled), or " if fitted else ""
+    raise ConfigError(f"{key}: {problem}; {way_out}--set train.resolution_schedule=null for full size throughout")
+
+
+def rescaled_schedule(stages: tuple[tuple[int, float], ...], img_size: int, patch_size: int) -> str | None:
+    """The schedule's sides scaled so that its last stage is img_size, each rounded to a multiple of
+    patch_size (halves up), as "SIZE:FRACTION,..."; None when rounding leaves a side of 0 or sides
+    out of order."""
+    scale = img_size / stages[-1][0]
+    sides = [math.floor(size * scale / patch_size + 0.5) * patch_size for size, _ in stages[:-1]] + [img_size]
+    if min(sides) < patch_size or sides != sorted(sides):
+        return None
+    return ",".join(f"{side}:{frac:g}" for side, (_, frac) in zip(sides, stages))
 
 
 def resume_settings(run_dir: Path, sets: list[str] | None = None) -> RunConfig:
