@@ -273,5 +273,8 @@ def test_a_schedule_rescaled_to_another_model():
     assert rescaled_schedule(stages, 8, 4) == "4:0.25,8:0.25,8:0.5"  # 6 px rounds (half up) to 8
     assert rescaled_schedule(parse_resolution_schedule("4:0.5,64:0.5"), 16, 4) is None  # 1 px rounds to 0
     assert rescaled_schedule(parse_resolution_schedule("24:0.5,16:0.5"), 32, 4) is None  # out of order
+    thirds = parse_resolution_schedule("8:0.3333333333,12:0.3333333333,16:0.3333333334")
+    assert parse_resolution_schedule(rescaled_schedule(thirds, 32, 4)) == ((16, 0.3333333333), (24, 0.3333333333),
+                                                                           (32, 0.3333333334))  # fractions kept exactly
     with pytest.raises(ConfigError, match=r"sizes \[4096\] exceed the model's img_size=16"):
         resolve(_settings(data, **{"train.resolution_schedule": "4096:0.5,16:0.5"}))

@@ -146,7 +146,7 @@ def rescaled_schedule(stages: tuple[tuple[int, float], ...], img_size: int, patc
     sides = [math.floor(size * scale / patch_size + 0.5) * patch_size for size, _ in stages[:-1]] + [img_size]
     if min(sides) < patch_size or sides != sorted(sides):
         return None
-    return ",".join(f"{side}:{frac:g}" for side, (_, frac) in zip(sides, stages))
+    return ",".join(f"{side}:{frac!r}" for side, (_, frac) in zip(sides, stages))  # repr: the fractions exactly
 
 
 def resume_settings(run_dir: Path, sets: list[str] | None = None) -> RunConfig:
