@@ -1,4 +1,4 @@
-"""Cross-validated comparison of a sweep's candidates: their runs on validation folds, paired by fold.
+r"""Cross-validated comparison of a sweep's candidates: their runs on validation folds, paired by fold.
 
     python benchmarks/folds.py benchmarks/sweeps/mnist-15ep-r4.yaml --only base,p4fr_d4
 
